@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Both create .venv when it is missing and install the project into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+DEMO := demo
+
+.PHONY: demo test lint clean
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(INSTALLED)
+
+test: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+demo: $(INSTALLED)
+	$(BIN)/python scripts/make_phantoms.py $(DEMO)/bids --subjects 48 --seed 0 --overwrite
+	$(BIN)/python -m preprocess $(DEMO)/bids -o $(DEMO)/store.h5 --label-column group --overwrite
+	$(BIN)/python -m loader $(DEMO)/store.h5 --preview $(DEMO)/preview.png
+	$(BIN)/python -m training $(DEMO)/store.h5 -o $(DEMO)/run --epochs 8 --overwrite
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -1,0 +1,91 @@
+"""The epoch plan: which contiguous runs of store rows make up each batch of an epoch.
+
+Rows were shuffled inside each split when the store was written. Each epoch, the
+chunk-aligned blocks of the selected splits are permuted with ``rng(seed, epoch)``, laid
+end to end, and that order is cut into batches of ``batch_size`` rows (the last one
+shorter). Every row comes once per epoch, every batch is a union of a few contiguous
+runs, and the plan is a pure function of ``(splits, chunk_rows, batch_size, shuffle,
+seed, epoch)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+
+def aligned_blocks(ranges: Iterable[tuple[int, int]], chunk_rows: int) -> np.ndarray:
+    """Cut row ranges at chunk boundaries.
+
+    Args:
+        ranges: ``(start, stop)`` row ranges.
+        chunk_rows: rows per chunk.
+
+    Returns:
+        ``(k, 2)`` int64 array of ``[start, stop)`` blocks, none crossing a chunk boundary.
+
+    Example:
+        >>> aligned_blocks([(5, 20), (20, 24)], 8).tolist()
+        [[5, 8], [8, 16], [16, 20], [20, 24]]
+    """
+    blocks = []
+    for start, stop in ranges:
+        first_edge = -(-start // chunk_rows) * chunk_rows
+        edges = [start, *range(max(first_edge, start + 1), stop, chunk_rows), stop]
+        blocks.extend(zip(edges[:-1], edges[1:], strict=True))
+    return np.array(blocks, dtype=np.int64).reshape(-1, 2)
+
+
+class EpochPlan:
+    """The batches of one epoch as runs of rows.
+
+    Args:
+        blocks: ``(k, 2)`` row blocks, from :func:`aligned_blocks`.
+        batch_size: rows per batch.
+        shuffle: permute the blocks.
+        seed: the seed of the permutation.
+        epoch: the epoch, mixed into the seed.
+    """
+
+    def __init__(self, blocks: np.ndarray, batch_size: int, shuffle: bool, seed: int, epoch: int):
+        if shuffle and len(blocks):
+            order = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+            blocks = blocks[order]
+        self._blocks = blocks
+        self._batch_size = batch_size
+        lengths = blocks[:, 1] - blocks[:, 0]
+        self._ends = np.cumsum(lengths)  # plan position one past each block
+        self._num_rows = int(self._ends[-1]) if len(blocks) else 0
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in the epoch."""
+        return self._num_rows
+
+    def __len__(self) -> int:
+        return -(-self._num_rows // self._batch_size)
+
+    def runs(self, index: int) -> list[tuple[int, int]]:
+        """The ``[start, stop)`` row runs of batch ``index``, in the batch's order.
+
+        Raises:
+            IndexError: ``index`` outside ``[0, len(plan))``.
+        """
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch index must be in [0, {len(self)}); received {index}")
+        begin = index * self._batch_size
+        end = min(begin + self._batch_size, self._num_rows)
+        first = int(np.searchsorted(self._ends, begin, side="right"))
+        runs = []
+        position = begin
+        block = first
+        while position < end:
+            block_start, block_stop = (int(v) for v in self._blocks[block])
+            block_begin = int(self._ends[block]) - (block_stop - block_start)
+            start = block_start + (position - block_begin)
+            stop = min(block_stop, start + (end - position))
+            runs.append((start, stop))
+            position += stop - start
+            block += 1
+        return runs

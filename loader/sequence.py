@@ -1,0 +1,228 @@
+"""H5Sequence: a ``keras.utils.PyDataset`` that reads one batch of a store per ``__getitem__``."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import keras
+import numpy as np
+
+from loader.plan import EpochPlan, aligned_blocks
+from loader.rows import read_rows, row_layout
+from loader.store import open_h5, open_store
+
+
+class H5Sequence(keras.utils.PyDataset):
+    """Batches of ``(x, y)`` from a store, read from disk one batch at a time.
+
+    Each epoch visits every row of the selected splits once, in batches that are unions
+    of a few chunk-aligned contiguous runs of rows (``rows(i)`` says which). With
+    ``shuffle=True`` the runs are permuted by ``(seed, epoch)``; ``on_epoch_end()`` moves
+    to the next epoch. The object holds only its arguments and plain arrays: files are
+    opened lazily in each process that reads, so it is safe with ``workers`` threads and
+    with ``use_multiprocessing=True``.
+
+    Args:
+        path: the store.
+        split: a split name, a list of names, or None for every row. Defaults to None.
+        batch_size: rows per batch; the last batch may be shorter. Defaults to 32.
+        shuffle: permute the runs each epoch. Defaults to False.
+        seed: the seed of the permutation. Defaults to 0.
+        channels: ``"last"`` gives ``x`` of shape ``(b, h, w, 1)``, ``"first"``
+            ``(b, 1, h, w)``. Defaults to ``"last"``.
+        **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of
+            ``keras.utils.PyDataset``.
+
+    Raises:
+        FileNotFoundError: no store at ``path``.
+        ValueError: the file is not a finished store, a split is unknown or empty, or an
+            argument is out of range.
+        TypeError: an argument of the wrong type.
+
+    Example:
+        >>> train = H5Sequence("store.h5", split="train", batch_size=256, shuffle=True)
+        >>> model.fit(train, validation_data=H5Sequence("store.h5", split="val"))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        split: str | list[str] | None = None,
+        batch_size: int = 32,
+        shuffle: bool = False,
+        seed: int = 0,
+        channels: str = "last",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"`path` must be a str or os.PathLike; received {type(path).__name__}")
+        _check_int("batch_size", batch_size, minimum=1)
+        _check_int("seed", seed, minimum=0)
+        if not isinstance(shuffle, bool):
+            raise TypeError(f"`shuffle` must be a bool; received shuffle={shuffle!r}")
+        if channels not in ("last", "first"):
+            raise ValueError(f'`channels` must be "last" or "first"; received channels={channels!r}')
+        if split is not None and not isinstance(split, str | list | tuple):
+            raise TypeError(f"`split` must be a str, a list of str or None; received {split!r}")
+
+        self._path = os.fspath(path)
+        self._split = split
+        self._batch_size = batch_size
+        self._shuffle = shuffle
+        self._seed = seed
+        self._channels = channels
+        self._epoch = 0
+        with open_store(self._path) as store:
+            selected = store.select(split)
+            empty = [s.name for s in selected if len(s) == 0]
+            if empty or not selected:
+                raise ValueError(f"{self._path}: split {empty} has no rows")
+            self._blocks = aligned_blocks([(s.start, s.stop) for s in selected], store.chunk_slices)
+            self._class_names = store.class_names
+            self._uuid = store.uuid
+            self._slice_shape = store.slice_shape
+            self._dtype = store.dtype
+            self._scale = np.float32(store.scale)
+            self._offset = np.float32(store.offset)
+            self._images = row_layout(store.images)
+            self._labels = row_layout(store.labels)
+            stat = os.stat(self._path)
+        self._identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        self._plan = EpochPlan(self._blocks, batch_size, shuffle, seed, self._epoch)
+        self._init_process_state()
+
+    def _init_process_state(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = None
+        self._fd = None
+        self._h5 = None
+        self._datasets = (None, None)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in ("_lock", "_pid", "_fd", "_h5", "_datasets"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_process_state()
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid() and self._fd is not None:
+            os.close(self._fd)
+
+    def __repr__(self) -> str:
+        return (
+            f"H5Sequence({self._path!r}, split={self._split!r}, batch_size={self._batch_size}, "
+            f"shuffle={self._shuffle}, seed={self._seed}, channels={self._channels!r}, "
+            f"workers={self.workers}, use_multiprocessing={self.use_multiprocessing})"
+        )
+
+    @property
+    def path(self) -> str:
+        """The store's path."""
+        return self._path
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per batch."""
+        return self._batch_size
+
+    @property
+    def num_slices(self) -> int:
+        """Rows in the selected splits: slices per epoch."""
+        return self._plan.num_rows
+
+    @property
+    def class_names(self) -> list[str]:
+        """The store's class names; empty when it has no labels."""
+        return list(self._class_names)
+
+    @property
+    def store_uuid(self) -> str:
+        """The uuid of the store read."""
+        return self._uuid
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose plan ``__getitem__`` follows."""
+        return self._epoch
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def rows(self, index: int) -> np.ndarray:
+        """The store rows of batch ``index``, in the order the batch holds them."""
+        runs = self._plan.runs(_batch_index(index, len(self)))
+        return np.concatenate([np.arange(start, stop) for start, stop in runs])
+
+    def on_epoch_end(self) -> None:
+        """Move to the next epoch's plan."""
+        self._epoch += 1
+        self._plan = EpochPlan(self._blocks, self._batch_size, self._shuffle, self._seed, self._epoch)
+
+    def __getitem__(self, index: int):
+        runs = self._plan.runs(_batch_index(index, len(self)))
+        num_rows = sum(stop - start for start, stop in runs)
+        fd, images, labels = self._open()
+        height, width = self._slice_shape
+        shape = (num_rows, height, width, 1) if self._channels == "last" else (num_rows, 1, height, width)
+        x = np.empty(shape, dtype=np.float32)
+        x_rows = x.reshape(num_rows, height, width)  # a view: both layouts have one channel
+        stored = x_rows if self._dtype == np.float32 else np.empty(x_rows.shape, self._dtype)
+        y = np.empty(num_rows, dtype=np.int32) if self._class_names else None
+        position = 0
+        for start, stop in runs:
+            end = position + stop - start
+            read_rows(self._images, start, stop, stored[position:end], fd, images)
+            if y is not None:
+                read_rows(self._labels, start, stop, y[position:end], fd, labels)
+            position = end
+        if stored is not x_rows or self._scale != 1:
+            np.multiply(stored, self._scale, out=x_rows, casting="unsafe")
+        if self._offset != 0:
+            x_rows += self._offset
+        return x if y is None else (x, y)
+
+    def _open(self):
+        """This process's file descriptor, and h5py datasets where rows are not plain bytes."""
+        pid = os.getpid()
+        if self._pid == pid:
+            return self._fd, *self._datasets
+        with self._lock:
+            if self._pid != pid:  # never use what a parent process opened
+                fd = os.open(self._path, os.O_RDONLY)
+                stat = os.fstat(fd)
+                if (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) != self._identity:
+                    os.close(fd)
+                    raise RuntimeError(
+                        f"{self._path}: the store changed since this H5Sequence was created; "
+                        "create a new one"
+                    )
+                raw = self._images.raw and self._labels.raw
+                self._h5 = None if raw else open_h5(self._path)
+                self._datasets = (
+                    None if raw else self._h5[self._images.name],
+                    None if raw else self._h5[self._labels.name],
+                )
+                self._fd = fd
+                self._pid = pid
+        return self._fd, *self._datasets
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"`{name}` must be an int; received {name}={value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}; received {name}={value}")
+
+
+def _batch_index(index, length: int) -> int:
+    if isinstance(index, bool) or not isinstance(index, int | np.integer):
+        raise TypeError(f"batch index must be an int; received {index!r}")
+    if not 0 <= index < length:
+        raise IndexError(f"batch index must be in [0, {length}); received {index}")
+    return int(index)

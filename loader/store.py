@@ -1,0 +1,306 @@
+"""The store: the one module that spells its dataset and attribute names, and its read-only view.
+
+A store is an HDF5 file of ``N`` 2-D slices, laid out split by split, each split a
+contiguous range of rows in a seeded random order (see the README for the whole schema).
+Everything that writes or reads a store asks this module for the names below; nothing
+else spells them. Only numpy and h5py are imported here, so ``preprocess`` can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+# Datasets of N rows, one per slice.
+IMAGES = "images"  # (N, size, size) uint8 | float16 | float32, chunks (C, size, size)
+LABELS = "labels"  # (N,) int32, class index, -1 where unlabelled
+SUBJECT = "subject"  # (N,) int32, row in the SUBJECTS table
+SLICE = "slice"  # (N,) int16, slice position along the axis of the canonical volume
+
+# The SUBJECTS group: a table of M scans, one dataset per column.
+SUBJECTS = "subjects"
+SUBJECT_ID = "id"  # (M,) str, e.g. "01" for sub-01
+SESSION = "session"  # (M,) str, "" without sessions
+SOURCE_PATH = "path"  # (M,) str, the scan's path relative to its input
+SHA256 = "sha256"  # (M,) str, of the source file
+SUBJECT_LABEL = "label"  # (M,) int32, -1 where unlabelled
+SUBJECT_SPLIT = "split"  # (M,) str
+AFFINE = "affine"  # (M, 4, 4) float64, of the canonical (RAS) volume
+SHAPE = "shape"  # (M, 3) int32, of the canonical volume
+VOXEL_SIZE = "voxel_size"  # (M, 3) float32, mm, of the canonical volume
+SUBJECT_COLUMNS = (
+    SUBJECT_ID,
+    SESSION,
+    SOURCE_PATH,
+    SHA256,
+    SUBJECT_LABEL,
+    SUBJECT_SPLIT,
+    AFFINE,
+    SHAPE,
+    VOXEL_SIZE,
+)
+
+# Root attributes.
+ATTR_SCHEMA = "schema"  # int
+ATTR_UUID = "uuid"  # str, new for every store written
+ATTR_CREATED = "created"  # str, ISO 8601 UTC
+ATTR_CONFIG = "config"  # JSON: every preprocessing setting
+ATTR_CLASS_NAMES = "class_names"  # JSON list, index = label
+ATTR_SPLITS = "splits"  # JSON {name: [start, stop)}
+ATTR_COMPLETE = "complete"  # True, written last
+
+# Attributes of IMAGES: a stored value v means the intensity v * scale + offset.
+ATTR_SCALE = "scale"
+ATTR_OFFSET = "offset"
+
+# Every read-only open in a process uses these settings: h5py refuses to open one file
+# twice with different locking flags, and locking breaks on shared and network filesystems.
+CHUNK_CACHE_BYTES = 32 * 1024**2
+CHUNK_CACHE_SLOTS = 10007
+
+
+def open_h5(path: str | os.PathLike) -> h5py.File:
+    """Open an HDF5 file read-only with the settings every reader of this project uses.
+
+    Args:
+        path: the file.
+
+    Returns:
+        An open ``h5py.File`` without file locking and with a chunk cache larger than
+        one batch of chunks.
+    """
+    return h5py.File(
+        path,
+        "r",
+        locking=False,
+        rdcc_nbytes=CHUNK_CACHE_BYTES,
+        rdcc_nslots=CHUNK_CACHE_SLOTS,
+    )
+
+
+@dataclass(frozen=True)
+class Split:
+    """A named, contiguous range of rows ``[start, stop)``."""
+
+    name: str
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class StoreError(ValueError):
+    """A file that cannot be read as a finished store of a known schema."""
+
+
+class Store:
+    """A read-only view of a store. Create it with :func:`open_store`.
+
+    The datasets are opened, not read: slicing ``store.images`` reads from disk.
+    """
+
+    def __init__(self, path: str | os.PathLike, h5file: h5py.File):
+        self._path = os.fspath(path)
+        self._file = h5file
+
+    def __repr__(self) -> str:
+        return f"open_store({self._path!r})"
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+    @property
+    def path(self) -> str:
+        """The store's path."""
+        return self._path
+
+    @property
+    def file(self) -> h5py.File:
+        """The open HDF5 file."""
+        return self._file
+
+    @property
+    def images(self) -> h5py.Dataset:
+        """The slices, ``(num_slices, size, size)``."""
+        return self._file[IMAGES]
+
+    @property
+    def labels(self) -> h5py.Dataset:
+        """Class index per slice, -1 where unlabelled."""
+        return self._file[LABELS]
+
+    @property
+    def subject(self) -> h5py.Dataset:
+        """Row in the subjects table per slice."""
+        return self._file[SUBJECT]
+
+    @property
+    def slice_index(self) -> h5py.Dataset:
+        """Position of each slice along the slicing axis of its canonical volume."""
+        return self._file[SLICE]
+
+    @property
+    def num_slices(self) -> int:
+        """Number of slices (rows)."""
+        return int(self.images.shape[0])
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        """Shape of one slice."""
+        return tuple(int(n) for n in self.images.shape[1:])
+
+    @property
+    def chunk_slices(self) -> int:
+        """Slices per HDF5 chunk of the images: the unit of aligned reads."""
+        chunks = self.images.chunks
+        return int(chunks[0]) if chunks else self.num_slices
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The stored dtype of the images."""
+        return self.images.dtype
+
+    @property
+    def scale(self) -> float:
+        """Intensity = stored value * scale + offset."""
+        return float(self.images.attrs.get(ATTR_SCALE, 1.0))
+
+    @property
+    def offset(self) -> float:
+        """Intensity = stored value * scale + offset."""
+        return float(self.images.attrs.get(ATTR_OFFSET, 0.0))
+
+    @property
+    def uuid(self) -> str:
+        """Unique id of this store, new for every store written."""
+        return str(self._file.attrs[ATTR_UUID])
+
+    @property
+    def created(self) -> str:
+        """When the store was finalised, ISO 8601 UTC."""
+        return str(self._file.attrs[ATTR_CREATED])
+
+    @cached_property
+    def config(self) -> dict:
+        """Every preprocessing setting the store was made with."""
+        return json.loads(self._file.attrs[ATTR_CONFIG])
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        """Class names; label ``k`` means ``class_names[k]``. Empty without labels."""
+        return list(json.loads(self._file.attrs[ATTR_CLASS_NAMES]))
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the store has classes."""
+        return bool(self.class_names)
+
+    @cached_property
+    def splits(self) -> dict[str, Split]:
+        """The splits, by name, in row order."""
+        ranges = json.loads(self._file.attrs[ATTR_SPLITS])
+        return {name: Split(name, int(a), int(b)) for name, (a, b) in ranges.items()}
+
+    def select(self, split: str | list[str] | tuple[str, ...] | None) -> list[Split]:
+        """The splits named by ``split``: one name, a list of names, or None for all rows.
+
+        Raises:
+            ValueError: a name the store does not have.
+        """
+        if split is None:
+            return [Split("all", 0, self.num_slices)]
+        names = [split] if isinstance(split, str) else list(split)
+        if not names:
+            raise ValueError("`split` must name at least one split; received split=[]")
+        unknown = [name for name in names if name not in self.splits]
+        if unknown:
+            raise ValueError(
+                f"{self._path}: no split {', '.join(map(repr, unknown))}; "
+                f"the store has {sorted(self.splits)}"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(f"`split` names a split twice; received split={names}")
+        return [self.splits[name] for name in names]
+
+    def subjects_table(self) -> dict[str, np.ndarray]:
+        """The subjects table (one row per scan), read whole: it is small.
+
+        Returns:
+            Column name -> array, strings decoded to ``str``.
+        """
+        group = self._file[SUBJECTS]
+        table = {}
+        for name in SUBJECT_COLUMNS:
+            dataset = group[name]
+            if dataset.dtype.kind in "OS":
+                table[name] = dataset.asstr()[()].astype(object)
+            else:
+                table[name] = dataset[()]
+        return table
+
+    @property
+    def size_bytes(self) -> int:
+        """Size of the file on disk."""
+        return os.path.getsize(self._path)
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Open a finished store read-only.
+
+    Args:
+        path: the store's file.
+
+    Returns:
+        The read-only view.
+
+    Raises:
+        FileNotFoundError: no such file.
+        StoreError: (a ValueError) the file is not HDF5, not a store, unfinished, or of a
+            schema this version does not read.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such store file")
+    try:
+        h5file = open_h5(path)
+    except OSError as exc:
+        raise StoreError(f"{path}: not a store: not a readable HDF5 file ({exc})") from exc
+    try:
+        _check(path, h5file)
+    except BaseException:
+        h5file.close()
+        raise
+    return Store(path, h5file)
+
+
+def _check(path: str, h5file: h5py.File) -> None:
+    if ATTR_SCHEMA not in h5file.attrs or IMAGES not in h5file:
+        raise StoreError(f"{path}: not a store: no `{ATTR_SCHEMA}` attribute or `/{IMAGES}`")
+    schema = h5file.attrs[ATTR_SCHEMA]
+    if schema != SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: unknown store schema {schema!r}; this version reads schema {SCHEMA_VERSION}"
+        )
+    if not h5file.attrs.get(ATTR_COMPLETE, False):
+        raise StoreError(
+            f"{path}: unfinished store (no `{ATTR_COMPLETE}` flag): the run that wrote it "
+            "did not finish; rerun preprocess"
+        )
+    missing = [name for name in (LABELS, SUBJECT, SLICE, SUBJECTS) if name not in h5file]
+    if missing:
+        raise StoreError(f"{path}: damaged store: missing {', '.join('/' + m for m in missing)}")

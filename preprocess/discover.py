@@ -1,0 +1,237 @@
+"""Finding scans: NIfTI files, BIDS trees, class-folder trees, and the labels that go with them.
+
+Three layouts of an input folder, told apart by ``auto`` (or named with ``--layout``):
+
+* ``bids``: the folder holds ``participants.tsv``, ``dataset_description.json`` or
+  ``sub-*`` folders. Scans are ``sub-<id>/[ses-<id>/]anat/*_<suffix>.nii[.gz]``;
+  ``derivatives/``, ``sourcedata/`` and ``code/`` are skipped.
+* ``classes``: no NIfTI file at the top and at least two sub-folders that hold some,
+  like ``keras.utils.image_dataset_from_directory``: the sub-folder names are the classes.
+* ``plain``: every NIfTI file below the folder.
+
+A scan's subject is the ``sub-<id>`` entity of its file name where it has one (so every
+scan of one person lands in one split), else its path inside the input without extension.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+LAYOUTS = ("auto", "bids", "classes", "plain")
+MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}
+BIDS_SKIP = {"derivatives", "sourcedata", "code"}
+_ENTITY = re.compile(r"(?:^|_)(sub|ses)-([a-zA-Z0-9]+)")
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One input file.
+
+    Attributes:
+        path: where the file is.
+        source: its path as stored: relative to the input's parent folder.
+        subject_id: the subject, without ``sub-``.
+        session: the session, without ``ses-``; "" when none.
+        label: the class name, or None when unlabelled.
+    """
+
+    path: Path
+    source: str
+    subject_id: str
+    session: str
+    label: str | None = None
+
+
+class InputError(ValueError):
+    """A problem with the inputs as a whole (a usage error): nothing can be written."""
+
+
+def is_nifti(path: Path) -> bool:
+    """Whether the name ends like a NIfTI file.
+
+    >>> is_nifti(Path("sub-01_T1w.nii.gz")), is_nifti(Path("notes.txt"))
+    (True, False)
+    """
+    return path.name.lower().endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """The file name without ``.nii`` or ``.nii.gz``.
+
+    >>> strip_nifti_suffix("sub-01_T1w.nii.gz")
+    'sub-01_T1w'
+    """
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def bids_entities(name: str) -> dict[str, str]:
+    """The ``sub`` and ``ses`` entities of a BIDS file name.
+
+    >>> bids_entities("sub-07_ses-pre_T1w.nii.gz")
+    {'sub': '07', 'ses': 'pre'}
+    """
+    return {key: value for key, value in _ENTITY.findall(name)}
+
+
+def find_layout(folder: Path) -> str:
+    """Guess the layout of an input folder: ``bids``, ``classes`` or ``plain``."""
+    names = {entry.name for entry in folder.iterdir()}
+    if {"participants.tsv", "dataset_description.json"} & names or any(
+        name.startswith("sub-") and (folder / name).is_dir() for name in names
+    ):
+        return "bids"
+    if any(is_nifti(folder / name) for name in names):
+        return "plain"
+    with_scans = [
+        name
+        for name in names
+        if (folder / name).is_dir()
+        and not name.startswith(".")
+        and any(is_nifti(p) for p in _walk(folder / name))
+    ]
+    return "classes" if len(with_scans) >= 2 else "plain"
+
+
+def _walk(folder: Path, skip: set[str] = frozenset()):
+    """Every file below ``folder`` in sorted order, skipping hidden entries and ``skip``."""
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in skip)
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(root) / name
+
+
+def discover(
+    inputs: list[str | os.PathLike], layout: str = "auto", suffix: str = "T1w"
+) -> tuple[list[Scan], list[tuple[str, str]]]:
+    """Find the scans of the inputs.
+
+    Args:
+        inputs: NIfTI files or folders.
+        layout: ``auto``, ``bids``, ``classes`` or ``plain``. Defaults to ``auto``.
+        suffix: the BIDS suffix (modality) taken from BIDS trees. Defaults to ``T1w``.
+
+    Returns:
+        The scans sorted by ``source``, and ``(path, reason)`` for inputs that are files
+        but not NIfTI.
+
+    Raises:
+        InputError: an input that does not exist, or two files with one source name.
+    """
+    if layout not in LAYOUTS:
+        raise InputError(f"--layout must be one of {', '.join(LAYOUTS)}; received {layout!r}")
+    scans: dict[str, Scan] = {}
+    seen: set[str] = set()
+    rejected = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
+        if path.is_file():
+            if not is_nifti(path):
+                rejected.append((str(path), "not NIfTI: the name does not end in .nii or .nii.gz"))
+                continue
+            found = [_plain_scan(path, path.name)]
+        else:
+            found = _scan_folder(path, layout, suffix)
+        for scan in found:
+            real = os.path.realpath(scan.path)
+            if real in seen:
+                continue
+            seen.add(real)
+            if scan.source in scans:
+                raise InputError(
+                    f"{scan.path}: has the same name as {scans[scan.source].path}; "
+                    "give the inputs as their parent folders"
+                )
+            scans[scan.source] = scan
+    return [scans[source] for source in sorted(scans)], rejected
+
+
+def _plain_scan(path: Path, source: str, label: str | None = None) -> Scan:
+    entities = bids_entities(path.name)
+    subject_id = entities.get("sub") or strip_nifti_suffix(source)
+    return Scan(path, source, subject_id, entities.get("ses", ""), label)
+
+
+def _scan_folder(folder: Path, layout: str, suffix: str) -> list[Scan]:
+    folder = Path(os.path.normpath(folder))
+    layout = find_layout(folder) if layout == "auto" else layout
+    base = folder.name or "input"
+    if layout == "bids":
+        wanted = tuple(f"_{suffix}{ext}".lower() for ext in NIFTI_SUFFIXES)
+        return [
+            _plain_scan(path, f"{base}/{path.relative_to(folder).as_posix()}")
+            for path in _walk(folder, BIDS_SKIP)
+            if is_nifti(path) and path.name.lower().endswith(wanted) and "sub" in bids_entities(path.name)
+        ]
+    scans = []
+    for path in _walk(folder):
+        if not is_nifti(path):
+            continue
+        relative = path.relative_to(folder)
+        label = relative.parts[0] if layout == "classes" and len(relative.parts) > 1 else None
+        if layout == "classes" and label is None:
+            continue
+        scans.append(_plain_scan(path, f"{base}/{relative.as_posix()}", label))
+    return scans
+
+
+def read_label_table(path: str | os.PathLike, column: str, id_column: str = "participant_id") -> dict[str, str | None]:
+    """Read subject labels from a BIDS ``participants.tsv`` or a CSV file.
+
+    Args:
+        path: a ``.tsv`` (tab-separated) or ``.csv`` (comma-separated) file with a header.
+        column: the column that holds the labels.
+        id_column: the column that holds subject ids, with or without ``sub-``.
+            Defaults to ``participant_id``.
+
+    Returns:
+        Subject id (without ``sub-``) -> label, None where the value is missing (``n/a``).
+
+    Raises:
+        InputError: the file is missing, unreadable, or lacks a column.
+    """
+    path = Path(path)
+    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle, delimiter=delimiter))
+            fields = rows[0].keys() if rows else []
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such label file") from exc
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: unreadable label file ({exc})") from exc
+    for name in (id_column, column):
+        if name not in fields:
+            raise InputError(f"{path}: no column {name!r}; the columns are {sorted(fields)}")
+    labels = {}
+    for row in rows:
+        subject_id = (row[id_column] or "").strip().removeprefix("sub-")
+        value = (row[column] or "").strip()
+        if subject_id:
+            labels[subject_id] = None if value.lower() in MISSING_VALUES else value
+    return labels
+
+
+def class_names(labels) -> list[str]:
+    """The sorted distinct labels: numerically when all are numbers.
+
+    >>> class_names(["10", "2", None, "2"])
+    ['2', '10']
+    >>> class_names(["patient", "control"])
+    ['control', 'patient']
+    """
+    names = {label for label in labels if label is not None}
+    try:
+        return sorted(names, key=float)
+    except ValueError:
+        return sorted(names)

@@ -1,0 +1,160 @@
+"""One scan as a canonical float32 volume: load, pick a volume, reorient to RAS, check, normalise.
+
+Nothing here writes: every problem with a file is a :class:`ScanError` whose message is
+the one line a user sees next to the file's path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+NORMALIZATIONS = ("percentile", "zscore", "none")
+PERCENTILES = (0.5, 99.5)
+
+
+class ScanError(ValueError):
+    """A scan that cannot be used; the message says why."""
+
+
+@dataclass
+class Volume:
+    """A 3-D scan in the closest canonical (RAS) voxel order.
+
+    Attributes:
+        data: float32 intensities, ``(x, y, z)`` with x to the right, y anterior, z superior.
+        affine: voxel to world (mm) of ``data``.
+        voxel_size: mm along each axis of ``data``.
+        notes: things worth a warning that did not stop the scan.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    voxel_size: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+
+def load_volume(path: str | os.PathLike, volume: int | None = None) -> Volume:
+    """Load a NIfTI scan as a canonical float32 volume.
+
+    A 4-D file with one volume is squeezed; with several, ``volume`` picks one.
+    Non-finite voxels become 0 (with a note).
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        volume: which volume of a 4-D file to take. Defaults to None (3-D files only).
+
+    Returns:
+        The volume.
+
+    Raises:
+        ScanError: not NIfTI, unreadable or truncated, not 3-D, empty, a bad affine, or constant.
+    """
+    try:
+        image = nib.load(os.fspath(path))
+    except Exception as exc:  # nibabel raises many kinds for damaged files
+        raise ScanError(f"not NIfTI or unreadable header ({_reason(exc)})") from exc
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise ScanError(f"not NIfTI: nibabel reads it as {type(image).__name__}")
+    image = _pick_volume(image, volume)
+    if 0 in image.shape:
+        raise ScanError(f"empty: shape {image.shape}")
+    try:
+        data = image.get_fdata(dtype=np.float32, caching="unchanged")
+    except Exception as exc:
+        raise ScanError(f"truncated or unreadable data ({_reason(exc)})") from exc
+    notes = []
+    finite = np.isfinite(data)
+    if not finite.all():
+        count = data.size - int(np.count_nonzero(finite))
+        data[~finite] = 0
+        notes.append(f"{count} NaN or infinite voxels set to 0")
+    del finite
+    affine = image.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ScanError(f"bad header: the voxel-to-world affine is singular or not finite:\n{affine}")
+    ornt = orientations.io_orientation(affine)
+    data = np.ascontiguousarray(orientations.apply_orientation(data, ornt))
+    affine = affine @ orientations.inv_ornt_aff(ornt, image.shape)
+    low, high = float(data.min()), float(data.max())
+    if low == high:
+        raise ScanError(f"constant: every voxel is {low:g}")
+    voxel_size = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return Volume(data, affine, voxel_size, notes)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _pick_volume(image, volume: int | None):
+    """The 3-D image of one volume; a file with one volume is squeezed."""
+    shape = image.shape
+    extra = shape[3:]
+    if len(shape) < 3 or any(n != 1 for n in extra[1:]):
+        raise ScanError(f"expected a 3-D volume, got shape {shape}")
+    count = extra[0] if extra else 1
+    if volume is None and count > 1:
+        raise ScanError(f"4-D with {count} volumes, shape {shape}: pick one with --volume K")
+    volume = volume or 0
+    if not 0 <= volume < count:
+        raise ScanError(f"--volume {volume} but the file has {count} volume(s)")
+    if not extra:
+        return image
+    return image.slicer[(slice(None),) * 3 + (volume,) + (0,) * (len(extra) - 1)]
+
+
+def foreground(data: np.ndarray) -> np.ndarray:
+    """The voxels brighter than the background.
+
+    The threshold is 10% of the way from the 2nd to the 98th percentile of the volume
+    (FSL's "robust range" rule), so noise in the air around a head stays background.
+
+    Args:
+        data: a volume.
+
+    Returns:
+        A boolean mask, never empty for a volume that is not constant.
+    """
+    low, high = np.percentile(data, [2, 98])
+    mask = data > low + 0.1 * (high - low)
+    if not mask.any():  # nearly all voxels share one value: take the rest
+        mask = data > data.min()
+    return mask
+
+
+def normalize(data: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
+    """Scale intensities, in place.
+
+    Args:
+        data: a float32 volume.
+        mask: its foreground.
+        method: ``percentile`` (clip to the 0.5 and 99.5 percentiles of the foreground,
+            then scale to [0, 1]), ``zscore`` (zero mean, unit variance over the
+            foreground) or ``none``.
+
+    Returns:
+        ``data``, changed.
+    """
+    if method == "percentile":
+        low, high = np.percentile(data[mask], PERCENTILES)
+        if high <= low:  # a foreground of (almost) one value: use the whole range
+            low, high = data.min(), data.max()
+        np.subtract(data, np.float32(low), out=data)
+        np.multiply(data, np.float32(1 / (high - low)), out=data)
+        np.clip(data, 0, 1, out=data)
+    elif method == "zscore":
+        values = data[mask]
+        mean, std = values.mean(dtype=np.float64), values.std(dtype=np.float64)
+        if std == 0:
+            std = data.std(dtype=np.float64)
+        np.subtract(data, np.float32(mean), out=data)
+        np.multiply(data, np.float32(1 / std), out=data)
+    elif method != "none":
+        raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}; received {method!r}")
+    return data

@@ -1,0 +1,152 @@
+"""Write a BIDS tree of synthetic T1-weighted head phantoms in two groups a CNN can tell apart.
+
+Each head has scalp, skull, CSF, grey and white matter and ventricles, with Gaussian noise,
+a smooth bias field, a random voxel order (any of the 48 axis orders and flips), uneven
+voxel sizes and a random stored data type. "patient" heads have enlarged ventricles and
+dark white-matter lesions; "control" heads do not. Every third subject has two sessions.
+
+    python scripts/make_phantoms.py OUT --subjects 48 --seed 0
+
+Import it for tests: ``head_phantom`` and ``write_bids`` are pure functions of their seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+GROUPS = ("control", "patient")
+VOXEL_SIZES = ((2.0, 2.0, 2.0), (1.5, 1.5, 3.0), (2.5, 1.6, 1.6), (1.8, 2.6, 1.8), (1.2, 1.2, 2.4))
+AXCODES = [
+    "".join(codes)
+    for order in itertools.permutations(("RL", "AP", "SI"))
+    for codes in itertools.product(*order)
+]
+
+
+def head_phantom(
+    rng: np.random.Generator, group: str, voxel_size=(2.0, 2.0, 2.0), fov_mm: float = 200.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A T1-like head in RAS voxel order.
+
+    Args:
+        rng: the random generator (head size, position, noise, lesions).
+        group: ``control`` or ``patient``.
+        voxel_size: mm along x, y, z.
+        fov_mm: side of the field of view.
+
+    Returns:
+        ``(data, affine)``: float32 intensities around 0..1000 and the RAS affine.
+    """
+    voxel_size = np.asarray(voxel_size, dtype=float)
+    shape = np.round(fov_mm / voxel_size).astype(int)
+    axes = [(np.arange(n) - (n - 1) / 2) * v for n, v in zip(shape, voxel_size, strict=True)]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    centre = rng.normal(0, 4, 3)
+    radii = np.array([70, 88, 75]) * rng.uniform(0.9, 1.08)
+    x, y, z = x - centre[0], y - centre[1], z - centre[2]
+
+    def inside(scale, r=radii, c=(0, 0, 0)):
+        return ((x - c[0]) / (r[0] * scale)) ** 2 + ((y - c[1]) / (r[1] * scale)) ** 2 + (
+            (z - c[2]) / (r[2] * scale)
+        ) ** 2 <= 1
+
+    data = np.zeros(shape, dtype=np.float32)
+    data[inside(1.0)] = 800  # scalp and fat
+    data[inside(0.94)] = 150  # skull
+    data[inside(0.88)] = 250  # CSF
+    data[inside(0.84)] = 620  # grey matter
+    data[inside(0.74)] = 900  # white matter
+    enlarged = group == "patient"
+    ventricle = np.array([9, 24, 14]) * (rng.uniform(1.6, 2.0) if enlarged else rng.uniform(0.8, 1.1))
+    for side in (-1, 1):
+        data[inside(1.0, ventricle, (side * 7, 4, 8))] = 250
+    if enlarged:
+        for _ in range(14):
+            spot = rng.normal(0, 1, 3) * radii * 0.3
+            data[inside(1.0, np.full(3, rng.uniform(4, 7)), spot) & (data == 900)] = 420
+    bias = 1 + 0.15 * (x / radii[0] + 0.5 * y / radii[1] - 0.5 * z / radii[2])
+    data *= bias.astype(np.float32)
+    data += rng.normal(0, 25, shape).astype(np.float32)
+    np.abs(data, out=data)
+    affine = np.diag([*voxel_size, 1.0])
+    affine[:3, 3] = -(shape - 1) / 2 * voxel_size
+    return data, affine
+
+
+def reorder(data: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np.ndarray, np.ndarray]:
+    """The same image stored in another voxel order (e.g. ``"PSL"``)."""
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(affine), orientations.axcodes2ornt(tuple(axcodes))
+    )
+    return (
+        orientations.apply_orientation(data, transform),
+        affine @ orientations.inv_ornt_aff(transform, data.shape),
+    )
+
+
+def save(path: Path, data: np.ndarray, affine: np.ndarray, dtype: str) -> None:
+    """Save as NIfTI in ``dtype`` (int16 and uint16 with a scale factor where it helps)."""
+    image = nib.Nifti1Image(data.astype(np.float32), affine)
+    image.set_data_dtype(np.dtype(dtype))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+
+
+def write_bids(out: Path, subjects: int, seed: int) -> list[dict]:
+    """Write the BIDS tree; returns the participants' rows."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(subjects):
+        subject = f"{index + 1:03d}"
+        group = GROUPS[index % 2]
+        sessions = ["01", "02"] if index % 3 == 2 else [""]
+        for session in sessions:
+            data, affine = head_phantom(rng, group, VOXEL_SIZES[rng.integers(len(VOXEL_SIZES))])
+            data, affine = reorder(data, affine, AXCODES[rng.integers(len(AXCODES))])
+            folder = out / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
+            name = "_".join(filter(None, [f"sub-{subject}", session and f"ses-{session}", "T1w"]))
+            dtype = ("int16", "float32", "uint16")[rng.integers(3)]
+            save(folder / f"{name}.nii.gz", data, affine, dtype)
+        rows.append({"participant_id": f"sub-{subject}", "group": group, "age": int(rng.integers(20, 80))})
+    with open(out / "participants.tsv", "w") as handle:
+        handle.write("participant_id\tgroup\tage\n")
+        for row in rows:
+            handle.write(f"{row['participant_id']}\t{row['group']}\t{row['age']}\n")
+    (out / "dataset_description.json").write_text(
+        json.dumps({"Name": "slicestore head phantoms", "BIDSVersion": "1.9.0", "DatasetType": "raw"})
+    )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="the BIDS folder to write")
+    parser.add_argument("--subjects", type=int, default=48, help="number of subjects (default: 48)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    args = parser.parse_args(argv)
+    if args.subjects < 1:
+        print("error: --subjects must be at least 1", file=sys.stderr)
+        return 2
+    if args.out.exists():
+        if not args.overwrite:
+            print(f"error: {args.out}: exists; use --overwrite to replace it", file=sys.stderr)
+            return 2
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    rows = write_bids(args.out, args.subjects, args.seed)
+    print(f"wrote {len(rows)} subjects to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

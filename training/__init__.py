@@ -1,0 +1,1 @@
+"""Train and evaluate a CNN from a store (``python -m training``)."""
