@@ -10,6 +10,7 @@ seed, epoch)``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import numpy as np
@@ -33,7 +34,7 @@ def aligned_blocks(ranges: Iterable[tuple[int, int]], chunk_rows: int) -> np.nda
     for start, stop in ranges:
         first_edge = -(-start // chunk_rows) * chunk_rows
         edges = [start, *range(max(first_edge, start + 1), stop, chunk_rows), stop]
-        blocks.extend(zip(edges[:-1], edges[1:], strict=True))
+        blocks.extend(itertools.pairwise(edges))
     return np.array(blocks, dtype=np.int64).reshape(-1, 2)
 
 

@@ -63,7 +63,9 @@ class H5Sequence(keras.utils.PyDataset):
         if not isinstance(shuffle, bool):
             raise TypeError(f"`shuffle` must be a bool; received shuffle={shuffle!r}")
         if channels not in ("last", "first"):
-            raise ValueError(f'`channels` must be "last" or "first"; received channels={channels!r}')
+            raise ValueError(
+                f'`channels` must be "last" or "first"; received channels={channels!r}'
+            )
         if split is not None and not isinstance(split, str | list | tuple):
             raise TypeError(f"`split` must be a str, a list of str or None; received {split!r}")
 
@@ -162,14 +164,20 @@ class H5Sequence(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         """Move to the next epoch's plan."""
         self._epoch += 1
-        self._plan = EpochPlan(self._blocks, self._batch_size, self._shuffle, self._seed, self._epoch)
+        self._plan = EpochPlan(
+            self._blocks, self._batch_size, self._shuffle, self._seed, self._epoch
+        )
 
     def __getitem__(self, index: int):
         runs = self._plan.runs(_batch_index(index, len(self)))
         num_rows = sum(stop - start for start, stop in runs)
         fd, images, labels = self._open()
         height, width = self._slice_shape
-        shape = (num_rows, height, width, 1) if self._channels == "last" else (num_rows, 1, height, width)
+        shape = (
+            (num_rows, height, width, 1)
+            if self._channels == "last"
+            else (num_rows, 1, height, width)
+        )
         x = np.empty(shape, dtype=np.float32)
         x_rows = x.reshape(num_rows, height, width)  # a view: both layouts have one channel
         stored = x_rows if self._dtype == np.float32 else np.empty(x_rows.shape, self._dtype)

@@ -171,7 +171,9 @@ def _scan_folder(folder: Path, layout: str, suffix: str) -> list[Scan]:
         return [
             _plain_scan(path, f"{base}/{path.relative_to(folder).as_posix()}")
             for path in _walk(folder, BIDS_SKIP)
-            if is_nifti(path) and path.name.lower().endswith(wanted) and "sub" in bids_entities(path.name)
+            if is_nifti(path)
+            and path.name.lower().endswith(wanted)
+            and "sub" in bids_entities(path.name)
         ]
     scans = []
     for path in _walk(folder):
@@ -185,7 +187,9 @@ def _scan_folder(folder: Path, layout: str, suffix: str) -> list[Scan]:
     return scans
 
 
-def read_label_table(path: str | os.PathLike, column: str, id_column: str = "participant_id") -> dict[str, str | None]:
+def read_label_table(
+    path: str | os.PathLike, column: str, id_column: str = "participant_id"
+) -> dict[str, str | None]:
     """Read subject labels from a BIDS ``participants.tsv`` or a CSV file.
 
     Args:

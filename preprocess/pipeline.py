@@ -74,7 +74,9 @@ class Settings:
             raise ValueError(f"--folds must be 0 (none) or at least 2; received {self.folds}")
         for name in ("val_fraction", "test_fraction"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1); received {getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be in [0, 1); received {getattr(self, name)}"
+                )
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("--val-fraction plus --test-fraction must be below 1")
         if self.dtype == "uint8" and self.normalize != "percentile":
@@ -159,7 +161,9 @@ def _process_or_reason(scan: Scan, settings: Settings):
         return f"unreadable ({type(exc).__name__}: {exc})"
 
 
-def find_scans(inputs: list[str], settings: Settings) -> tuple[list[Scan], list[str], list[tuple[str, str]]]:
+def find_scans(
+    inputs: list[str], settings: Settings
+) -> tuple[list[Scan], list[str], list[tuple[str, str]]]:
     """The scans of the inputs with their labels, the class names, and inputs rejected up front.
 
     Raises:
@@ -167,15 +171,25 @@ def find_scans(inputs: list[str], settings: Settings) -> tuple[list[Scan], list[
     """
     scans, rejected = discover(inputs, settings.layout, settings.suffix)
     if settings.label_column:
-        tables = [settings.labels] if settings.labels else [
-            Path(item) / "participants.tsv" for item in inputs if (Path(item) / "participants.tsv").is_file()
-        ]
+        tables = (
+            [settings.labels]
+            if settings.labels
+            else [
+                Path(item) / "participants.tsv"
+                for item in inputs
+                if (Path(item) / "participants.tsv").is_file()
+            ]
+        )
         if not tables:
-            raise RunError("--label-column needs --labels FILE: no input folder has a participants.tsv")
+            raise RunError(
+                "--label-column needs --labels FILE: no input folder has a participants.tsv"
+            )
         table = {}
         for path in tables:
             table.update(read_label_table(path, settings.label_column, settings.id_column))
-        scans = [Scan(s.path, s.source, s.subject_id, s.session, table.get(s.subject_id)) for s in scans]
+        scans = [
+            Scan(s.path, s.source, s.subject_id, s.session, table.get(s.subject_id)) for s in scans
+        ]
     if not scans:
         raise RunError(f"no NIfTI scans found in {', '.join(map(str, inputs))}")
     return scans, class_names(s.label for s in scans), rejected
@@ -240,7 +254,9 @@ def run(
     written = partial.done()
     if not written:
         partial.remove()
-        raise RunError(f"no usable scans: all {len(summary.rejected)} were rejected; no store written")
+        raise RunError(
+            f"no usable scans: all {len(summary.rejected)} were rejected; no store written"
+        )
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

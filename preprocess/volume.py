@@ -7,6 +7,7 @@ the one line a user sees next to the file's path.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -42,7 +43,7 @@ def load_volume(path: str | os.PathLike, volume: int | None = None) -> Volume:
     """Load a NIfTI scan as a canonical float32 volume.
 
     A 4-D file with one volume is squeezed; with several, ``volume`` picks one.
-    Non-finite voxels become 0 (with a note).
+    Non-finite voxels become 0 (with a note); nibabel's warnings become notes too.
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
@@ -54,6 +55,14 @@ def load_volume(path: str | os.PathLike, volume: int | None = None) -> Volume:
     Raises:
         ScanError: not NIfTI, unreadable or truncated, not 3-D, empty, a bad affine, or constant.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        volume = _load(path, volume)
+    volume.notes += [str(w.message).splitlines()[0] for w in caught]
+    return volume
+
+
+def _load(path: str | os.PathLike, volume: int | None) -> Volume:
     try:
         image = nib.load(os.fspath(path))
     except Exception as exc:  # nibabel raises many kinds for damaged files
@@ -76,7 +85,9 @@ def load_volume(path: str | os.PathLike, volume: int | None = None) -> Volume:
     del finite
     affine = image.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ScanError(f"bad header: the voxel-to-world affine is singular or not finite:\n{affine}")
+        raise ScanError(
+            f"bad header: the voxel-to-world affine is singular or not finite:\n{affine}"
+        )
     ornt = orientations.io_orientation(affine)
     data = np.ascontiguousarray(orientations.apply_orientation(data, ornt))
     affine = affine @ orientations.inv_ornt_aff(ornt, image.shape)

@@ -1,4 +1,4 @@
-"""The one writer: scans stream into ``<store>.partial/``, then one finished store is renamed into place.
+"""The one writer: scans stream into `<store>.partial/`, then the store is renamed into place.
 
 ``<store>.partial/`` holds ``manifest.json`` (the settings) and, per finished scan, a
 ``<key>.npy`` of its slices followed by a ``<key>.json`` that marks it done: each file is
@@ -67,9 +67,13 @@ class Partial:
         manifest = self.path / MANIFEST
         if resume and manifest.is_file():
             earlier = json.loads(manifest.read_text())
-            changed = sorted(key for key in config.keys() | earlier.keys() if config.get(key) != earlier.get(key))
+            changed = sorted(
+                key for key in config.keys() | earlier.keys() if config.get(key) != earlier.get(key)
+            )
             if changed:
-                details = "; ".join(f"{k}: {earlier.get(k)!r} then, {config.get(k)!r} now" for k in changed)
+                details = "; ".join(
+                    f"{k}: {earlier.get(k)!r} then, {config.get(k)!r} now" for k in changed
+                )
                 raise ValueError(f"{self.path}: cannot resume with other settings ({details})")
         else:
             if self.path.exists() and not resume:
@@ -127,7 +131,11 @@ class Partial:
         for record, label in zip(records, scan_labels, strict=True):
             subject_labels.setdefault(record["subject_id"], int(label))
         subject_split = assign_splits(
-            subject_labels, config["val_fraction"], config["test_fraction"], config["folds"], config["seed"]
+            subject_labels,
+            config["val_fraction"],
+            config["test_fraction"],
+            config["folds"],
+            config["seed"],
         )
         names = split_names(config["val_fraction"], config["test_fraction"], config["folds"])
         if UNLABELLED in subject_split.values():
@@ -152,10 +160,18 @@ class Partial:
             self._write_images(images, records, first_row, destination, buffer_bytes)
             order = np.argsort(destination)  # canonical row of each store row
             h5.create_dataset(schema.LABELS, data=np.repeat(scan_labels, counts)[order])
-            h5.create_dataset(schema.SUBJECT, data=np.repeat(np.arange(len(records), dtype=np.int32), counts)[order])
+            h5.create_dataset(
+                schema.SUBJECT,
+                data=np.repeat(np.arange(len(records), dtype=np.int32), counts)[order],
+            )
             positions = np.concatenate([r["positions"] for r in records]).astype(np.int16)
             h5.create_dataset(schema.SLICE, data=positions[order])
-            _write_subjects(h5.create_group(schema.SUBJECTS), records, scan_labels, [names[i] for i in scan_split])
+            _write_subjects(
+                h5.create_group(schema.SUBJECTS),
+                records,
+                scan_labels,
+                [names[i] for i in scan_split],
+            )
             h5.attrs[schema.ATTR_SCHEMA] = schema.SCHEMA_VERSION
             h5.attrs[schema.ATTR_UUID] = str(uuid.uuid4())
             h5.attrs[schema.ATTR_CREATED] = datetime.now(UTC).isoformat(timespec="seconds")
@@ -195,18 +211,24 @@ class Partial:
             if num_windows > 1:
                 rows = np.flatnonzero(bucket_of == k)  # ascending: the order they were dealt in
                 bucket = self.path / f"bucket-{k:05d}"
-                block[destination[rows] - start] = np.fromfile(bucket, dtype=images.dtype).reshape(-1, size, size)
+                block[destination[rows] - start] = np.fromfile(bucket, dtype=images.dtype).reshape(
+                    -1, size, size
+                )
                 bucket.unlink()
             else:
                 for index, record in enumerate(records):
-                    block[destination[first_row[index] : first_row[index + 1]]] = self._slices(record)
+                    block[destination[first_row[index] : first_row[index + 1]]] = self._slices(
+                        record
+                    )
             images[start:stop] = block
 
     def _slices(self, record: dict) -> np.ndarray:
         return np.load(self.path / f"{scan_key(record['source'])}.npy", mmap_mode="r")
 
 
-def _write_subjects(group: h5py.Group, records: list[dict], labels: np.ndarray, splits: list[str]) -> None:
+def _write_subjects(
+    group: h5py.Group, records: list[dict], labels: np.ndarray, splits: list[str]
+) -> None:
     text = h5py.string_dtype()
     columns = {
         schema.SUBJECT_ID: np.array([r["subject_id"] for r in records], dtype=object),
@@ -217,11 +239,15 @@ def _write_subjects(group: h5py.Group, records: list[dict], labels: np.ndarray, 
         schema.SUBJECT_SPLIT: np.array(splits, dtype=object),
         schema.AFFINE: np.array([r["affine"] for r in records], dtype=np.float64).reshape(-1, 4, 4),
         schema.SHAPE: np.array([r["shape"] for r in records], dtype=np.int32).reshape(-1, 3),
-        schema.VOXEL_SIZE: np.array([r["voxel_size"] for r in records], dtype=np.float32).reshape(-1, 3),
+        schema.VOXEL_SIZE: np.array([r["voxel_size"] for r in records], dtype=np.float32).reshape(
+            -1, 3
+        ),
     }
     for name in schema.SUBJECT_COLUMNS:
         values = columns[name]
-        group.create_dataset(name, data=values, dtype=text if values.dtype == object else values.dtype)
+        group.create_dataset(
+            name, data=values, dtype=text if values.dtype == object else values.dtype
+        )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -66,7 +66,9 @@ def head_phantom(
     data[inside(0.84)] = 620  # grey matter
     data[inside(0.74)] = 900  # white matter
     enlarged = group == "patient"
-    ventricle = np.array([9, 24, 14]) * (rng.uniform(1.6, 2.0) if enlarged else rng.uniform(0.8, 1.1))
+    ventricle = np.array([9, 24, 14]) * (
+        rng.uniform(1.6, 2.0) if enlarged else rng.uniform(0.8, 1.1)
+    )
     for side in (-1, 1):
         data[inside(1.0, ventricle, (side * 7, 4, 8))] = 250
     if enlarged:
@@ -101,8 +103,15 @@ def save(path: Path, data: np.ndarray, affine: np.ndarray, dtype: str) -> None:
     nib.save(image, path)
 
 
-def write_bids(out: Path, subjects: int, seed: int) -> list[dict]:
-    """Write the BIDS tree; returns the participants' rows."""
+def write_bids(out: Path, subjects: int, seed: int, voxel_sizes=VOXEL_SIZES) -> list[dict]:
+    """Write the BIDS tree; returns the participants' rows.
+
+    Args:
+        out: the folder.
+        subjects: how many; groups alternate, every third subject has two sessions.
+        seed: the seed of everything random.
+        voxel_sizes: the voxel sizes (mm) to draw from. Defaults to ``VOXEL_SIZES``.
+    """
     rng = np.random.default_rng(seed)
     rows = []
     for index in range(subjects):
@@ -110,25 +119,31 @@ def write_bids(out: Path, subjects: int, seed: int) -> list[dict]:
         group = GROUPS[index % 2]
         sessions = ["01", "02"] if index % 3 == 2 else [""]
         for session in sessions:
-            data, affine = head_phantom(rng, group, VOXEL_SIZES[rng.integers(len(VOXEL_SIZES))])
+            data, affine = head_phantom(rng, group, voxel_sizes[rng.integers(len(voxel_sizes))])
             data, affine = reorder(data, affine, AXCODES[rng.integers(len(AXCODES))])
             folder = out / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
             name = "_".join(filter(None, [f"sub-{subject}", session and f"ses-{session}", "T1w"]))
             dtype = ("int16", "float32", "uint16")[rng.integers(3)]
             save(folder / f"{name}.nii.gz", data, affine, dtype)
-        rows.append({"participant_id": f"sub-{subject}", "group": group, "age": int(rng.integers(20, 80))})
+        rows.append(
+            {"participant_id": f"sub-{subject}", "group": group, "age": int(rng.integers(20, 80))}
+        )
     with open(out / "participants.tsv", "w") as handle:
         handle.write("participant_id\tgroup\tage\n")
         for row in rows:
             handle.write(f"{row['participant_id']}\t{row['group']}\t{row['age']}\n")
     (out / "dataset_description.json").write_text(
-        json.dumps({"Name": "slicestore head phantoms", "BIDSVersion": "1.9.0", "DatasetType": "raw"})
+        json.dumps(
+            {"Name": "slicestore head phantoms", "BIDSVersion": "1.9.0", "DatasetType": "raw"}
+        )
     )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path, help="the BIDS folder to write")
     parser.add_argument("--subjects", type=int, default=48, help="number of subjects (default: 48)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

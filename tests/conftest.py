@@ -1,0 +1,75 @@
+"""Shared fixtures: nibabel's bundled scans, seeded synthetic volumes, small phantom stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+from make_phantoms import write_bids
+
+from preprocess.cli import main as preprocess_main
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+COARSE_VOXELS = ((4.0, 4.0, 4.0), (3.0, 3.0, 6.0), (5.0, 3.2, 3.2))
+
+
+def write_nifti(path: Path, data: np.ndarray, affine=None, dtype=None) -> Path:
+    """Save ``data`` as NIfTI (``affine`` defaults to 1 mm voxels)."""
+    image = nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine)
+    if dtype is not None:
+        image.set_data_dtype(np.dtype(dtype))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+    return path
+
+
+def blob_volume(seed: int, shape=(40, 44, 36), value: float = 100.0) -> np.ndarray:
+    """A seeded volume: a bright ellipsoid with noise in a dark background."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    radii = rng.uniform(0.5, 0.8, 3)
+    inside = sum((g / r) ** 2 for g, r in zip(grid, radii, strict=True)) <= 1
+    data = rng.normal(0, 2, shape).astype(np.float32)
+    data[inside] += value * rng.uniform(0.8, 1.2)
+    return data
+
+
+def iter_rows(dataset: h5py.Dataset, block: int = 512):
+    """A dataset in blocks of rows, never whole."""
+    for start in range(0, dataset.shape[0], block):
+        yield dataset[start : start + block]
+
+
+def assert_same_store_content(path_a: Path, path_b: Path) -> None:
+    """The two stores hold identical /images and /labels."""
+    with h5py.File(path_a, "r") as a, h5py.File(path_b, "r") as b:
+        for name in ("images", "labels"):
+            assert a[name].shape == b[name].shape
+            for block_a, block_b in zip(iter_rows(a[name]), iter_rows(b[name]), strict=True):
+                np.testing.assert_array_equal(block_a, block_b)
+
+
+@pytest.fixture(scope="session")
+def phantom_bids(tmp_path_factory) -> Path:
+    """A small BIDS tree of 12 coarse head phantoms (16 scans), two groups."""
+    out = tmp_path_factory.mktemp("phantoms") / "bids"
+    out.mkdir()
+    write_bids(out, subjects=12, seed=3, voxel_sizes=COARSE_VOXELS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def phantom_store(phantom_bids, tmp_path_factory) -> Path:
+    """The phantom tree as a store with train/val/test splits, chunks of 8 slices."""
+    out = tmp_path_factory.mktemp("store") / "phantoms.h5"
+    args = [str(phantom_bids), "-o", str(out), "--label-column", "group", "--workers", "1"]
+    args += ["--val-fraction", "0.25", "--test-fraction", "0.25", "--chunk-slices", "8"]
+    assert preprocess_main(args) == 0
+    return out

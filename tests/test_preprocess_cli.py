@@ -1,0 +1,251 @@
+"""python -m preprocess end to end: the store, exit codes, refusals, crashes and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import NIBABEL_DATA, assert_same_store_content, blob_volume, write_nifti
+from make_phantoms import write_bids
+
+from loader import store as schema
+from loader.store import open_store
+from preprocess.cli import main
+from preprocess.writer import partial_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_the_store_follows_the_schema(phantom_store):
+    with h5py.File(phantom_store, "r") as h5:
+        assert h5.attrs[schema.ATTR_SCHEMA] == 1
+        assert h5.attrs[schema.ATTR_COMPLETE]
+        images = h5[schema.IMAGES]
+        num_rows = images.shape[0]
+        assert images.shape[1:] == (64, 64)
+        assert images.dtype == np.uint8
+        assert images.chunks == (8, 64, 64)
+        assert images.compression is None
+        assert images.attrs[schema.ATTR_SCALE] == pytest.approx(1 / 255)
+        assert h5[schema.LABELS].dtype == np.int32
+        assert h5[schema.LABELS].shape == (num_rows,)
+        assert h5[schema.SUBJECT].dtype == np.int32
+        assert h5[schema.SLICE].dtype == np.int16
+        table = h5[schema.SUBJECTS]
+        assert set(table) == set(schema.SUBJECT_COLUMNS)
+        assert table[schema.AFFINE].shape == (16, 4, 4)
+        assert json.loads(h5.attrs[schema.ATTR_CLASS_NAMES]) == ["control", "patient"]
+        config = json.loads(h5.attrs[schema.ATTR_CONFIG])
+        assert config["chunk_slices"] == 8
+        assert config["label_column"] == "group"
+        splits = json.loads(h5.attrs[schema.ATTR_SPLITS])
+        assert list(splits) == ["train", "val", "test"]
+        edges = [edge for start_stop in splits.values() for edge in start_stop]
+        assert edges[0] == 0
+        assert edges[-1] == num_rows
+        assert edges == sorted(edges)
+        sources = table[schema.SOURCE_PATH].asstr()[()]
+        assert all(s.startswith("bids/sub-") for s in sources)
+
+
+def test_no_subject_on_two_sides_and_every_class_in_every_split(phantom_store):
+    with open_store(phantom_store) as store:
+        table = store.subjects_table()
+        seen = {}
+        for name, split in store.splits.items():
+            scans = store.subject[split.start : split.stop]
+            subjects = set(table[schema.SUBJECT_ID][scans])
+            assert not any(subjects & other for other in seen.values())
+            seen[name] = subjects
+            assert set(store.labels[split.start : split.stop]) == {0, 1}
+            assert set(table[schema.SUBJECT_SPLIT][np.unique(scans)]) == {name}
+        # rows inside a split are shuffled: consecutive rows rarely share a scan
+        train = store.splits["train"]
+        scans = store.subject[train.start : train.stop]
+        assert np.mean(scans[1:] == scans[:-1]) < 0.3
+
+
+def test_same_settings_same_content_whatever_the_workers_and_buffer(phantom_bids, tmp_path):
+    common = [phantom_bids, "--label-column", "group", "--chunk-slices", "8", "--seed", "5"]
+    assert _run(*common, "-o", tmp_path / "one.h5", "--workers", "1") == 0
+    assert _run(*common, "-o", tmp_path / "two.h5", "--workers", "2") == 0
+    # a 1 MB buffer deals the rows into bucket files before writing them
+    assert _run(*common, "-o", tmp_path / "small.h5", "--workers", "2", "--buffer-mb", "1") == 0
+    assert_same_store_content(tmp_path / "one.h5", tmp_path / "two.h5")
+    assert_same_store_content(tmp_path / "one.h5", tmp_path / "small.h5")
+    with open_store(tmp_path / "one.h5") as a, open_store(tmp_path / "two.h5") as b:
+        assert a.uuid != b.uuid
+    assert not partial_path(tmp_path / "small.h5").exists()
+
+
+def test_rejected_scans_are_named_and_the_rest_is_written(tmp_path, capsys):
+    good = tmp_path / "in"
+    for seed in range(3):
+        write_nifti(good / f"ok{seed}.nii.gz", blob_volume(seed))
+    write_nifti(good / "constant.nii", np.ones((10, 10, 10), np.float32))
+    (good / "garbage.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    shutil.copy(NIBABEL_DATA / "example4d.nii.gz", good / "fourd.nii.gz")
+    cut = good / "cut.nii"
+    cut.write_bytes(write_nifti(tmp_path / "whole.nii", blob_volume(9)).read_bytes()[:4000])
+    nan = blob_volume(4)
+    nan[0, 0, 0] = np.nan
+    write_nifti(good / "nan.nii", nan)
+    (tmp_path / "notes.txt").write_text("not a scan")
+    code = _run(good, tmp_path / "notes.txt", "-o", tmp_path / "s.h5", "--workers", "2")
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("rejected: ")]
+    assert len(lines) == 5
+    assert any("notes.txt: not NIfTI" in line for line in lines)
+    assert any("constant.nii: constant" in line for line in lines)
+    assert any("garbage.nii.gz: " in line for line in lines)
+    assert any("fourd.nii.gz: 4-D with 2 volumes" in line for line in lines)
+    assert any("cut.nii: truncated" in line for line in lines)
+    assert "warning: " in err
+    assert "nan.nii: 1 NaN or infinite voxels set to 0" in err
+    assert "Traceback" not in err
+    with open_store(tmp_path / "s.h5") as store:
+        assert len(store.subjects_table()[schema.SOURCE_PATH]) == 4
+
+
+def test_a_four_d_file_is_taken_with_volume(tmp_path):
+    code = _run(NIBABEL_DATA / "example4d.nii.gz", "-o", tmp_path / "s.h5", "--volume", "1")
+    assert code == 0
+    with open_store(tmp_path / "s.h5") as store:
+        assert store.num_slices > 0
+        assert store.config["volume"] == 1
+
+
+def test_nothing_usable_means_exit_2_and_no_store(tmp_path, capsys):
+    write_nifti(tmp_path / "in/constant.nii", np.zeros((8, 8, 8), np.float32))
+    assert _run(tmp_path / "in", "-o", tmp_path / "s.h5") == 2
+    err = capsys.readouterr().err
+    assert "constant" in err
+    assert "no usable scans" in err
+    assert not (tmp_path / "s.h5").exists()
+    assert not partial_path(tmp_path / "s.h5").exists()
+    assert _run(tmp_path / "empty-folder-missing", "-o", tmp_path / "s.h5") == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dtype", "uint8", "--normalize", "zscore"], "needs --normalize percentile"),
+        (["--labels", "x.tsv"], "--labels needs --label-column"),
+        (["--label-column", "group"], "no input folder has a participants.tsv"),
+        (["--val-fraction", "0.6", "--test-fraction", "0.5"], "must be below 1"),
+        (["--folds", "1"], "--folds must be 0"),
+        (["--size", "0"], "--size must be at least 8"),
+        (["--axis", "oblique"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
+    write_nifti(tmp_path / "in/a.nii", blob_volume(0))
+    assert _run(tmp_path / "in", "-o", tmp_path / "s.h5", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_an_existing_store_is_kept_unless_overwrite(tmp_path, capsys):
+    write_nifti(tmp_path / "in/a.nii", blob_volume(0))
+    target = tmp_path / "s.h5"
+    target.write_bytes(b"precious")
+    assert _run(tmp_path / "in", "-o", target) == 2
+    assert f"{target}: exists; use --overwrite" in capsys.readouterr().err
+    assert target.read_bytes() == b"precious"
+    assert _run(tmp_path / "in", "-o", target, "--overwrite") == 0
+    with open_store(target) as store:
+        assert store.num_slices > 0
+
+
+def test_a_failure_while_finalising_leaves_the_previous_store(tmp_path, monkeypatch):
+    write_nifti(tmp_path / "in/a.nii", blob_volume(0))
+    target = tmp_path / "s.h5"
+    target.write_bytes(b"previous")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("preprocess.writer._write_subjects", broken)
+    with pytest.raises(OSError, match="disk full"):
+        main([str(tmp_path / "in"), "-o", str(target), "--overwrite"])
+    assert target.read_bytes() == b"previous"
+    monkeypatch.undo()
+    assert _run(tmp_path / "in", "-o", target, "--overwrite", "--resume") == 0
+    with open_store(target) as store:
+        assert store.num_slices > 0
+    assert not partial_path(target).exists()
+
+
+@pytest.fixture(scope="module")
+def slow_bids(tmp_path_factory) -> Path:
+    """24 subjects of 100^3 voxels: slow enough to kill a run in the middle."""
+    out = tmp_path_factory.mktemp("slow") / "bids"
+    out.mkdir()
+    write_bids(out, subjects=24, seed=8, voxel_sizes=((2.0, 2.0, 2.0),))
+    return out
+
+
+def test_kill_9_leaves_no_store_and_resume_finishes_identically(slow_bids, tmp_path):
+    target = tmp_path / "killed.h5"
+    command = [sys.executable, "-m", "preprocess", str(slow_bids), "-o", str(target)]
+    command += ["--label-column", "group", "--workers", "1"]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while len(list(partial_path(target).glob("*.json"))) < 4 and time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not target.exists()
+    written = len(list(partial_path(target).glob("*.json"))) - 1  # less the manifest
+    assert 3 <= written < 28
+
+    again = [str(slow_bids), "-o", str(target), "--label-column", "group", "--workers", "2"]
+    assert main(again) == 2  # refuses to start over silently
+    assert main([*again, "--resume"]) == 0
+    assert main([str(slow_bids), "-o", str(tmp_path / "clean.h5"), "--label-column", "group"]) == 0
+    assert_same_store_content(target, tmp_path / "clean.h5")
+    with open_store(target) as store:
+        assert len(store.subjects_table()[schema.SOURCE_PATH]) == 32
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    write_nifti(tmp_path / "in/a.nii", blob_volume(0))
+    target = tmp_path / "s.h5"
+    partial = partial_path(target)
+    partial.mkdir()
+    (partial / "manifest.json").write_text(json.dumps({"size": 128}))
+    assert _run(tmp_path / "in", "-o", target, "--resume") == 2
+    assert "cannot resume with other settings" in capsys.readouterr().err
+
+
+def test_python_dash_m_preprocess_runs(tmp_path):
+    write_nifti(tmp_path / "in/a.nii.gz", blob_volume(1))
+    write_nifti(tmp_path / "in/b.nii.gz", blob_volume(2))
+    result = subprocess.run(
+        [sys.executable, "-m", "preprocess", str(tmp_path / "in"), "-o", str(tmp_path / "s.h5")],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "wrote " in result.stdout
+    assert "2 scans" in result.stdout
+    assert (tmp_path / "s.h5").is_file()
