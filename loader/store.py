@@ -294,7 +294,7 @@ def _check(path: str, h5file: h5py.File) -> None:
     schema = h5file.attrs[ATTR_SCHEMA]
     if schema != SCHEMA_VERSION:
         raise StoreError(
-            f"{path}: unknown store schema {schema!r}; this version reads schema {SCHEMA_VERSION}"
+            f"{path}: unknown store schema {schema}; this version reads schema {SCHEMA_VERSION}"
         )
     if not h5file.attrs.get(ATTR_COMPLETE, False):
         raise StoreError(

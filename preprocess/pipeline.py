@@ -26,7 +26,7 @@ from loader.store import open_store
 from preprocess.discover import Scan, class_names, discover, read_label_table
 from preprocess.slices import AXES, cut_slices
 from preprocess.volume import NORMALIZATIONS, ScanError, foreground, load_volume, normalize
-from preprocess.writer import Partial, partial_path
+from preprocess.writer import Partial, partial_path, scan_record
 
 DTYPES = ("uint8", "float16", "float32")
 COMPRESSIONS = ("none", "lzf", "gzip")
@@ -133,19 +133,18 @@ def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray]:
         slices = slices.astype(settings.dtype)
     with open(scan.path, "rb") as handle:
         sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
-    record = {
-        "source": scan.source,
-        "subject_id": scan.subject_id,
-        "session": scan.session,
-        "label": scan.label,
-        "sha256": sha256,
-        "affine": volume.affine.tolist(),
-        "shape": list(volume.data.shape),
-        "voxel_size": volume.voxel_size.tolist(),
-        "num_slices": len(slices),
-        "positions": positions.tolist(),
-        "notes": volume.notes,
-    }
+    record = scan_record(
+        scan.source,
+        scan.subject_id,
+        positions,
+        session=scan.session,
+        label=scan.label,
+        sha256=sha256,
+        affine=volume.affine,
+        shape=volume.data.shape,
+        voxel_size=volume.voxel_size,
+        notes=volume.notes,
+    )
     return record, slices
 
 

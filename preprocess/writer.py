@@ -42,9 +42,52 @@ def scan_key(source: str) -> str:
     """A file-name-safe key of a scan's source path.
 
     >>> scan_key("ds/sub-01/anat/sub-01_T1w.nii.gz")
-    'a4e9a3cc0f4c74e5d2a4c4d5'
+    'be4b7b858015d0844068feca'
     """
     return hashlib.sha256(source.encode()).hexdigest()[:24]
+
+
+def scan_record(
+    source: str,
+    subject_id: str,
+    positions,
+    *,
+    session: str = "",
+    label: str | None = None,
+    sha256: str = "",
+    affine=None,
+    shape=(0, 0, 0),
+    voxel_size=(0.0, 0.0, 0.0),
+    notes=(),
+) -> dict:
+    """The JSON-able facts of one scan that :meth:`Partial.add` keeps beside its slices.
+
+    Args:
+        source: the scan's path as stored; it names the scan.
+        subject_id: its subject.
+        positions: the index of each slice along the slicing axis.
+        session: its session. Defaults to "".
+        label: its class name, None when unlabelled.
+        sha256: of the source file.
+        affine: of the canonical volume. Defaults to the identity.
+        shape: of the canonical volume.
+        voxel_size: of the canonical volume, mm.
+        notes: warnings about the scan.
+    """
+    positions = [int(p) for p in positions]
+    return {
+        "source": source,
+        "subject_id": subject_id,
+        "session": session,
+        "label": label,
+        "sha256": sha256,
+        "affine": np.eye(4).tolist() if affine is None else np.asarray(affine).tolist(),
+        "shape": [int(n) for n in shape],
+        "voxel_size": [float(v) for v in voxel_size],
+        "num_slices": len(positions),
+        "positions": positions,
+        "notes": list(notes),
+    }
 
 
 class Partial:

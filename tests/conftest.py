@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -15,6 +16,8 @@ import pytest
 from make_phantoms import write_bids
 
 from preprocess.cli import main as preprocess_main
+from preprocess.pipeline import Settings
+from preprocess.writer import Partial, scan_record
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 COARSE_VOXELS = ((4.0, 4.0, 4.0), (3.0, 3.0, 6.0), (5.0, 3.2, 3.2))
@@ -73,3 +76,47 @@ def phantom_store(phantom_bids, tmp_path_factory) -> Path:
     args += ["--val-fraction", "0.25", "--test-fraction", "0.25", "--chunk-slices", "8"]
     assert preprocess_main(args) == 0
     return out
+
+
+def write_id_store(
+    path: Path,
+    scans: int = 12,
+    slices_per_scan: int = 20,
+    chunk_slices: int = 8,
+    dtype: str = "uint8",
+    compression: str = "none",
+    labelled: bool = True,
+    val_fraction: float = 0.25,
+    seed: int = 0,
+) -> Path:
+    """A store, written by the project's writer, whose slices carry their canonical row id.
+
+    Canonical row ``r`` (scan ``r // slices_per_scan``) holds ``r`` in pixels ``[0, 0:3]``
+    as base-256 digits (``decode_ids`` reads them back); scans alternate classes a/b, one
+    subject per scan.
+    """
+    settings = Settings(
+        dtype=dtype,
+        normalize="percentile" if dtype == "uint8" else "none",
+        compression=compression,
+        chunk_slices=chunk_slices,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+    partial = Partial(path, {**asdict(settings), "inputs": []})
+    rng = np.random.default_rng(seed)
+    for scan in range(scans):
+        ids = scan * slices_per_scan + np.arange(slices_per_scan)
+        slices = rng.integers(0, 256, (slices_per_scan, 64, 64)).astype(dtype)
+        slices[:, 0, :3] = np.stack([ids // 65536, ids // 256 % 256, ids % 256], axis=1)
+        label = "ab"[scan % 2] if labelled else None
+        record = scan_record(f"s{scan:03d}.nii", f"{scan:03d}", range(slices_per_scan), label=label)
+        partial.add(record, slices)
+    partial.finalize(["a", "b"] if labelled else [])
+    return path
+
+
+def decode_ids(x: np.ndarray, scale: float = 255.0) -> np.ndarray:
+    """The row ids carried by a batch ``x`` of shape ``(b, h, w, 1)`` or ``(b, 1, h, w)``."""
+    digits = np.rint(x.reshape(len(x), -1)[:, :3] * scale).astype(np.int64)
+    return digits[:, 0] * 65536 + digits[:, 1] * 256 + digits[:, 2]

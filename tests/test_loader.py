@@ -1,0 +1,295 @@
+"""H5Sequence and open_store: content, coverage, epochs, splits, processes, refusals."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from conftest import decode_ids, write_id_store
+
+from loader import H5Sequence, StoreError, open_store
+from loader import store as schema
+from loader.plan import EpochPlan, aligned_blocks
+
+SCANS, PER_SCAN = 12, 20
+
+
+@pytest.fixture(scope="module")
+def id_store(tmp_path_factory):
+    return write_id_store(tmp_path_factory.mktemp("ids") / "ids.h5", SCANS, PER_SCAN)
+
+
+def _epoch(sequence):
+    return [sequence[i] for i in range(len(sequence))]
+
+
+def test_batches_hold_exactly_the_store_rows_they_name(id_store):
+    sequence = H5Sequence(id_store, split="train", batch_size=24, shuffle=True, seed=3)
+    with open_store(id_store) as store:
+        for index in range(len(sequence)):
+            x, y = sequence[index]
+            rows = sequence.rows(index)
+            assert x.dtype == np.float32
+            assert y.dtype == np.int32
+            assert x.shape == (len(rows), 64, 64, 1)
+            order = np.argsort(rows)
+            expected = store.images[rows[order]]  # h5py wants increasing rows
+            np.testing.assert_array_equal(x[order, ..., 0], expected * np.float32(store.scale))
+            np.testing.assert_array_equal(y[order], store.labels[rows[order]])
+            assert (
+                store.splits["train"].start <= rows.min() <= rows.max() < store.splits["train"].stop
+            )
+            np.testing.assert_array_equal(y, decode_ids(x) // PER_SCAN % 2)
+
+
+def test_every_row_once_per_epoch_epochs_differ_and_seeds_replay(id_store):
+    sequence = H5Sequence(id_store, split=None, batch_size=25, shuffle=True, seed=1)
+    assert len(sequence) == -(-SCANS * PER_SCAN // 25)
+    plans = []
+    for _ in range(3):
+        batches = _epoch(sequence)
+        ids = np.concatenate([decode_ids(x) for x, _ in batches])
+        assert sorted(ids) == list(range(SCANS * PER_SCAN))
+        assert [len(x) for x, _ in batches] == [25] * (len(sequence) - 1) + [SCANS * PER_SCAN % 25]
+        plans.append(ids)
+        sequence.on_epoch_end()
+    assert not np.array_equal(plans[0], plans[1])
+    assert not np.array_equal(plans[1], plans[2])
+    replay = H5Sequence(id_store, split=None, batch_size=25, shuffle=True, seed=1)
+    np.testing.assert_array_equal(
+        np.concatenate([decode_ids(x) for x, _ in _epoch(replay)]), plans[0]
+    )
+    other = H5Sequence(id_store, split=None, batch_size=25, shuffle=True, seed=2)
+    assert not np.array_equal(np.concatenate([other.rows(i) for i in range(len(other))]), plans[0])
+
+
+def test_unshuffled_batches_are_the_rows_in_order(id_store):
+    sequence = H5Sequence(id_store, split="val", batch_size=7)
+    with open_store(id_store) as store:
+        val = store.splits["val"]
+    rows = np.concatenate([sequence.rows(i) for i in range(len(sequence))])
+    np.testing.assert_array_equal(rows, np.arange(val.start, val.stop))
+    sequence.on_epoch_end()
+    np.testing.assert_array_equal(sequence.rows(0), np.arange(val.start, val.start + 7))
+
+
+def test_batches_are_a_few_chunk_aligned_runs():
+    blocks = aligned_blocks([(3, 50), (50, 61)], 8)
+    plan = EpochPlan(blocks, batch_size=16, shuffle=True, seed=0, epoch=4)
+    runs = [plan.runs(i) for i in range(len(plan))]
+    for batch in runs:
+        assert len(batch) <= 16 // 8 + 2
+        for start, stop in batch:
+            assert start // 8 == (stop - 1) // 8 or (start % 8 == 0 and stop % 8 == 0)
+    covered = sorted(row for batch in runs for start, stop in batch for row in range(start, stop))
+    assert covered == list(range(3, 61))
+
+
+def test_split_selection_and_subject_disjointness(id_store):
+    train = H5Sequence(id_store, split="train", batch_size=32)
+    val = H5Sequence(id_store, split="val", batch_size=32)
+    both = H5Sequence(id_store, split=["train", "val"], batch_size=32)
+    every = H5Sequence(id_store, batch_size=32)
+    assert train.num_slices + val.num_slices == both.num_slices == every.num_slices
+    subjects = [
+        {int(i) // PER_SCAN for x, _ in _epoch(s) for i in decode_ids(x)} for s in (train, val)
+    ]
+    assert subjects[0]
+    assert subjects[1]
+    assert not subjects[0] & subjects[1]
+    with pytest.raises(ValueError, match=r"no split 'tset'; the store has \['train', 'val'\]"):
+        H5Sequence(id_store, split="tset")
+    with pytest.raises(ValueError, match="names a split twice"):
+        H5Sequence(id_store, split=["val", "val"])
+
+
+def test_channels_first_and_properties(id_store):
+    sequence = H5Sequence(id_store, split="val", batch_size=5, channels="first", shuffle=True)
+    x, _ = sequence[0]
+    assert x.shape == (5, 1, 64, 64)
+    np.testing.assert_array_equal(np.sort(decode_ids(x)), np.sort(decode_ids(sequence[0][0])))
+    with open_store(id_store) as store:
+        assert sequence.store_uuid == store.uuid
+    assert sequence.class_names == ["a", "b"]
+    assert repr(sequence).startswith(f"H5Sequence({str(id_store)!r}, split='val', batch_size=5")
+
+
+def test_a_store_without_labels_gives_x_alone(tmp_path):
+    path = write_id_store(tmp_path / "u.h5", scans=3, labelled=False)
+    sequence = H5Sequence(path, batch_size=16)
+    batch = sequence[0]
+    assert isinstance(batch, np.ndarray)
+    assert batch.shape == (16, 64, 64, 1)
+    assert sequence.class_names == []
+
+
+@pytest.mark.parametrize(("index", "error"), [(-1, IndexError), (99, IndexError), ("0", TypeError)])
+def test_bad_batch_indices(id_store, index, error):
+    with pytest.raises(error):
+        H5Sequence(id_store, batch_size=32)[index]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"batch_size": 0}, ValueError, "`batch_size` must be an int >= 1; received batch_size=0"),
+        ({"batch_size": 2.5}, TypeError, "`batch_size` must be an int"),
+        ({"shuffle": "yes"}, TypeError, "`shuffle` must be a bool"),
+        ({"channels": "middle"}, ValueError, "`channels` must be"),
+        ({"split": 3}, TypeError, "`split` must be"),
+    ],
+)
+def test_bad_arguments(id_store, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        H5Sequence(id_store, **kwargs)
+
+
+def test_each_call_returns_a_fresh_array(id_store):
+    sequence = H5Sequence(id_store, batch_size=16)
+    first, _ = sequence[0]
+    kept = first.copy()
+    second, _ = sequence[0]
+    assert first is not second
+    assert not np.shares_memory(first, second)
+    second[:] = -1
+    np.testing.assert_array_equal(first, kept)
+
+
+def test_pickles_without_open_files(id_store):
+    sequence = H5Sequence(id_store, split="train", batch_size=16, shuffle=True)
+    first_epoch = sequence[1][0]  # opens the file in this process
+    sequence.on_epoch_end()
+    copy = pickle.loads(pickle.dumps(sequence))
+    assert copy.epoch == 1
+    np.testing.assert_array_equal(copy.rows(1), sequence.rows(1))
+    np.testing.assert_array_equal(copy[1][0], sequence[1][0])
+    assert not np.array_equal(decode_ids(copy[1][0]), decode_ids(first_epoch))
+
+
+def _id_model():
+    """A model whose output is the row id carried by each input."""
+    inputs = keras.Input((64, 64, 1))
+    outputs = keras.layers.Lambda(lambda x: x[:, 0, :3, 0] * 255.0)(inputs)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("use_multiprocessing", [False, True])
+def test_workers_give_exactly_the_batches_of_the_main_process(id_store, use_multiprocessing):
+    kwargs = {"split": "train", "batch_size": 16, "shuffle": True, "seed": 4}
+    main = H5Sequence(id_store, **kwargs)
+    main[0]  # the parent has read (and opened the file) before the workers fork
+    expected = np.concatenate([decode_ids(main[i][0]) for i in range(len(main))])
+    parallel = H5Sequence(id_store, **kwargs, workers=2, use_multiprocessing=use_multiprocessing)
+    digits = np.rint(_id_model().predict(parallel, verbose=0)).astype(np.int64)
+    np.testing.assert_array_equal(
+        digits[:, 0] * 65536 + digits[:, 1] * 256 + digits[:, 2], expected
+    )
+
+
+class _Failing(H5Sequence):
+    def __getitem__(self, index):
+        if index == 2:
+            raise RuntimeError("broken batch 2")
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize(("workers", "use_multiprocessing"), [(1, False), (2, False), (2, True)])
+def test_an_error_inside_getitem_reaches_the_caller(id_store, workers, use_multiprocessing):
+    sequence = _Failing(
+        id_store, batch_size=16, workers=workers, use_multiprocessing=use_multiprocessing
+    )
+    # TensorFlow wraps it (tf.errors.UnknownError) but keeps the message and traceback
+    with pytest.raises(Exception, match="broken batch 2"):
+        _id_model().predict(sequence, verbose=0)
+
+
+def test_shuffled_batches_mix_subjects_like_a_random_sample(tmp_path):
+    path = write_id_store(tmp_path / "many.h5", scans=60, slices_per_scan=30, chunk_slices=32)
+    sequence = H5Sequence(path, split="train", batch_size=128, shuffle=True, seed=0)
+    with open_store(path) as store:
+        train = store.splits["train"]
+        subject_of_row = store.subject[train.start : train.stop]  # one int per row: small
+    ours = [
+        len(np.unique(subject_of_row[sequence.rows(i) - train.start]))
+        for i in range(len(sequence) - 1)
+    ]
+    rng = np.random.default_rng(0)
+    uniform = [len(np.unique(rng.choice(subject_of_row, 128, replace=False))) for _ in range(200)]
+    assert np.mean(ours) == pytest.approx(np.mean(uniform), rel=0.10)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "compression"), [("uint8", "lzf"), ("float16", "none"), ("float32", "gzip")]
+)
+def test_other_dtypes_and_compressed_stores_read_the_same_values(tmp_path, dtype, compression):
+    path = write_id_store(tmp_path / "s.h5", scans=4, dtype=dtype, compression=compression)
+    sequence = H5Sequence(path, batch_size=16, shuffle=True)
+    with open_store(path) as store:
+        scale = store.scale
+        for index in range(len(sequence)):
+            x, _ = sequence[index]
+            rows = sequence.rows(index)
+            order = np.argsort(rows)
+            expected = store.images[rows[order]].astype(np.float32) * np.float32(scale)
+            np.testing.assert_array_equal(x[order, ..., 0], expected)
+    assert sorted(
+        np.concatenate(
+            [
+                decode_ids(sequence[i][0], 255 if dtype == "uint8" else 1)
+                for i in range(len(sequence))
+            ]
+        )
+    ) == list(range(80))
+
+
+def test_many_readers_of_one_store_in_one_process(id_store):
+    with open_store(id_store) as a, open_store(id_store) as b:
+        sequences = [H5Sequence(id_store, batch_size=8) for _ in range(3)]
+        assert a.num_slices == b.num_slices
+        for sequence in sequences:
+            assert len(sequence[0][0]) == 8
+        with h5py.File(id_store, "r", locking=False) as plain:
+            assert plain[schema.IMAGES].shape[0] == a.num_slices
+
+
+def test_a_replaced_store_is_noticed(tmp_path):
+    path = write_id_store(tmp_path / "s.h5", scans=4)
+    sequence = H5Sequence(path, batch_size=8)
+    write_id_store(tmp_path / "t.h5", scans=6)
+    os.replace(tmp_path / "t.h5", path)
+    with pytest.raises(RuntimeError, match="the store changed"):
+        sequence[0]
+
+
+def _h5(path, complete=True, schema_version=1, with_images=True):
+    with h5py.File(path, "w") as h5:
+        if schema_version is not None:
+            h5.attrs[schema.ATTR_SCHEMA] = schema_version
+        if with_images:
+            h5.create_dataset(schema.IMAGES, (1, 64, 64), dtype="uint8")
+        if complete:
+            h5.attrs[schema.ATTR_COMPLETE] = True
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda p: p, FileNotFoundError, "no such store file"),
+        (lambda p: (p.write_text("hello"), p)[1], StoreError, "not a readable HDF5 file"),
+        (lambda p: _h5(p, schema_version=None), StoreError, "not a store"),
+        (lambda p: _h5(p, complete=False), StoreError, "unfinished store"),
+        (lambda p: _h5(p, schema_version=7), StoreError, "unknown store schema 7"),
+        (lambda p: _h5(p), StoreError, "damaged store: missing /labels"),
+    ],
+)
+def test_open_store_refuses_what_is_not_a_finished_store(tmp_path, make, error, message):
+    path = make(tmp_path / "x.h5")
+    with pytest.raises(error, match=message):
+        open_store(path)
+    with pytest.raises(error, match=message):
+        H5Sequence(path)
