@@ -2,8 +2,9 @@
 
 Each head has scalp, skull, CSF, grey and white matter and ventricles, with Gaussian noise,
 a smooth bias field, a random voxel order (any of the 48 axis orders and flips), uneven
-voxel sizes and a random stored data type. "patient" heads have enlarged ventricles and
-dark white-matter lesions; "control" heads do not. Every third subject has two sessions.
+voxel sizes and a random stored data type. "patient" heads have a smaller brain inside the
+skull (atrophy), enlarged ventricles and dark white-matter lesions; "control" heads do not.
+Every third subject has two sessions.
 
     python scripts/make_phantoms.py OUT --subjects 48 --seed 0
 
@@ -63,18 +64,17 @@ def head_phantom(
     data[inside(1.0)] = 800  # scalp and fat
     data[inside(0.94)] = 150  # skull
     data[inside(0.88)] = 250  # CSF
-    data[inside(0.84)] = 620  # grey matter
-    data[inside(0.74)] = 900  # white matter
-    enlarged = group == "patient"
-    ventricle = np.array([9, 24, 14]) * (
-        rng.uniform(1.6, 2.0) if enlarged else rng.uniform(0.8, 1.1)
-    )
+    patient = group == "patient"
+    brain = rng.uniform(0.88, 0.92) if patient else rng.uniform(0.98, 1.02)  # atrophy
+    data[inside(0.84 * brain)] = 620  # grey matter
+    data[inside(0.74 * brain)] = 900  # white matter
+    size = rng.uniform(1.6, 2.0) if patient else rng.uniform(0.8, 1.1)
     for side in (-1, 1):
-        data[inside(1.0, ventricle, (side * 7, 4, 8))] = 250
-    if enlarged:
-        for _ in range(14):
-            spot = rng.normal(0, 1, 3) * radii * 0.3
-            data[inside(1.0, np.full(3, rng.uniform(4, 7)), spot) & (data == 900)] = 420
+        data[inside(1.0, np.array([9, 24, 14]) * size, (side * 7, 4, 8))] = 250  # ventricles
+    if patient:
+        for _ in range(30):  # dark white-matter lesions
+            spot = rng.uniform(-1, 1, 3) * radii * 0.55
+            data[inside(1.0, np.full(3, rng.uniform(4, 8)), spot) & (data == 900)] = 420
     bias = 1 + 0.15 * (x / radii[0] + 0.5 * y / radii[1] - 0.5 * z / radii[2])
     data *= bias.astype(np.float32)
     data += rng.normal(0, 25, shape).astype(np.float32)

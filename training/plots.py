@@ -1,0 +1,66 @@
+"""Pictures of a run: learning curves and confusion matrices (matplotlib, no screen needed)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """``history.csv`` (Keras' CSVLogger) as column -> values; empty when there is none."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return {}
+    return {name: [float(row[name]) for row in rows] for name in rows[0]}
+
+
+def plot_curves(history: dict[str, list[float]], path: Path) -> None:
+    """Loss and accuracy per epoch, training and validation, side by side."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = np.arange(1, len(history.get("loss", [])) + 1)
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for prefix, style in (("", "-o"), ("val_", "-s")):
+            name = prefix + metric
+            if name in history:
+                ax.plot(epochs, history[name], style, markersize=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_confusions(metrics: dict, class_names: list[str], path: Path) -> None:
+    """One confusion matrix per split and level (slices, subjects), counts in the cells."""
+    panels = [
+        (f"{split} {level}", results[level]["confusion"])
+        for split, results in metrics.items()
+        for level in ("slices", "subjects")
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (title, confusion) in zip(axes[0], panels, strict=True):
+        matrix = np.asarray(confusion)
+        ax.imshow(matrix, cmap="Blues")
+        for (row, column), count in np.ndenumerate(matrix):
+            colour = "white" if count > matrix.max() / 2 else "black"
+            ax.text(column, row, str(count), ha="center", va="center", color=colour)
+        ticks = np.arange(len(class_names))
+        ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+        ax.set_yticks(ticks, class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
