@@ -80,7 +80,8 @@ def test_config_names_the_store_it_read(trained):
         assert config["store"]["uuid"] == opened.uuid
         assert config["store"]["config"] == opened.config
     assert config["store"]["path"] == os.path.abspath(store)
-    assert config["settings"]["epochs"] == 3 and config["settings"]["test_split"] == "test"
+    assert config["settings"]["epochs"] == 3
+    assert config["settings"]["test_split"] == "test"
     assert config["versions"]["keras"] == keras.__version__
 
 
@@ -106,7 +107,8 @@ def test_ctrl_c_leaves_a_usable_run_folder(phantom_store, tmp_path):
     result = train(
         phantom_store, run_dir, epochs=5, batch_size=64, progress=False, callbacks=[Interrupt()]
     )
-    assert result.interrupted and result.epochs_run == 2
+    assert result.interrupted
+    assert result.epochs_run == 2
     assert {"model.keras", "history.csv", "config.json", "metrics.json", "curves.png"} <= {
         p.name for p in run_dir.iterdir()
     }
@@ -152,14 +154,15 @@ def test_unlabelled_or_broken_stores_exit_2(tmp_path, capsys):
     labelled = write_id_store(tmp_path / "l.h5", scans=4)
     assert main([str(labelled), "-o", str(tmp_path / "r3"), "--val-split", "nope"]) == 2
     assert "no split 'nope'" in capsys.readouterr().err
-    assert not (tmp_path / "r1").exists() and not (tmp_path / "r3").exists()
+    assert not (tmp_path / "r1").exists()
+    assert not (tmp_path / "r3").exists()
 
 
 def test_python_dash_m_training_runs(phantom_store, tmp_path):
+    command = [sys.executable, "-m", "training", str(phantom_store), "-o", str(tmp_path / "run")]
     result = subprocess.run(
-        [sys.executable, "-m", "training", str(phantom_store), "-o", str(tmp_path / "run"), "--epochs", "1"],
-        cwd=ROOT, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [*command, "--epochs", "1"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "subject accuracy" in result.stdout
     assert (tmp_path / "run" / "metrics.json").is_file()
