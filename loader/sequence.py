@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 from loader.plan import EpochPlan, aligned_blocks
-from loader.rows import read_rows, row_layout
+from loader.rows import prefetch_rows, read_rows, row_layout
 from loader.store import open_h5, open_store
 
 
@@ -31,6 +31,9 @@ class H5Sequence(keras.utils.PyDataset):
         seed: the seed of the permutation. Defaults to 0.
         channels: ``"last"`` gives ``x`` of shape ``(b, h, w, 1)``, ``"first"``
             ``(b, 1, h, w)``. Defaults to ``"last"``.
+        prefetch: after each batch, ask the kernel to start reading the next one
+            (``posix_fadvise(WILLNEED)``), which a shuffled order otherwise defeats.
+            Defaults to True.
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of
             ``keras.utils.PyDataset``.
 
@@ -53,6 +56,7 @@ class H5Sequence(keras.utils.PyDataset):
         shuffle: bool = False,
         seed: int = 0,
         channels: str = "last",
+        prefetch: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -60,8 +64,9 @@ class H5Sequence(keras.utils.PyDataset):
             raise TypeError(f"`path` must be a str or os.PathLike; received {type(path).__name__}")
         _check_int("batch_size", batch_size, minimum=1)
         _check_int("seed", seed, minimum=0)
-        if not isinstance(shuffle, bool):
-            raise TypeError(f"`shuffle` must be a bool; received shuffle={shuffle!r}")
+        for name, value in (("shuffle", shuffle), ("prefetch", prefetch)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a bool; received {name}={value!r}")
         if channels not in ("last", "first"):
             raise ValueError(
                 f'`channels` must be "last" or "first"; received channels={channels!r}'
@@ -75,6 +80,7 @@ class H5Sequence(keras.utils.PyDataset):
         self._shuffle = shuffle
         self._seed = seed
         self._channels = channels
+        self._prefetch = prefetch
         self._epoch = 0
         with open_store(self._path) as store:
             selected = store.select(split)
@@ -189,6 +195,9 @@ class H5Sequence(keras.utils.PyDataset):
             if y is not None:
                 read_rows(self._labels, start, stop, y[position:end], fd, labels)
             position = end
+        if self._prefetch and index + 1 < len(self._plan):
+            for start, stop in self._plan.runs(index + 1):
+                prefetch_rows(self._images, start, stop, fd)
         if stored is not x_rows or self._scale != 1:
             np.multiply(stored, self._scale, out=x_rows, casting="unsafe")
         if self._offset != 0:

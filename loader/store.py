@@ -279,6 +279,11 @@ def open_store(path: str | os.PathLike) -> Store:
     try:
         h5file = open_h5(path)
     except OSError as exc:
+        if "locking flag values don't match" in str(exc):
+            raise StoreError(
+                f"{path}: already open in this process with other file-locking settings; "
+                "open stores with loader.open_store (or h5py.File(..., locking=False))"
+            ) from exc
         raise StoreError(f"{path}: not a store: not a readable HDF5 file ({exc})") from exc
     try:
         _check(path, h5file)

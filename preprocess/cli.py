@@ -98,9 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     storage.add_argument(
         "--chunk-slices",
         type=int,
-        default=32,
+        default=64,
         metavar="C",
-        help="slices per HDF5 chunk (default: 32)",
+        help="slices per HDF5 chunk (default: 64)",
     )
     splits = parser.add_argument_group("splits (per subject, stratified by label)")
     splits.add_argument(

@@ -46,7 +46,7 @@ class Settings:
     volume: int | None = None
     dtype: str = "uint8"
     compression: str = "none"
-    chunk_slices: int = 32
+    chunk_slices: int = 64
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     folds: int = 0

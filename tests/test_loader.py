@@ -293,3 +293,10 @@ def test_open_store_refuses_what_is_not_a_finished_store(tmp_path, make, error, 
         open_store(path)
     with pytest.raises(error, match=message):
         H5Sequence(path)
+
+
+def test_a_store_open_with_other_locking_settings_gets_a_clear_message(id_store):
+    message = "already open in this process with other file-locking"
+    # h5py's default locking, unlike every reader of ours
+    with h5py.File(id_store, "r"), pytest.raises(StoreError, match=message):
+        open_store(id_store)
