@@ -124,7 +124,8 @@ def foreground(data: np.ndarray) -> np.ndarray:
     """The voxels brighter than the background.
 
     The threshold is 10% of the way from the 2nd to the 98th percentile of the volume
-    (FSL's "robust range" rule), so noise in the air around a head stays background.
+    (FSL's "robust range" rule, percentiles taken on every other voxel along each axis),
+    so noise in the air around a head stays background.
 
     Args:
         data: a volume.
@@ -132,7 +133,7 @@ def foreground(data: np.ndarray) -> np.ndarray:
     Returns:
         A boolean mask, never empty for a volume that is not constant.
     """
-    low, high = np.percentile(data, [2, 98])
+    low, high = np.percentile(data[::2, ::2, ::2], [2, 98])  # an eighth of the voxels
     mask = data > low + 0.1 * (high - low)
     if not mask.any():  # nearly all voxels share one value: take the rest
         mask = data > data.min()
@@ -153,7 +154,7 @@ def normalize(data: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
         ``data``, changed.
     """
     if method == "percentile":
-        low, high = np.percentile(data[mask], PERCENTILES)
+        low, high = np.percentile(data[mask], PERCENTILES, overwrite_input=True)  # a copy
         if high <= low:  # a foreground of (almost) one value: use the whole range
             low, high = data.min(), data.max()
         np.subtract(data, np.float32(low), out=data)
