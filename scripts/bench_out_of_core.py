@@ -1,0 +1,210 @@
+"""Prove "bigger than RAM": train from stores larger than a memory limit, memory flat in store size.
+
+For each store size (GiB of uint8 slices, written by ``make_large_store``), a child process
+runs one epoch of ``model.fit`` (Flatten + Dense, so the run is about the data, not the
+maths) through ``H5Sequence`` inside a memory cgroup (``/sys/fs/cgroup/memory``, cgroup v1,
+as root), and reports its peak resident memory. The cgroup's limit counts the page cache
+too, so a store larger than the limit is read from disk, not from memory. For contrast,
+a child that only allocates the float32 array ``model.fit(x, y)`` would need for the same
+slices runs inside the same limit.
+
+    sudo python scripts/bench_out_of_core.py --sizes 1 2 4 8 --limit-gb 1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def child_epoch(store: str, batch_size: int, workers: int) -> None:
+    """One epoch of model.fit through H5Sequence; prints a JSON line of what it measured."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    from loader import H5Sequence
+
+    sequence = H5Sequence(store, batch_size=batch_size, shuffle=True, workers=workers)
+    model = keras.Sequential(
+        [
+            keras.Input((64, 64, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    model.compile("adam", "binary_crossentropy")
+    started = time.perf_counter()
+    model.fit(sequence, epochs=1, verbose=0, shuffle=False)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"slices": sequence.num_slices, "seconds": seconds, "rss_peak": peak}))
+
+
+def child_in_memory(num_slices: int) -> None:
+    """Allocate and fill what ``model.fit(x, y)`` needs for the slices: float32 x."""
+    import numpy as np
+
+    x = np.empty((num_slices, 64, 64, 1), dtype=np.float32)
+    x.fill(0.5)
+    print(json.dumps({"bytes": x.nbytes}))
+
+
+class MemoryCgroup:
+    """A cgroup v1 memory group with a limit; children join it before they exec."""
+
+    def __init__(self, limit_bytes: int):
+        self.path = CGROUP_ROOT / f"slicestore-bench-{os.getpid()}"
+        self.path.mkdir()
+        (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        swap = self.path / "memory.memsw.limit_in_bytes"
+        if swap.exists():
+            swap.write_text(str(limit_bytes))
+
+    def join(self) -> None:  # runs in the child, before exec
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def reset(self) -> None:
+        (self.path / "memory.max_usage_in_bytes").write_text("0")
+
+    @property
+    def peak(self) -> int:
+        return int((self.path / "memory.max_usage_in_bytes").read_text())
+
+    def remove(self) -> None:
+        self.path.rmdir()
+
+
+def run_child(arguments: list[str], cgroup: MemoryCgroup | None) -> tuple[int, dict | None]:
+    """Run this script as a child; returns its exit status and its JSON line."""
+    command = [sys.executable, __file__, *arguments]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        preexec_fn=cgroup.join if cgroup else None,
+        check=False,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 and result.returncode != -9:
+        print(result.stderr[-3000:], file=sys.stderr)
+    return result.returncode, json.loads(lines[-1]) if lines else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes", type=float, nargs="+", default=[1, 2, 4, 8], help="store sizes in GiB"
+    )
+    parser.add_argument(
+        "--limit-gb", type=float, default=1.5, help="the cgroup's memory limit (default: 1.5)"
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/slicestore-out-of-core"),
+        help="where the stores go (kept for reruns)",
+    )
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="H5Sequence reader threads (default: 1)"
+    )
+    parser.add_argument("--child-epoch", help=argparse.SUPPRESS)
+    parser.add_argument("--child-in-memory", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_epoch:
+        child_epoch(args.child_epoch, args.batch_size, args.workers)
+        return 0
+    if args.child_in_memory:
+        child_in_memory(args.child_in_memory)
+        return 0
+
+    from make_large_store import write_large_store
+
+    from loader import open_store
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    limit = int(args.limit_gb * 2**30)
+    cgroup = None
+    if os.geteuid() == 0 and CGROUP_ROOT.is_dir():
+        cgroup = MemoryCgroup(limit)
+    else:
+        print(
+            "no cgroup v1 memory controller as root: peaks are measured without a limit",
+            file=sys.stderr,
+        )
+    rows = []
+    try:
+        for gib in args.sizes:
+            store = args.workdir / f"store-{gib:g}GiB.h5"
+            if not store.exists():
+                print(f"writing {store} ...", file=sys.stderr, flush=True)
+                write_large_store(store, gib)
+            with open_store(store) as opened:
+                num_slices = opened.num_slices
+            cgroup and cgroup.reset()
+            status, measured = run_child(
+                [
+                    "--child-epoch",
+                    str(store),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--workers",
+                    str(args.workers),
+                ],
+                cgroup,
+            )
+            group_peak = cgroup.peak if cgroup else None
+            if status == 0 and measured:
+                rows.append((f"{gib:g} GiB store, one epoch of model.fit(H5Sequence)", f"{num_slices:,}", "finished",
+                             f"{measured['slices'] / measured['seconds']:,.0f}", f"{measured['rss_peak'] / 2**20:,.0f}",
+                             f"{group_peak / 2**20:,.0f}" if group_peak else "-"))  # fmt: skip
+            else:
+                rows.append(
+                    (
+                        f"{gib:g} GiB store, one epoch",
+                        f"{num_slices:,}",
+                        f"failed ({status})",
+                        "-",
+                        "-",
+                        "-",
+                    )
+                )
+            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+        biggest = max(args.sizes)
+        num_slices = int(biggest * 2**30 // 4096)
+        cgroup and cgroup.reset()
+        status, measured = run_child(["--child-in-memory", str(num_slices)], cgroup)
+        outcome = (
+            "finished"
+            if status == 0
+            else ("killed by the OOM killer" if status == -9 else f"failed ({status})")
+        )
+        rows.append((f"{biggest:g} GiB of slices as float32 in memory (what model.fit(x, y) needs)", f"{num_slices:,}", outcome, "-", "-",
+                     f"{cgroup.peak / 2**20:,.0f}" if cgroup else "-"))  # fmt: skip
+    finally:
+        if cgroup:
+            cgroup.remove()
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; cgroup memory limit: "
+          f"{args.limit_gb:g} GiB (page cache included)" if cgroup else "no limit")  # fmt: skip
+    print()
+    print("| run | slices | outcome | slices/s | peak RSS MiB | cgroup peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
