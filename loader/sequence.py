@@ -12,6 +12,10 @@ from loader.plan import EpochPlan, aligned_blocks
 from loader.rows import prefetch_rows, read_rows, row_layout
 from loader.store import open_h5, open_store
 
+# How many batches ahead to ask the kernel for (prefetch=True): cold shuffled reads,
+# slices/s on a 0.25 GiB store: 1 ahead 348 k, 2 ahead 435 k, 4 ahead 443 k (warm unchanged).
+PREFETCH_AHEAD = 2
+
 
 class H5Sequence(keras.utils.PyDataset):
     """Batches of ``(x, y)`` from a store, read from disk one batch at a time.
@@ -31,7 +35,7 @@ class H5Sequence(keras.utils.PyDataset):
         seed: the seed of the permutation. Defaults to 0.
         channels: ``"last"`` gives ``x`` of shape ``(b, h, w, 1)``, ``"first"``
             ``(b, 1, h, w)``. Defaults to ``"last"``.
-        prefetch: after each batch, ask the kernel to start reading the next one
+        prefetch: after each batch, ask the kernel to start reading a batch ahead
             (``posix_fadvise(WILLNEED)``), which a shuffled order otherwise defeats.
             Defaults to True.
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of
@@ -195,9 +199,11 @@ class H5Sequence(keras.utils.PyDataset):
             if y is not None:
                 read_rows(self._labels, start, stop, y[position:end], fd, labels)
             position = end
-        if self._prefetch and index + 1 < len(self._plan):
-            for start, stop in self._plan.runs(index + 1):
-                prefetch_rows(self._images, start, stop, fd)
+        if self._prefetch:  # hint the batch PREFETCH_AHEAD on (all of them up to it at first)
+            first = index + 1 if index == 0 else index + PREFETCH_AHEAD
+            for ahead in range(first, min(index + PREFETCH_AHEAD + 1, len(self._plan))):
+                for start, stop in self._plan.runs(ahead):
+                    prefetch_rows(self._images, start, stop, fd)
         if stored is not x_rows or self._scale != 1:
             np.multiply(stored, self._scale, out=x_rows, casting="unsafe")
         if self._offset != 0:

@@ -1,0 +1,54 @@
+"""python -m loader (summary, preview) and the scripts that make data."""
+
+from __future__ import annotations
+
+import numpy as np
+from make_large_store import write_large_store
+from make_phantoms import main as make_phantoms_main
+
+from loader.cli import main as loader_main
+from loader.store import open_store
+
+
+def test_loader_summary_and_preview(phantom_store, tmp_path, capsys):
+    picture = tmp_path / "preview.png"
+    assert loader_main([str(phantom_store), "--preview", str(picture), "--count", "9"]) == 0
+    out = capsys.readouterr().out
+    with open_store(phantom_store) as store:
+        assert f"{store.num_slices} slices 64x64 uint8" in out
+        assert f"uuid {store.uuid}" in out
+        for name, split in store.splits.items():
+            assert f"{name}  " in out
+            assert str(len(split)) in out
+    assert "classes: control, patient" in out
+    assert '"label_column": "group"' in out
+    assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+def test_loader_refuses_what_is_not_a_store(tmp_path, capsys):
+    (tmp_path / "x.h5").write_text("no")
+    assert loader_main([str(tmp_path / "x.h5")]) == 2
+    assert "not a store" in capsys.readouterr().err
+    assert loader_main([str(tmp_path / "missing.h5")]) == 2
+
+
+def test_make_large_store_writes_a_valid_store_of_the_asked_size(tmp_path):
+    path = tmp_path / "large.h5"
+    num_slices = write_large_store(path, 0.01, chunk_slices=64)
+    assert num_slices == int(0.01 * 2**30) // 4096
+    with open_store(path) as store:
+        assert store.num_slices == num_slices
+        assert list(store.splits) == ["train"]
+        assert store.class_names == ["control", "patient"]
+        assert set(np.unique(store.labels[:])) == {0, 1}
+        assert store.images[:64].max() > 200  # real phantom slices, not zeros
+
+
+def test_make_phantoms_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "bids"
+    assert make_phantoms_main([str(out), "--subjects", "2", "--seed", "1"]) == 0
+    rows = [line.split("\t")[:2] for line in (out / "participants.tsv").read_text().splitlines()]
+    assert rows == [["participant_id", "group"], ["sub-001", "control"], ["sub-002", "patient"]]
+    assert len(list(out.rglob("*_T1w.nii.gz"))) == 2
+    assert make_phantoms_main([str(out), "--subjects", "2"]) == 2
+    assert "exists" in capsys.readouterr().err
