@@ -16,6 +16,7 @@ from preprocess.discover import LAYOUTS, InputError
 from preprocess.pipeline import COMPRESSIONS, DTYPES, RunError, Settings, Summary, run
 from preprocess.slices import AXES
 from preprocess.volume import NORMALIZATIONS
+from preprocess.writer import partial_path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -198,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, InputError, RunError, FileExistsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled up: what was finished is kept
+        kept = partial_path(args.output)
+        hint = f"; finished scans are kept in {kept}: rerun with --resume" if kept.exists() else ""
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

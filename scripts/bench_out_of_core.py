@@ -3,8 +3,10 @@
 For each store size (GiB of uint8 slices, written by ``make_large_store``), a child process
 runs one epoch of ``model.fit`` (Flatten + Dense, so the run is about the data, not the
 maths) through ``H5Sequence`` inside a memory cgroup (``/sys/fs/cgroup/memory``, cgroup v1,
-as root), and reports its peak resident memory. The cgroup's limit counts the page cache
-too, so a store larger than the limit is read from disk, not from memory. For contrast,
+as root), and reports its peak resident memory (RSS, which counts the TensorFlow libraries
+it maps) and the cgroup's peak anonymous memory (the process's own allocations). The
+cgroup's limit counts the page cache too, so a store larger than the limit is read from
+disk, not from memory. For contrast,
 a child that only holds the 4 GiB store's slices in memory (as uint8, the most compact
 form; ``model.fit(x, y)`` wants float32, four times as much) runs inside the same limit.
 
@@ -20,6 +22,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,26 +83,44 @@ class MemoryCgroup:
 
     @property
     def peak(self) -> int:
+        """Peak usage, page cache included (the kernel reclaims it at the limit)."""
         return int((self.path / "memory.max_usage_in_bytes").read_text())
+
+    @property
+    def anonymous(self) -> int:
+        """Anonymous memory now (the processes' own, no page cache)."""
+        for line in (self.path / "memory.stat").read_text().splitlines():
+            name, value = line.split()
+            if name == "total_rss":
+                return int(value)
+        return 0
 
     def remove(self) -> None:
         self.path.rmdir()
 
 
-def run_child(arguments: list[str], cgroup: MemoryCgroup | None) -> tuple[int, dict | None]:
-    """Run this script as a child; returns its exit status and its JSON line."""
+def run_child(arguments: list[str], cgroup: MemoryCgroup | None) -> tuple[int, dict | None, int]:
+    """Run this script as a child in the cgroup.
+
+    Returns:
+        Its exit status, its JSON line, and the cgroup's peak anonymous memory, sampled
+        every 20 ms (0 without a cgroup).
+    """
     command = [sys.executable, __file__, *arguments]
-    result = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        preexec_fn=cgroup.join if cgroup else None,
-        check=False,
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode != 0 and result.returncode != -9:
-        print(result.stderr[-3000:], file=sys.stderr)
-    return result.returncode, json.loads(lines[-1]) if lines else None
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(
+            command, stdout=out, stderr=err, text=True, preexec_fn=cgroup.join if cgroup else None
+        )
+        anonymous = 0
+        while child.poll() is None:
+            anonymous = max(anonymous, cgroup.anonymous if cgroup else 0)
+            time.sleep(0.02)
+        out.seek(0)
+        err.seek(0)
+        lines = [line for line in out.read().splitlines() if line.startswith("{")]
+        if child.returncode not in (0, -9):
+            print(err.read()[-3000:], file=sys.stderr)
+    return child.returncode, json.loads(lines[-1]) if lines else None, anonymous
 
 
 def _mib(value: int | None) -> str:
@@ -161,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_slices = opened.num_slices
             if cgroup:
                 cgroup.reset()
-            status, measured = run_child(
+            status, measured, anonymous = run_child(
                 [
                     "--child-epoch",
                     str(store),
@@ -175,18 +196,18 @@ def main(argv: list[str] | None = None) -> int:
             group_peak = cgroup.peak if cgroup else None
             if status == 0 and measured:
                 speed = measured["slices"] / measured["seconds"]
-                peaks = (f"{measured['rss_peak'] / 2**20:,.0f}", _mib(group_peak))
+                peaks = (_mib(measured["rss_peak"]), _mib(anonymous), _mib(group_peak))
                 name = f"{gib:g} GiB store, one epoch of model.fit(H5Sequence)"
                 rows.append((name, f"{num_slices:,}", "finished", f"{speed:,.0f}", *peaks))
             else:
                 name = f"{gib:g} GiB store, one epoch"
-                rows.append((name, f"{num_slices:,}", f"failed ({status})", "-", "-", "-"))
+                rows.append((name, f"{num_slices:,}", f"failed ({status})", "-", "-", "-", "-"))
             print(f"  {rows[-1]}", file=sys.stderr, flush=True)
         biggest = 4 if 4 in args.sizes else max(args.sizes)
         num_slices = int(biggest * 2**30 // 4096)
         if cgroup:
             cgroup.reset()
-        status, measured = run_child(["--child-in-memory", str(num_slices)], cgroup)
+        status, measured, anonymous = run_child(["--child-in-memory", str(num_slices)], cgroup)
         outcome = (
             "finished"
             if status == 0
@@ -194,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         name = f"the {biggest:g} GiB of slices held in memory (uint8; float32 is 4x)"
         peak = _mib(cgroup.peak if cgroup else None)
-        rows.append((name, f"{num_slices:,}", outcome, "-", "-", peak))
+        rows.append((name, f"{num_slices:,}", outcome, "-", "-", _mib(anonymous), peak))
     finally:
         if cgroup:
             cgroup.remove()
@@ -204,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {platform.machine()}, {os.cpu_count()} cores; cgroup memory limit: {limit_text}"
     )
     print()
-    print("| run | slices | outcome | slices/s | peak RSS MiB | cgroup peak MiB |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| run | slices | outcome | slices/s | peak RSS MiB | peak anonymous MiB "
+        "| cgroup peak MiB (with page cache) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     return 0

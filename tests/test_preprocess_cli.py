@@ -173,7 +173,7 @@ def test_an_existing_store_is_kept_unless_overwrite(tmp_path, capsys):
         assert store.num_slices > 0
 
 
-def test_a_failure_while_finalising_leaves_the_previous_store(tmp_path, monkeypatch):
+def test_a_failure_while_finalising_leaves_the_previous_store(tmp_path, monkeypatch, capsys):
     write_nifti(tmp_path / "in/a.nii", blob_volume(0))
     target = tmp_path / "s.h5"
     target.write_bytes(b"previous")
@@ -182,8 +182,10 @@ def test_a_failure_while_finalising_leaves_the_previous_store(tmp_path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr("preprocess.writer._write_subjects", broken)
-    with pytest.raises(OSError, match="disk full"):
-        main([str(tmp_path / "in"), "-o", str(target), "--overwrite"])
+    assert main([str(tmp_path / "in"), "-o", str(target), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "error: disk full; finished scans are kept in" in err
+    assert "Traceback" not in err
     assert target.read_bytes() == b"previous"
     monkeypatch.undo()
     assert _run(tmp_path / "in", "-o", target, "--overwrite", "--resume") == 0

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             test_split=args.test_split, workers=args.workers,
             use_multiprocessing=args.multiprocessing, channels=args.channels,
         )  # fmt: skip
-    except (TrainingError, ValueError, FileExistsError) as exc:
+    except (TrainingError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
