@@ -10,7 +10,10 @@ Exit status: 0 when done, 2 for usage errors or an unusable store, 130 when inte
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines are noise here
 
 from training.run import TrainingError, train
 
