@@ -69,6 +69,11 @@ def _load(path: str | os.PathLike, volume: int | None) -> Volume:
         raise ScanError(f"not NIfTI or unreadable header ({_reason(exc)})") from exc
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise ScanError(f"not NIfTI: nibabel reads it as {type(image).__name__}")
+    kind = image.get_data_dtype().kind
+    if kind == "c":
+        raise ScanError("complex-valued voxels: save the magnitude as a real-valued image first")
+    if kind not in "biuf":
+        raise ScanError(f"unsupported voxel type {image.get_data_dtype()} (RGB or structured)")
     image = _pick_volume(image, volume)
     if 0 in image.shape:
         raise ScanError(f"empty: shape {image.shape}")

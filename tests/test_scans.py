@@ -163,6 +163,11 @@ def test_non_finite_voxels_become_zero_with_a_note(tmp_path):
         (lambda p: write_nifti(p, np.zeros((8, 8), np.float32)), "expected a 3-D volume"),
         (lambda p: write_nifti(p, np.zeros((8, 0, 8), np.float32)), "empty"),
         (lambda p: write_nifti(p, np.ones((4, 4, 4, 2, 2), np.float32)), "expected a 3-D volume"),
+        (lambda p: write_nifti(p, blob_volume(1).astype(np.complex64)), "complex-valued"),
+        (
+            lambda p: write_nifti(p, np.zeros((4, 4, 4), [("R", "u1"), ("G", "u1"), ("B", "u1")])),
+            "unsupported voxel type",
+        ),
     ],
 )
 def test_bad_scans_are_refused_with_a_reason(tmp_path, make, reason):
