@@ -104,11 +104,9 @@ def train(
         TrainingError: the store is unusable (not a store, unfinished, unlabelled, no such split).
         FileExistsError: ``run_dir`` is not empty and ``overwrite`` is False.
     """
-    if isinstance(settings.get("train_split"), str):
-        settings["train_split"] = (settings["train_split"],)
-    settings = Settings(
-        **{**settings, "train_split": tuple(settings.get("train_split", ("train",)))}
-    )
+    train_split = settings.pop("train_split", ("train",))
+    train_split = (train_split,) if isinstance(train_split, str) else tuple(train_split)
+    settings = Settings(**settings, train_split=train_split)
     store_path = Path(store)
     run_dir = Path(run_dir)
     facts = _store_facts(store_path, settings)
@@ -117,9 +115,7 @@ def train(
     config = {
         "settings": {**asdict(settings), "test_split": test_split},
         "store": facts["store"],
-        "model": getattr(model_fn, "__module__", "")
-        + "."
-        + getattr(model_fn, "__qualname__", str(model_fn)),
+        "model": f"{getattr(model_fn, '__module__', '')}.{getattr(model_fn, '__qualname__', '')}",
         "versions": _versions(),
         "command": sys.argv,
     }
