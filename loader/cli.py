@@ -12,7 +12,6 @@ import sys
 import numpy as np
 
 from loader.store import (
-    SESSION,
     SOURCE_PATH,
     SUBJECT_ID,
     SUBJECT_SPLIT,
@@ -68,16 +67,11 @@ def describe(store: Store) -> str:
     header = ["split", "rows", "subjects", *names]
     rows = [header]
     for name, split in store.splits.items():
-        subjects = {
-            (table[SUBJECT_ID][i], table[SESSION][i])
-            for i in np.flatnonzero(table[SUBJECT_SPLIT] == name)
-        }
+        subjects = set(table[SUBJECT_ID][table[SUBJECT_SPLIT] == name])
         counts = np.bincount(
             labels[split.start : split.stop].clip(-1) + 1, minlength=len(names) + 1
         )
-        rows.append(
-            [name, str(len(split)), str(len({s for s, _ in subjects})), *map(str, counts[1:])]
-        )
+        rows.append([name, str(len(split)), str(len(subjects)), *map(str, counts[1:])])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines += [
         "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import fields
 
 from preprocess.discover import LAYOUTS, InputError
 from preprocess.pipeline import COMPRESSIONS, DTYPES, RunError, Settings, Summary, run
@@ -166,25 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed the problem
         return int(exc.code or 0)
     try:
-        settings = Settings(
-            axis=args.axis,
-            size=args.size,
-            normalize=args.normalize,
-            min_foreground=args.min_foreground,
-            volume=args.volume,
-            dtype=args.dtype,
-            compression=args.compression,
-            chunk_slices=args.chunk_slices,
-            val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction,
-            folds=args.folds,
-            seed=args.seed,
-            layout=args.layout,
-            suffix=args.suffix,
-            labels=args.labels,
-            label_column=args.label_column,
-            id_column=args.id_column,
-        )
+        # every Settings field has an option of the same name
+        settings = Settings(**{field.name: getattr(args, field.name) for field in fields(Settings)})
         if args.workers < 1 or args.buffer_mb < 1:
             raise ValueError("--workers and --buffer-mb must be at least 1")
         summary = run(
