@@ -7,48 +7,54 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
+from dataclasses import dataclass
 
 import numpy as np
 
-from loader.store import (
-    SOURCE_PATH,
-    SUBJECT_ID,
-    SUBJECT_SPLIT,
-    Store,
-    StoreError,
-    open_store,
-)
+from loader.command import add_options, check_settings, option, run_main, settings_from_args
+from loader.schema import SOURCE_PATH, SUBJECT_ID, SUBJECT_SPLIT, VIEW_SIDES
+from loader.store import Store, open_store
 
 
-def _parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class PreviewSettings:
+    """What ``--preview`` draws."""
+
+    preview: str | None = option(
+        None, "draw a grid of random slices into this PNG", metavar="OUT.png", kind=str
+    )
+    count: int = option(36, "slices in the preview", metavar="N", at_least=1)
+    seed: int = option(0, "which random slices", metavar="S", at_least=0)
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     parser = argparse.ArgumentParser(prog="python -m loader", description=__doc__)
     parser.add_argument("store", metavar="STORE", help="a store written by python -m preprocess")
-    parser.add_argument("--preview", metavar="OUT.png", help="draw a grid of random slices")
-    parser.add_argument("--count", type=int, default=36, help="slices in the preview (default: 36)")
-    parser.add_argument("--seed", type=int, default=0, help="which random slices (default: 0)")
-    return parser
+    return parser, add_options(parser, PreviewSettings)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m loader``; returns the exit status."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    if args.count < 1:
-        print("error: --count must be at least 1", file=sys.stderr)
-        return 2
-    try:
+    parser, flags = _parser()
+
+    def body(args: argparse.Namespace) -> int:
+        settings = settings_from_args(PreviewSettings, args)
+        if settings.preview:
+            folder = os.path.dirname(os.path.abspath(settings.preview))
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"{settings.preview}: no such folder for the preview")
         with open_store(args.store) as store:
             print(describe(store))
-            if args.preview:
-                preview(store, args.preview, args.count, args.seed)
-                print(f"preview: {args.preview}")
-    except (FileNotFoundError, StoreError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+            if settings.preview:
+                preview(store, settings.preview, settings.count, settings.seed)
+                print(f"preview: {settings.preview}")
+        return 0
+
+    return run_main(parser, argv, body, flags)
 
 
 def describe(store: Store) -> str:
@@ -83,7 +89,11 @@ def describe(store: Store) -> str:
 
 
 def preview(store: Store, path: str, count: int = 36, seed: int = 0) -> None:
-    """Save a grid of ``count`` random slices, each titled with its subject and label."""
+    """Save a grid of ``count`` random slices.
+
+    Each tile is titled with its subject, label, split and slice position, and carries the
+    patient's sides at its edges (A/P, S/I, L/R) as a radiology viewer shows them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,9 +102,10 @@ def preview(store: Store, path: str, count: int = 36, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(store.num_slices, size=min(count, store.num_slices), replace=False))
     table = store.subjects_table()
+    sides = VIEW_SIDES.get(store.config.get("axis", ""))
     columns = int(np.ceil(np.sqrt(len(rows))))
     lines = int(np.ceil(len(rows) / columns))
-    figure, axes = plt.subplots(lines, columns, figsize=(1.8 * columns, 2.0 * lines), squeeze=False)
+    figure, axes = plt.subplots(lines, columns, figsize=(2.0 * columns, 2.3 * lines), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, rows, strict=False):
@@ -104,9 +115,23 @@ def preview(store: Store, path: str, count: int = 36, seed: int = 0) -> None:
         ax.imshow(image, cmap="gray")
         title = f"sub-{table[SUBJECT_ID][scan]}"
         if label >= 0:
-            title += f"\n{store.class_names[label]}"
-        ax.set_title(title, fontsize=8)
-    figure.suptitle(f"{store.path}: {len(rows)} random slices", fontsize=9)
+            title += f" {store.class_names[label]}"
+        title += f"\n{table[SUBJECT_SPLIT][scan]}, slice {int(store.slice_index[row])}"
+        ax.set_title(title, fontsize=7)
+        if sides:
+            _mark_sides(ax, sides)
+    axis = store.config.get("axis", "?")
+    figure.suptitle(f"{store.path}: {len(rows)} random {axis} slices", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def _mark_sides(ax, sides: tuple[str, str, str, str]) -> None:
+    """Write the patient's sides at the top, bottom, left and right edge of a tile."""
+    top, bottom, left, right = sides
+    style = {"color": "yellow", "fontsize": 7, "transform": ax.transAxes}
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)

@@ -10,7 +10,8 @@ import numpy as np
 
 from loader.plan import EpochPlan, aligned_blocks
 from loader.rows import prefetch_rows, read_rows, row_layout
-from loader.store import open_h5, open_store
+from loader.schema import UNLABELLED_SPLIT
+from loader.store import StoreChangedError, file_identity, open_h5, open_store
 
 # How many batches ahead to ask the kernel for (prefetch=True): cold shuffled reads,
 # slices/s on a 0.25 GiB store: 1 ahead 348 k, 2 ahead 435 k, 4 ahead 443 k (warm unchanged).
@@ -27,9 +28,14 @@ class H5Sequence(keras.utils.PyDataset):
     opened lazily in each process that reads, so it is safe with ``workers`` threads and
     with ``use_multiprocessing=True``.
 
+    In a labelled store, ``y`` is the class index of each row. Rows without a label are
+    never served with labels: ``split=None`` means every labelled split (all rows but the
+    ``unlabelled`` split), and the ``unlabelled`` split named alone gives ``x`` only.
+
     Args:
         path: the store.
-        split: a split name, a list of names, or None for every row. Defaults to None.
+        split: a split name, a list of names, or None for every labelled row (every row
+            of an unlabelled store). Defaults to None.
         batch_size: rows per batch; the last batch may be shorter. Defaults to 32.
         shuffle: permute the runs each epoch. Defaults to False.
         seed: the seed of the permutation. Defaults to 0.
@@ -43,13 +49,14 @@ class H5Sequence(keras.utils.PyDataset):
 
     Raises:
         FileNotFoundError: no store at ``path``.
-        ValueError: the file is not a finished store, a split is unknown or empty, or an
-            argument is out of range.
+        ValueError: the file is not a finished store, a split is unknown or empty, the
+            unlabelled split is named beside labelled ones, or an argument is out of range.
         TypeError: an argument of the wrong type.
 
-    Example:
-        >>> train = H5Sequence("store.h5", split="train", batch_size=256, shuffle=True)
-        >>> model.fit(train, validation_data=H5Sequence("store.h5", split="val"))
+    Example::
+
+        train = H5Sequence("store.h5", split="train", batch_size=256, shuffle=True)
+        model.fit(train, validation_data=H5Sequence("store.h5", split="val"), shuffle=False)
     """
 
     def __init__(
@@ -87,12 +94,13 @@ class H5Sequence(keras.utils.PyDataset):
         self._prefetch = prefetch
         self._epoch = 0
         with open_store(self._path) as store:
-            selected = store.select(split)
+            selected = _labelled_rows(store, split)
             empty = [s.name for s in selected if len(s) == 0]
             if empty or not selected:
                 raise ValueError(f"{self._path}: split {empty} has no rows")
             self._blocks = aligned_blocks([(s.start, s.stop) for s in selected], store.chunk_slices)
             self._class_names = store.class_names
+            self._labelled = store.labelled and selected[0].name != UNLABELLED_SPLIT
             self._uuid = store.uuid
             self._slice_shape = store.slice_shape
             self._dtype = store.dtype
@@ -100,8 +108,7 @@ class H5Sequence(keras.utils.PyDataset):
             self._offset = np.float32(store.offset)
             self._images = row_layout(store.images)
             self._labels = row_layout(store.labels)
-            stat = os.stat(self._path)
-        self._identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            self._identity = store.identity
         self._plan = EpochPlan(self._blocks, batch_size, shuffle, seed, self._epoch)
         self._init_process_state()
 
@@ -137,6 +144,11 @@ class H5Sequence(keras.utils.PyDataset):
     def path(self) -> str:
         """The store's path."""
         return self._path
+
+    @property
+    def split(self) -> str | list[str] | None:
+        """The split(s) read, as given."""
+        return self._split
 
     @property
     def batch_size(self) -> int:
@@ -191,7 +203,7 @@ class H5Sequence(keras.utils.PyDataset):
         x = np.empty(shape, dtype=np.float32)
         x_rows = x.reshape(num_rows, height, width)  # a view: both layouts have one channel
         stored = x_rows if self._dtype == np.float32 else np.empty(x_rows.shape, self._dtype)
-        y = np.empty(num_rows, dtype=np.int32) if self._class_names else None
+        y = np.empty(num_rows, dtype=np.int32) if self._labelled else None
         position = 0
         for start, stop in runs:
             end = position + stop - start
@@ -218,12 +230,11 @@ class H5Sequence(keras.utils.PyDataset):
         with self._lock:
             if self._pid != pid:  # never use what a parent process opened
                 fd = os.open(self._path, os.O_RDONLY)
-                stat = os.fstat(fd)
-                if (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) != self._identity:
+                if file_identity(os.fstat(fd)) != self._identity:
                     os.close(fd)
-                    raise RuntimeError(
-                        f"{self._path}: the store changed since this H5Sequence was created; "
-                        "create a new one"
+                    raise StoreChangedError(
+                        f"{self._path}: the store changed since this H5Sequence was created "
+                        "(another store was written at its path); create a new one"
                     )
                 raw = self._images.raw and self._labels.raw
                 self._h5 = None if raw else open_h5(self._path)
@@ -234,6 +245,28 @@ class H5Sequence(keras.utils.PyDataset):
                 self._fd = fd
                 self._pid = pid
         return self._fd, *self._datasets
+
+
+def _labelled_rows(store, split) -> list:
+    """The splits to read; in a labelled store, unlabelled rows only when asked for alone.
+
+    ``split=None`` in a labelled store means every labelled split: the unlabelled split
+    holds exactly the subjects without a label. Named alone it is read as ``x`` only.
+
+    Raises:
+        ValueError: the unlabelled split named beside labelled ones.
+    """
+    selected = store.select(split)
+    if not store.labelled:
+        return selected
+    if split is None:
+        return [s for s in store.splits.values() if s.name != UNLABELLED_SPLIT]
+    if len(selected) > 1 and UNLABELLED_SPLIT in {s.name for s in selected}:
+        raise ValueError(
+            f"{store.path}: split {UNLABELLED_SPLIT!r} has no labels: name it alone (batches "
+            f"of x only) or leave it out; received split={split!r}"
+        )
+    return selected
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -1,14 +1,13 @@
-"""The store: the one module that spells its dataset and attribute names, and its read-only view.
+"""The read-only view of a store: ``open_store`` checks a file against the schema and opens it.
 
 A store is an HDF5 file of ``N`` 2-D slices, laid out split by split, each split a
-contiguous range of rows in a seeded random order (see the README for the whole schema).
-Everything that writes or reads a store asks this module for the names below; nothing
-else spells them. Only numpy and h5py are imported here, so ``preprocess`` can use it.
+contiguous range of rows in a seeded random order. Its datasets and attributes are
+declared in :mod:`loader.schema`; this module reads them by those declarations, filling
+the defaults of what an older store lacks. Only numpy and h5py are imported here.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,49 +15,15 @@ from functools import cached_property
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 1
-
-# Datasets of N rows, one per slice.
-IMAGES = "images"  # (N, size, size) uint8 | float16 | float32, chunks (C, size, size)
-LABELS = "labels"  # (N,) int32, class index, -1 where unlabelled
-SUBJECT = "subject"  # (N,) int32, row in the SUBJECTS table
-SLICE = "slice"  # (N,) int16, slice position along the axis of the canonical volume
-
-# The SUBJECTS group: a table of M scans, one dataset per column.
-SUBJECTS = "subjects"
-SUBJECT_ID = "id"  # (M,) str, e.g. "01" for sub-01
-SESSION = "session"  # (M,) str, "" without sessions
-SOURCE_PATH = "path"  # (M,) str, the scan's path relative to its input
-SHA256 = "sha256"  # (M,) str, of the source file
-SUBJECT_LABEL = "label"  # (M,) int32, -1 where unlabelled
-SUBJECT_SPLIT = "split"  # (M,) str
-AFFINE = "affine"  # (M, 4, 4) float64, of the canonical (RAS) volume
-SHAPE = "shape"  # (M, 3) int32, of the canonical volume
-VOXEL_SIZE = "voxel_size"  # (M, 3) float32, mm, of the canonical volume
-SUBJECT_COLUMNS = (
-    SUBJECT_ID,
-    SESSION,
-    SOURCE_PATH,
-    SHA256,
-    SUBJECT_LABEL,
-    SUBJECT_SPLIT,
-    AFFINE,
-    SHAPE,
-    VOXEL_SIZE,
+from loader import schema
+from loader.schema import (
+    IMAGES,
+    LABELS,
+    SLICE,
+    SUBJECT,
+    SUBJECT_COLUMNS,
+    SUBJECTS,
 )
-
-# Root attributes.
-ATTR_SCHEMA = "schema"  # int
-ATTR_UUID = "uuid"  # str, new for every store written
-ATTR_CREATED = "created"  # str, ISO 8601 UTC
-ATTR_CONFIG = "config"  # JSON: every preprocessing setting
-ATTR_CLASS_NAMES = "class_names"  # JSON list, index = label
-ATTR_SPLITS = "splits"  # JSON {name: [start, stop)}
-ATTR_COMPLETE = "complete"  # True, written last
-
-# Attributes of IMAGES: a stored value v means the intensity v * scale + offset.
-ATTR_SCALE = "scale"
-ATTR_OFFSET = "offset"
 
 # Every read-only open in a process uses these settings: h5py refuses to open one file
 # twice with different locking flags, and locking breaks on shared and network filesystems.
@@ -101,6 +66,15 @@ class StoreError(ValueError):
     """A file that cannot be read as a finished store of a known schema."""
 
 
+class StoreChangedError(StoreError):
+    """The file at a store's path is no longer the one a reader started on."""
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one file from another at the same path: device, inode, size, mtime."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
 class Store:
     """A read-only view of a store. Create it with :func:`open_store`.
 
@@ -110,6 +84,7 @@ class Store:
     def __init__(self, path: str | os.PathLike, h5file: h5py.File):
         self._path = os.fspath(path)
         self._file = h5file
+        self._identity = file_identity(os.fstat(h5file.id.get_vfd_handle()))
 
     def __repr__(self) -> str:
         return f"open_store({self._path!r})"
@@ -128,6 +103,18 @@ class Store:
     def path(self) -> str:
         """The store's path."""
         return self._path
+
+    @property
+    def identity(self) -> tuple[int, int, int, int]:
+        """The open file's device, inode, size and mtime (see :func:`file_identity`)."""
+        return self._identity
+
+    def replaced(self) -> bool:
+        """Whether the path now names another file than the one open (or none)."""
+        try:
+            return file_identity(os.stat(self._path)) != self._identity
+        except FileNotFoundError:
+            return True
 
     @property
     def file(self) -> h5py.File:
@@ -178,32 +165,32 @@ class Store:
     @property
     def scale(self) -> float:
         """Intensity = stored value * scale + offset."""
-        return float(self.images.attrs.get(ATTR_SCALE, 1.0))
+        return float(schema.read_attribute(self._file, schema.ATTR_SCALE, IMAGES))
 
     @property
     def offset(self) -> float:
         """Intensity = stored value * scale + offset."""
-        return float(self.images.attrs.get(ATTR_OFFSET, 0.0))
+        return float(schema.read_attribute(self._file, schema.ATTR_OFFSET, IMAGES))
 
     @property
     def uuid(self) -> str:
         """Unique id of this store, new for every store written."""
-        return str(self._file.attrs[ATTR_UUID])
+        return str(schema.read_attribute(self._file, schema.ATTR_UUID))
 
     @property
     def created(self) -> str:
         """When the store was finalised, ISO 8601 UTC."""
-        return str(self._file.attrs[ATTR_CREATED])
+        return str(schema.read_attribute(self._file, schema.ATTR_CREATED))
 
     @cached_property
     def config(self) -> dict:
         """Every preprocessing setting the store was made with."""
-        return json.loads(self._file.attrs[ATTR_CONFIG])
+        return schema.read_attribute(self._file, schema.ATTR_CONFIG)
 
     @cached_property
     def class_names(self) -> list[str]:
         """Class names; label ``k`` means ``class_names[k]``. Empty without labels."""
-        return list(json.loads(self._file.attrs[ATTR_CLASS_NAMES]))
+        return list(schema.read_attribute(self._file, schema.ATTR_CLASS_NAMES))
 
     @property
     def labelled(self) -> bool:
@@ -213,7 +200,7 @@ class Store:
     @cached_property
     def splits(self) -> dict[str, Split]:
         """The splits, by name, in row order."""
-        ranges = json.loads(self._file.attrs[ATTR_SPLITS])
+        ranges = schema.read_attribute(self._file, schema.ATTR_SPLITS)
         return {name: Split(name, int(a), int(b)) for name, (a, b) in ranges.items()}
 
     def select(self, split: str | list[str] | tuple[str, ...] | None) -> list[Split]:
@@ -270,10 +257,14 @@ def open_store(path: str | os.PathLike) -> Store:
 
     Raises:
         FileNotFoundError: no such file.
-        StoreError: (a ValueError) the file is not HDF5, not a store, unfinished, or of a
-            schema this version does not read.
+        StoreError: a folder.
+        StoreError: (a ValueError) the file is not HDF5, not a store, unfinished, damaged
+            (an entry of its schema missing or of the wrong type or shape), or of a newer
+            schema than this version reads.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise StoreError(f"{path}: is a folder, not a store; give a store's file (.h5)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such store file")
     try:
@@ -294,18 +285,6 @@ def open_store(path: str | os.PathLike) -> Store:
 
 
 def _check(path: str, h5file: h5py.File) -> None:
-    if ATTR_SCHEMA not in h5file.attrs or IMAGES not in h5file:
-        raise StoreError(f"{path}: not a store: no `{ATTR_SCHEMA}` attribute or `/{IMAGES}`")
-    schema = h5file.attrs[ATTR_SCHEMA]
-    if schema != SCHEMA_VERSION:
-        raise StoreError(
-            f"{path}: unknown store schema {schema}; this version reads schema {SCHEMA_VERSION}"
-        )
-    if not h5file.attrs.get(ATTR_COMPLETE, False):
-        raise StoreError(
-            f"{path}: unfinished store (no `{ATTR_COMPLETE}` flag): the run that wrote it "
-            "did not finish; rerun preprocess"
-        )
-    missing = [name for name in (LABELS, SUBJECT, SLICE, SUBJECTS) if name not in h5file]
-    if missing:
-        raise StoreError(f"{path}: damaged store: missing {', '.join('/' + m for m in missing)}")
+    found = schema.problems(h5file)
+    if found:
+        raise StoreError(f"{path}: {'; '.join(found)}")

@@ -9,18 +9,16 @@ the rest), 2 for usage errors or when nothing usable was found (no store written
 from __future__ import annotations
 
 import argparse
-import os
+import shlex
 import sys
-from dataclasses import fields
 
-from preprocess.discover import LAYOUTS, InputError
-from preprocess.pipeline import COMPRESSIONS, DTYPES, RunError, Settings, Summary, run
-from preprocess.slices import AXES
-from preprocess.volume import NORMALIZATIONS
+from loader.command import add_options, run_main, settings_from_args
+from preprocess.pipeline import RunOptions, Settings, Summary, run
 from preprocess.writer import partial_path
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser, and setting name -> flag."""
     parser = argparse.ArgumentParser(
         prog="python -m preprocess",
         description=__doc__,
@@ -30,173 +28,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-o", "--output", required=True, metavar="STORE.h5", help="the store to write"
     )
-    found = parser.add_argument_group("finding scans and labels")
-    found.add_argument(
-        "--layout",
-        choices=LAYOUTS,
-        default="auto",
-        help="how input folders are laid out (default: auto)",
-    )
-    found.add_argument(
-        "--suffix",
-        default="T1w",
-        help="BIDS suffix (modality) to take from BIDS trees (default: T1w)",
-    )
-    found.add_argument(
-        "--labels",
-        metavar="FILE",
-        help="a .tsv or .csv of subject labels (default: participants.tsv of BIDS inputs)",
-    )
-    found.add_argument(
-        "--label-column",
-        metavar="NAME",
-        help="the column of --labels that holds each subject's class",
-    )
-    found.add_argument(
-        "--id-column",
-        default="participant_id",
-        metavar="NAME",
-        help="the column of --labels that holds subject ids (default: participant_id)",
-    )
-    found.add_argument(
-        "--volume",
-        type=int,
-        metavar="K",
-        help="take volume K (from 0) of 4-D files; without it 4-D files are rejected",
-    )
-    image = parser.add_argument_group("slices")
-    image.add_argument(
-        "--normalize",
-        choices=NORMALIZATIONS,
-        default="percentile",
-        help="intensity scaling per volume (default: percentile, to [0, 1])",
-    )
-    image.add_argument(
-        "--axis", choices=tuple(AXES), default="axial", help="slicing direction (default: axial)"
-    )
-    image.add_argument(
-        "--min-foreground",
-        type=float,
-        default=0.05,
-        metavar="F",
-        help="drop slices with less than this fraction of foreground pixels (default: 0.05)",
-    )
-    image.add_argument(
-        "--size", type=int, default=64, help="side of the square slices in pixels (default: 64)"
-    )
-    storage = parser.add_argument_group("storage")
-    storage.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="uint8",
-        help="stored type of the slices (default: uint8, the fastest to read)",
-    )
-    storage.add_argument(
-        "--compression",
-        choices=COMPRESSIONS,
-        default="none",
-        help="HDF5 compression of the slices (default: none, the fastest to read)",
-    )
-    storage.add_argument(
-        "--chunk-slices",
-        type=int,
-        default=64,
-        metavar="C",
-        help="slices per HDF5 chunk (default: 64)",
-    )
-    splits = parser.add_argument_group("splits (per subject, stratified by label)")
-    splits.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.2,
-        metavar="F",
-        help="share of subjects for 'val' (default: 0.2)",
-    )
-    splits.add_argument(
-        "--test-fraction",
-        type=float,
-        default=0.0,
-        metavar="F",
-        help="share of subjects for 'test' (default: 0)",
-    )
-    splits.add_argument(
-        "--folds",
-        type=int,
-        default=0,
-        metavar="K",
-        help="K cross-validation folds fold0..fold{K-1} instead of train/val/test",
-    )
-    splits.add_argument(
-        "--seed", type=int, default=0, help="seed of the splits and of the row order (default: 0)"
-    )
-    run_group = parser.add_argument_group("running")
-    run_group.add_argument(
-        "--workers",
-        type=int,
-        default=_default_workers(),
-        metavar="N",
-        help="processes that compute slices (default: the CPU count, at most 8)",
-    )
-    run_group.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing store once the new one is complete",
-    )
-    run_group.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run from STORE.h5.partial"
-    )
-    run_group.add_argument(
-        "--buffer-mb",
-        type=int,
-        default=1024,
-        metavar="MB",
-        help="memory for the final shuffle of the rows (default: 1024)",
-    )
-    return parser
-
-
-def _default_workers() -> int:
-    return min(8, len(os.sched_getaffinity(0)))
+    flags = add_options(parser, Settings)
+    flags.update(add_options(parser, RunOptions))
+    return parser, flags
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m preprocess``; returns the exit status."""
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse has printed the problem
-        return int(exc.code or 0)
-    try:
-        # every Settings field has an option of the same name
-        settings = Settings(**{field.name: getattr(args, field.name) for field in fields(Settings)})
-        if args.workers < 1 or args.buffer_mb < 1:
-            raise ValueError("--workers and --buffer-mb must be at least 1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, flags = _parser()
+
+    def body(args: argparse.Namespace) -> int:
         summary = run(
             args.inputs,
             args.output,
-            settings,
-            workers=args.workers,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            buffer_bytes=args.buffer_mb << 20,
+            settings_from_args(Settings, args),
+            settings_from_args(RunOptions, args),
             report=lambda line: print(line, file=sys.stderr),
         )
-    except (ValueError, InputError, RunError, FileExistsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. the disk filled up: what was finished is kept
+        print(_format(summary))
+        return 1 if summary.rejected else 0
+
+    def hint(args: argparse.Namespace) -> str:
         kept = partial_path(args.output)
-        hint = f"; finished scans are kept in {kept}: rerun with --resume" if kept.exists() else ""
-        print(f"error: {exc}{hint}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            f"interrupted: finished scans are kept; continue with --resume -o {args.output}",
-            file=sys.stderr,
-        )
-        return 130
-    print(_format(summary))
-    return 1 if summary.rejected else 0
+        if not kept.is_dir():
+            return ""
+        command = ["python", "-m", "preprocess", *(a for a in argv if a != "--overwrite")]
+        if "--resume" not in command:
+            command.append("--resume")
+        return f"; finished scans are kept in {kept}; continue with: {shlex.join(command)}"
+
+    return run_main(parser, argv, body, flags, hint)
 
 
 def _format(summary: Summary) -> str:

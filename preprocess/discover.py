@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from preprocess.errors import InputError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LAYOUTS = ("auto", "bids", "classes", "plain")
 MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}
@@ -45,10 +47,6 @@ class Scan:
     subject_id: str
     session: str
     label: str | None = None
-
-
-class InputError(ValueError):
-    """A problem with the inputs as a whole (a usage error): nothing can be written."""
 
 
 def is_nifti(path: Path) -> bool:
@@ -127,7 +125,9 @@ def discover(
         InputError: an input that does not exist, or two files with one source name.
     """
     if layout not in LAYOUTS:
-        raise InputError(f"--layout must be one of {', '.join(LAYOUTS)}; received {layout!r}")
+        raise InputError(
+            f"`layout` must be one of {', '.join(LAYOUTS)}; received layout={layout!r}"
+        )
     scans: dict[str, Scan] = {}
     seen: set[str] = set()
     rejected = []

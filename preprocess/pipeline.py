@@ -11,7 +11,6 @@ import concurrent.futures as futures
 import hashlib
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -22,75 +21,125 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from loader import schema
+from loader.command import SettingError, check_settings, option
 from loader.store import open_store
-from preprocess.discover import Scan, class_names, discover, read_label_table
+from preprocess.discover import LAYOUTS, Scan, class_names, discover, read_label_table
+from preprocess.errors import PreprocessError, ScanError
 from preprocess.slices import AXES, cut_slices
-from preprocess.volume import NORMALIZATIONS, ScanError, foreground, load_volume, normalize
+from preprocess.volume import NORMALIZATIONS, foreground, load_volume, normalize
 from preprocess.writer import Partial, partial_path, scan_record
 
-DTYPES = ("uint8", "float16", "float32")
-COMPRESSIONS = ("none", "lzf", "gzip")
+FINDING = "finding scans and labels"
+SLICES = "slices"
+STORAGE = "storage"
+SPLITS = "splits (per subject, stratified by label)"
+RUNNING = "running"
 
 
 @dataclass(frozen=True)
 class Settings:
     """Every setting that changes what a store holds (stored as its ``config``).
 
-    Attributes mirror the command-line options of ``python -m preprocess``.
+    Each field is also an option of ``python -m preprocess`` (``--label-column`` for
+    ``label_column``), generated from the declaration below.
+
+    Raises:
+        SettingError: (a ValueError) a value outside its rule.
+        TypeError: a value of the wrong type.
     """
 
-    axis: str = "axial"
-    size: int = 64
-    normalize: str = "percentile"
-    min_foreground: float = 0.05
-    volume: int | None = None
-    dtype: str = "uint8"
-    compression: str = "none"
-    chunk_slices: int = 64
-    val_fraction: float = 0.2
-    test_fraction: float = 0.0
-    folds: int = 0
-    seed: int = 0
-    layout: str = "auto"
-    suffix: str = "T1w"
-    labels: str | None = None
-    label_column: str | None = None
-    id_column: str = "participant_id"
+    layout: str = option("auto", "how input folders are laid out", choices=LAYOUTS, group=FINDING)
+    suffix: str = option("T1w", "BIDS suffix (modality) taken from BIDS trees", group=FINDING)
+    labels: str | None = option(
+        None, "a .tsv or .csv of subject labels", metavar="FILE", kind=str,
+        default_text="participants.tsv of BIDS inputs", group=FINDING,
+    )  # fmt: skip
+    label_column: str | None = option(
+        None, "the column with each subject's class", metavar="NAME", kind=str,
+        default_text="none (unlabelled)", group=FINDING,
+    )  # fmt: skip
+    id_column: str = option(
+        "participant_id", "the column with subject ids", metavar="NAME", group=FINDING
+    )
+    volume: int | None = option(
+        None, "take volume K (from 0) of 4-D files, else they are rejected", metavar="K",
+        kind=int, at_least=0, group=FINDING,
+    )  # fmt: skip
+    normalize: str = option(
+        "percentile", "intensity scaling per volume", choices=NORMALIZATIONS, group=SLICES
+    )
+    axis: str = option("axial", "slicing direction", choices=tuple(AXES), group=SLICES)
+    min_foreground: float = option(
+        0.05, "drop slices with less foreground", metavar="F", at_least=0, below=1, group=SLICES
+    )
+    size: int = option(64, "side of the square slices", metavar="N", at_least=8, group=SLICES)
+    dtype: str = option(
+        "uint8", "stored type (uint8 needs percentile)", choices=schema.STORED_DTYPES,
+        group=STORAGE,
+    )  # fmt: skip
+    compression: str = option(
+        "none", "HDF5 compression of the slices", choices=schema.COMPRESSIONS, group=STORAGE
+    )
+    chunk_slices: int = option(64, "slices per HDF5 chunk", metavar="C", at_least=1, group=STORAGE)
+    val_fraction: float = option(
+        0.2, "share of each class's subjects for `val`", metavar="F", at_least=0, below=1,
+        group=SPLITS,
+    )  # fmt: skip
+    test_fraction: float = option(
+        0.0, "share for `test`", metavar="F", at_least=0, below=1, group=SPLITS
+    )
+    folds: int = option(
+        0, "K folds instead of train/val/test (0: none)", metavar="K", at_least=0, group=SPLITS
+    )
+    seed: int = option(0, "seed of splits and row order", metavar="S", at_least=0, group=SPLITS)
 
     def __post_init__(self):
-        _choice("axis", self.axis, tuple(AXES))
-        _choice("normalize", self.normalize, NORMALIZATIONS)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("compression", self.compression, COMPRESSIONS)
-        if self.size < 8:
-            raise ValueError(f"--size must be at least 8; received {self.size}")
-        if not 0 <= self.min_foreground < 1:
-            raise ValueError(f"--min-foreground must be in [0, 1); received {self.min_foreground}")
-        if self.chunk_slices < 1:
-            raise ValueError(f"--chunk-slices must be at least 1; received {self.chunk_slices}")
-        if self.volume is not None and self.volume < 0:
-            raise ValueError(f"--volume must be >= 0; received {self.volume}")
-        if self.folds < 0 or self.folds == 1:
-            raise ValueError(f"--folds must be 0 (none) or at least 2; received {self.folds}")
-        for name in ("val_fraction", "test_fraction"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be in [0, 1); received {getattr(self, name)}"
-                )
+        check_settings(self)
+        if self.folds == 1:
+            raise SettingError("{folds} must be 0 (none) or at least 2", folds=self.folds)
         if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError("--val-fraction plus --test-fraction must be below 1")
+            raise SettingError(
+                "{val_fraction} plus {test_fraction} must be below 1",
+                val_fraction=self.val_fraction,
+                test_fraction=self.test_fraction,
+            )
         if self.dtype == "uint8" and self.normalize != "percentile":
-            raise ValueError(
-                f"--dtype uint8 holds intensities in [0, 1] only: it needs --normalize percentile; "
-                f"received --normalize {self.normalize} (use --dtype float16 or float32)"
+            raise SettingError(
+                "{dtype} uint8 holds intensities in [0, 1] only: it needs {normalize} "
+                "percentile (or use {dtype} float16 or float32)",
+                normalize=self.normalize,
             )
         if self.labels and not self.label_column:
-            raise ValueError("--labels needs --label-column: the column that holds the labels")
+            raise SettingError(
+                "{labels} needs {label_column}: the column that holds the labels",
+                labels=self.labels,
+            )
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"--{name} must be one of {', '.join(choices)}; received {value!r}")
+def default_workers() -> int:
+    """The CPU count, at most 8."""
+    return min(8, len(os.sched_getaffinity(0)))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run goes, without changing what the store holds."""
+
+    workers: int = option(
+        default_factory=default_workers, help="processes that compute slices", metavar="N",
+        at_least=1, default_text="CPUs, at most 8", group=RUNNING,
+    )  # fmt: skip
+    overwrite: bool = option(
+        False, "replace an existing store once the new one is complete", group=RUNNING
+    )
+    resume: bool = option(False, "continue an interrupted run", group=RUNNING)
+    buffer_mb: int = option(
+        1024, "memory for the final shuffle", metavar="MB", at_least=1, group=RUNNING
+    )
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 @dataclass
@@ -108,10 +157,6 @@ class Summary:
     seconds: float = 0.0
 
 
-class RunError(Exception):
-    """The run cannot go on; the message is the one line to show."""
-
-
 def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray]:
     """Load, check, normalise and slice one scan (runs in a worker process).
 
@@ -127,10 +172,7 @@ def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray]:
     slices, positions = cut_slices(
         data, mask, volume.voxel_size, settings.axis, settings.size, settings.min_foreground
     )
-    if settings.dtype == "uint8":
-        slices = np.rint(np.clip(slices, 0, 1) * 255).astype(np.uint8)
-    else:
-        slices = slices.astype(settings.dtype)
+    slices = schema.encode_intensities(slices, settings.dtype)
     with open(scan.path, "rb") as handle:
         sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
     record = scan_record(
@@ -166,7 +208,7 @@ def find_scans(
     """The scans of the inputs with their labels, the class names, and inputs rejected up front.
 
     Raises:
-        RunError: no scans, or a problem with the inputs or the label file.
+        PreprocessError: no scans, or a problem with the inputs or the label file.
     """
     scans, rejected = discover(inputs, settings.layout, settings.suffix)
     if settings.label_column:
@@ -180,7 +222,7 @@ def find_scans(
             ]
         )
         if not tables:
-            raise RunError(
+            raise PreprocessError(
                 "--label-column needs --labels FILE: no input folder has a participants.tsv"
             )
         table = {}
@@ -190,7 +232,7 @@ def find_scans(
             Scan(s.path, s.source, s.subject_id, s.session, table.get(s.subject_id)) for s in scans
         ]
     if not scans:
-        raise RunError(f"no NIfTI scans found in {', '.join(map(str, inputs))}")
+        raise PreprocessError(f"no NIfTI scans found in {', '.join(map(str, inputs))}")
     return scans, class_names(s.label for s in scans), rejected
 
 
@@ -198,10 +240,7 @@ def run(
     inputs: list[str],
     output: str | os.PathLike,
     settings: Settings,
-    workers: int = 1,
-    overwrite: bool = False,
-    resume: bool = False,
-    buffer_bytes: int = 1 << 30,
+    options: RunOptions | None = None,
     progress: bool | None = None,
     report=print,
 ) -> Summary:
@@ -211,10 +250,7 @@ def run(
         inputs: NIfTI files or folders.
         output: the store to write.
         settings: what to make.
-        workers: processes that compute slices. Defaults to 1 (in this process).
-        overwrite: replace an existing store (once the new one is complete).
-        resume: continue ``<output>.partial/`` from an interrupted run.
-        buffer_bytes: memory for the final shuffle. Defaults to 1 GiB.
+        options: workers, overwrite, resume, buffer. Defaults to ``RunOptions()``.
         progress: show a progress bar; None shows one on a terminal.
         report: called with each line about a rejected scan or a warning.
 
@@ -222,16 +258,18 @@ def run(
         The summary. ``summary.rejected`` lists ``(path, reason)``.
 
     Raises:
-        RunError: nothing could be written (no store).
+        PreprocessError: nothing could be written (no store).
         FileExistsError: ``output`` or its partial folder exists without ``overwrite``/``resume``.
     """
     started = time.perf_counter()
+    options = RunOptions() if options is None else options
+    overwrite, resume = options.overwrite, options.resume
     output = Path(output)
     summary = Summary(output)
     if output.is_dir():
-        raise RunError(f"{output}: is a folder; give the store's file name")
+        raise PreprocessError(f"{output}: is a folder; give the store's file name")
     if not output.parent.is_dir():
-        raise RunError(f"{output.parent}: no such folder for the store")
+        raise PreprocessError(f"{output.parent}: no such folder for the store")
     has_partial = partial_path(output).exists()
     if output.exists() and not overwrite and not (resume and has_partial):
         left = f" and no {partial_path(output)} is left to resume" if resume else ""
@@ -242,24 +280,20 @@ def run(
         _reject(summary, report, path, reason)
     config = {**asdict(settings), "inputs": [os.path.abspath(item) for item in inputs]}
     config["labels"] = settings.labels and os.path.abspath(settings.labels)
-    if overwrite and not resume:
-        shutil.rmtree(partial_path(output), ignore_errors=True)
-    partial = Partial(output, config, resume=resume)
-    done = partial.done()
-    summary.resumed = sum(scan.source in done for scan in scans)
-    todo = [scan for scan in scans if scan.source not in done]
-    if todo:
-        _compute(todo, settings, workers, partial, summary, report, progress)
-    written = partial.done()
-    if not written:
-        partial.remove()
-        raise RunError(
-            f"no usable scans: all {len(summary.rejected)} were rejected; no store written"
-        )
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        summary.splits = partial.finalize(names, buffer_bytes)
+    with Partial(output, config, resume=resume, overwrite=overwrite) as partial:
+        done = partial.done()
+        summary.resumed = sum(scan.source in done for scan in scans)
+        todo = [scan for scan in scans if scan.source not in done]
+        if todo:
+            _compute(todo, settings, options.workers, partial, summary, report, progress)
+        if not partial.done():
+            partial.remove()
+            raise PreprocessError(
+                f"no usable scans: all {len(summary.rejected)} were rejected; no store written"
+            )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary.splits = partial.finalize(names, options.buffer_mb << 20)
     for warning in caught:
         summary.warnings.append(f"{output}: {warning.message}")
         report(f"warning: {output}: {warning.message}")
@@ -305,7 +339,7 @@ def _compute(todo, settings, workers, partial, summary, report, progress) -> Non
                     for future in finished:
                         finish(pending.pop(future), future.result())
             except futures.process.BrokenProcessPool as exc:
-                raise RunError(
+                raise PreprocessError(
                     f"a worker process died (out of memory?); {summary.written} scans are kept in "
                     f"{partial.path}: rerun with --resume"
                 ) from exc

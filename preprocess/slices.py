@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from preprocess.volume import ScanError
+from preprocess.errors import ScanError
 
 # Axis of the canonical (RAS) volume that each slicing direction walks along.
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-UNLABELLED = "unlabelled"
+from loader.schema import UNLABELLED_SPLIT as UNLABELLED
 
 
 def split_names(val_fraction: float, test_fraction: float, folds: int) -> list[str]:

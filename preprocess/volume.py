@@ -14,12 +14,10 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from preprocess.errors import ScanError
+
 NORMALIZATIONS = ("percentile", "zscore", "none")
 PERCENTILES = (0.5, 99.5)
-
-
-class ScanError(ValueError):
-    """A scan that cannot be used; the message says why."""
 
 
 @dataclass

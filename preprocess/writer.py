@@ -15,10 +15,13 @@ the target in one step.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,10 +29,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from loader import store as schema
+from loader import schema
+from preprocess.errors import PreprocessError
 from preprocess.splits import UNLABELLED, assign_splits, row_order, split_names
 
 MANIFEST = "manifest.json"
+OWNER = "owner"  # the live run's pid, host and start time, beside its lock
 STORE_NAME = "store.h5"
 
 
@@ -91,22 +96,43 @@ def scan_record(
 
 
 class Partial:
-    """The ``<store>.partial/`` folder of one run.
+    """The ``<store>.partial/`` folder of one run, locked while the run is alive.
+
+    The run holds an exclusive ``flock`` on the folder from before it changes anything
+    until it is closed (the kernel drops it when the process dies, even by ``kill -9``),
+    so a second run on the same store stops with a line naming the live one.
 
     Args:
         target: the store to make.
         config: every setting that changes the store's content.
         resume: continue a folder left by an earlier run with the same config.
+        overwrite: start over, emptying a folder left by an earlier run.
 
     Raises:
-        FileExistsError: a folder is there and ``resume`` is False.
-        ValueError: resuming a folder made with another config.
+        PreprocessError: another live run holds the folder, or resuming a folder made with
+            another config.
+        FileExistsError: a folder is there and neither ``resume`` nor ``overwrite``.
     """
 
-    def __init__(self, target: str | os.PathLike, config: dict, resume: bool = False):
+    def __init__(
+        self,
+        target: str | os.PathLike,
+        config: dict,
+        resume: bool = False,
+        overwrite: bool = False,
+    ):
         self.target = Path(target)
         self.path = partial_path(target)
         self.config = config
+        self.path.mkdir(exist_ok=True)
+        self._lock = _lock(self.path)
+        try:
+            self._prepare(config, resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, config: dict, resume: bool, overwrite: bool) -> None:
         manifest = self.path / MANIFEST
         if resume and manifest.is_file():
             earlier = json.loads(manifest.read_text())
@@ -117,16 +143,32 @@ class Partial:
                 details = "; ".join(
                     f"{k}: {earlier.get(k)!r} then, {config.get(k)!r} now" for k in changed
                 )
-                raise ValueError(f"{self.path}: cannot resume with other settings ({details})")
-        else:
-            if self.path.exists() and not resume:
-                raise FileExistsError(
-                    f"{self.path}: an interrupted run is there; continue it with --resume, "
-                    "or start over with --overwrite"
+                raise PreprocessError(
+                    f"{self.path}: cannot resume with other settings ({details}); rerun with "
+                    "the settings of the interrupted run, or start over with --overwrite"
                 )
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.path.mkdir(parents=True)
-            _write_atomic(manifest, json.dumps(config, indent=1).encode())
+            return
+        left = [entry for entry in self.path.iterdir() if entry.name != OWNER]
+        if left and not (resume or overwrite):
+            raise FileExistsError(
+                f"{self.path}: an interrupted run is there; continue it with --resume, "
+                "or start over with --overwrite"
+            )
+        for entry in left:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        _write_atomic(manifest, json.dumps(config, indent=1).encode())
+
+    def __enter__(self) -> Partial:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the lock (the folder stays for --resume unless :meth:`remove` ran)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def done(self) -> dict[str, dict]:
         """The finished scans: source -> record."""
@@ -151,8 +193,9 @@ class Partial:
         _write_atomic(self.path / f"{key}.json", json.dumps(record).encode())
 
     def remove(self) -> None:
-        """Delete the folder."""
+        """Delete the folder and release the lock."""
         shutil.rmtree(self.path, ignore_errors=True)
+        self.close()
 
     def finalize(self, class_names: list[str], buffer_bytes: int = 1 << 30) -> dict:
         """Write the store from the finished scans and rename it over the target.
@@ -194,35 +237,29 @@ class Partial:
             size = config["size"]
             chunk = min(config["chunk_slices"], max(num_rows, 1))
             compression = None if config["compression"] == "none" else config["compression"]
-            images = h5.create_dataset(
-                schema.IMAGES, (num_rows, size, size), dtype=config["dtype"],
+            images = schema.create_dataset(
+                h5, schema.IMAGES, shape=(num_rows, size, size), dtype=config["dtype"],
                 chunks=(chunk, size, size), compression=compression,
             )  # fmt: skip
-            images.attrs[schema.ATTR_SCALE] = 1 / 255 if config["dtype"] == "uint8" else 1.0
-            images.attrs[schema.ATTR_OFFSET] = 0.0
+            set_attribute = functools.partial(schema.set_attribute, h5)
+            set_attribute(schema.ATTR_SCALE, schema.intensity_scale(config["dtype"]), schema.IMAGES)
+            set_attribute(schema.ATTR_OFFSET, 0.0, schema.IMAGES)
             self._write_images(images, records, first_row, destination, buffer_bytes)
             order = np.argsort(destination)  # canonical row of each store row
-            h5.create_dataset(schema.LABELS, data=np.repeat(scan_labels, counts)[order])
-            h5.create_dataset(
-                schema.SUBJECT,
-                data=np.repeat(np.arange(len(records), dtype=np.int32), counts)[order],
-            )
-            positions = np.concatenate([r["positions"] for r in records]).astype(np.int16)
-            h5.create_dataset(schema.SLICE, data=positions[order])
-            _write_subjects(
-                h5.create_group(schema.SUBJECTS),
-                records,
-                scan_labels,
-                [names[i] for i in scan_split],
-            )
-            h5.attrs[schema.ATTR_SCHEMA] = schema.SCHEMA_VERSION
-            h5.attrs[schema.ATTR_UUID] = str(uuid.uuid4())
-            h5.attrs[schema.ATTR_CREATED] = datetime.now(UTC).isoformat(timespec="seconds")
-            h5.attrs[schema.ATTR_CONFIG] = json.dumps(config)
-            h5.attrs[schema.ATTR_CLASS_NAMES] = json.dumps(class_names)
-            h5.attrs[schema.ATTR_SPLITS] = json.dumps(ranges)
+            schema.create_dataset(h5, schema.LABELS, np.repeat(scan_labels, counts)[order])
+            scans = np.repeat(np.arange(len(records)), counts)
+            schema.create_dataset(h5, schema.SUBJECT, scans[order])
+            positions = np.concatenate([r["positions"] for r in records])
+            schema.create_dataset(h5, schema.SLICE, positions[order])
+            _write_subjects(h5, records, scan_labels, [names[i] for i in scan_split])
+            set_attribute(schema.ATTR_SCHEMA, schema.SCHEMA_VERSION)
+            set_attribute(schema.ATTR_UUID, uuid.uuid4())
+            set_attribute(schema.ATTR_CREATED, datetime.now(UTC).isoformat(timespec="seconds"))
+            set_attribute(schema.ATTR_CONFIG, config)
+            set_attribute(schema.ATTR_CLASS_NAMES, class_names)
+            set_attribute(schema.ATTR_SPLITS, ranges)
             h5.flush()
-            h5.attrs[schema.ATTR_COMPLETE] = True
+            set_attribute(schema.ATTR_COMPLETE, True)
         _fsync(temporary)
         os.replace(temporary, self.target)
         _fsync(self.target.parent)
@@ -270,27 +307,51 @@ class Partial:
 
 
 def _write_subjects(
-    group: h5py.Group, records: list[dict], labels: np.ndarray, splits: list[str]
+    h5: h5py.File, records: list[dict], labels: np.ndarray, splits: list[str]
 ) -> None:
-    text = h5py.string_dtype()
+    """The subjects table: one row per scan, one dataset per column."""
     columns = {
-        schema.SUBJECT_ID: np.array([r["subject_id"] for r in records], dtype=object),
-        schema.SESSION: np.array([r["session"] for r in records], dtype=object),
-        schema.SOURCE_PATH: np.array([r["source"] for r in records], dtype=object),
-        schema.SHA256: np.array([r["sha256"] for r in records], dtype=object),
+        schema.SUBJECT_ID: [r["subject_id"] for r in records],
+        schema.SESSION: [r["session"] for r in records],
+        schema.SOURCE_PATH: [r["source"] for r in records],
+        schema.SHA256: [r["sha256"] for r in records],
         schema.SUBJECT_LABEL: labels,
-        schema.SUBJECT_SPLIT: np.array(splits, dtype=object),
-        schema.AFFINE: np.array([r["affine"] for r in records], dtype=np.float64).reshape(-1, 4, 4),
-        schema.SHAPE: np.array([r["shape"] for r in records], dtype=np.int32).reshape(-1, 3),
-        schema.VOXEL_SIZE: np.array([r["voxel_size"] for r in records], dtype=np.float32).reshape(
-            -1, 3
-        ),
+        schema.SUBJECT_SPLIT: splits,
+        schema.AFFINE: np.reshape([r["affine"] for r in records], (-1, 4, 4)),
+        schema.SHAPE: np.reshape([r["shape"] for r in records], (-1, 3)),
+        schema.VOXEL_SIZE: np.reshape([r["voxel_size"] for r in records], (-1, 3)),
     }
     for name in schema.SUBJECT_COLUMNS:
-        values = columns[name]
-        group.create_dataset(
-            name, data=values, dtype=text if values.dtype == object else values.dtype
-        )
+        schema.create_dataset(h5, f"{schema.SUBJECTS}/{name}", columns[name])
+
+
+def _lock(folder: Path) -> int:
+    """Take the run's exclusive lock on ``folder``; returns the descriptor that holds it.
+
+    Raises:
+        PreprocessError: another live process holds it (named from its owner file).
+    """
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            owner = json.loads((folder / OWNER).read_text())
+            who = f"process {owner['pid']} on {owner['host']}, started {owner['started']}"
+        except (OSError, ValueError, KeyError):
+            who = "another process"
+        raise PreprocessError(
+            f"{folder}: another preprocess run is writing this store ({who}); wait for it "
+            "to finish or stop it first (nothing was changed)"
+        ) from None
+    owner = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    _write_atomic(folder / OWNER, json.dumps(owner).encode())
+    return fd
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

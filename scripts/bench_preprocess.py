@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 from make_phantoms import write_bids
 
-from preprocess import Settings, run
+from preprocess import RunOptions, Settings, run
 from preprocess.discover import discover
 from preprocess.slices import cut_slices
 from preprocess.volume import foreground, load_volume, normalize
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     [str(bids)],
                     Path(folder) / "store.h5",
                     settings,
-                    workers=workers,
-                    overwrite=True,
+                    RunOptions(workers=workers, overwrite=True),
                     progress=False,
                     report=lambda line: None,
                 )

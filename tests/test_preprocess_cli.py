@@ -17,7 +17,7 @@ import pytest
 from conftest import NIBABEL_DATA, assert_same_store_content, blob_volume, write_nifti
 from make_phantoms import write_bids
 
-from loader import store as schema
+from loader import schema
 from loader.store import open_store
 from preprocess.cli import main
 from preprocess.writer import partial_path

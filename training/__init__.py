@@ -1,1 +1,15 @@
-"""Train and evaluate a CNN from a store (``python -m training``)."""
+"""Train and evaluate a CNN from a store (``python -m training``).
+
+``training.train`` and its :class:`~training.run.Settings` are imported on first use, so
+``python -m training`` can quiet TensorFlow's start-up logging before Keras loads.
+"""
+
+__all__ = ["Result", "Settings", "TrainingError", "train"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from training import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'training' has no attribute {name!r}")

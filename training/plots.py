@@ -23,8 +23,11 @@ def read_history(path: Path) -> dict[str, list[float]]:
     return {name: [float(row[name]) for row in rows] for name in rows[0]}
 
 
-def plot_curves(history: dict[str, list[float]], path: Path) -> None:
-    """Loss and accuracy per epoch, training and validation, side by side."""
+def plot_curves(history: dict[str, list[float]], path: Path, best_epoch: int | None = None) -> None:
+    """Loss and accuracy per epoch (numbered from 1), training and validation, side by side.
+
+    The best epoch (the weights kept) is marked with a dashed line.
+    """
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
@@ -32,8 +35,12 @@ def plot_curves(history: dict[str, list[float]], path: Path) -> None:
             name = prefix + metric
             if name in history:
                 ax.plot(epochs, history[name], style, markersize=3, label=name)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
         ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
         ax.set_title(metric)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend()
     figure.tight_layout()
@@ -42,25 +49,31 @@ def plot_curves(history: dict[str, list[float]], path: Path) -> None:
 
 
 def plot_confusions(metrics: dict, class_names: list[str], path: Path) -> None:
-    """One confusion matrix per split and level (slices, subjects), counts in the cells."""
+    """One confusion matrix per split and level (slices, subjects).
+
+    Cells show counts, shaded by the share of their true class (rows sum to 1), so a
+    small class reads as clearly as a large one; the title gives the accuracy.
+    """
     panels = [
-        (f"{split} {level}", results[level]["confusion"])
+        (f"{split} {level}", results[level])
         for split, results in metrics.items()
         for level in ("slices", "subjects")
     ]
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
-    for ax, (title, confusion) in zip(axes[0], panels, strict=True):
-        matrix = np.asarray(confusion)
-        ax.imshow(matrix, cmap="Blues")
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), squeeze=False)
+    for ax, (title, scores) in zip(axes[0], panels, strict=True):
+        matrix = np.asarray(scores["confusion"])
+        shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
         for (row, column), count in np.ndenumerate(matrix):
-            colour = "white" if count > matrix.max() / 2 else "black"
+            colour = "white" if shares[row, column] > 0.5 else "black"
             ax.text(column, row, str(count), ha="center", va="center", color=colour)
         ticks = np.arange(len(class_names))
         ax.set_xticks(ticks, class_names, rotation=45, ha="right")
         ax.set_yticks(ticks, class_names)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(title)
+        accuracy = scores["accuracy"]
+        ax.set_title(f"{title}\naccuracy {accuracy:.3f}" if accuracy is not None else title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -1,0 +1,334 @@
+"""The store's schema: every dataset and attribute, declared once, and the checks made of it.
+
+Each :class:`Entry` names one dataset or attribute with its type, its shape rule, what it
+means and the schema version that added it. The writer creates everything through
+:func:`create_dataset` and :func:`set_attribute`, which refuse what the declaration does
+not allow; the reader checks a file with :func:`problems` and fills the defaults of entries
+an older store lacks (:func:`read_attribute`); the README's schema table is
+:func:`markdown_table` (a test compares them). Only numpy and h5py are imported, so
+``preprocess`` can use it.
+
+Shape rules use ``N`` (rows, one per slice), ``M`` (scans, rows of the subjects table) and
+``S`` (the side of a slice).
+
+Growing the schema: add entries with ``since=SCHEMA_VERSION + 1`` and a ``default`` for
+stores written before, then raise :data:`SCHEMA_VERSION`. A reader accepts every version
+up to its own and refuses a newer one with a line naming the version needed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+# Datasets of N rows, one per slice.
+IMAGES = "images"
+LABELS = "labels"
+SUBJECT = "subject"
+SLICE = "slice"
+
+# The SUBJECTS group: a table of M scans, one dataset per column.
+SUBJECTS = "subjects"
+SUBJECT_ID = "id"
+SESSION = "session"
+SOURCE_PATH = "path"
+SHA256 = "sha256"
+SUBJECT_LABEL = "label"
+SUBJECT_SPLIT = "split"
+AFFINE = "affine"
+SHAPE = "shape"
+VOXEL_SIZE = "voxel_size"
+
+# Root attributes.
+ATTR_SCHEMA = "schema"
+ATTR_UUID = "uuid"
+ATTR_CREATED = "created"
+ATTR_CONFIG = "config"
+ATTR_CLASS_NAMES = "class_names"
+ATTR_SPLITS = "splits"
+ATTR_COMPLETE = "complete"
+
+# Attributes of IMAGES: a stored value v means the intensity v * scale + offset.
+ATTR_SCALE = "scale"
+ATTR_OFFSET = "offset"
+
+# How the slices may be stored: the types, and the HDF5 compressions of /images.
+STORED_DTYPES = ("uint8", "float16", "float32")
+COMPRESSIONS = ("none", "lzf", "gzip")
+UINT8_SCALE = 1 / 255  # uint8 holds intensities in [0, 1] in steps of 1/255
+
+UNLABELLED = -1  # the label of a slice or scan without a class
+# How a stored slice is oriented, by slicing axis (config `axis`): the patient's side at the
+# (top, bottom, left, right) of the image. Anterior or superior up, the patient's left on
+# the left (the neurological convention).
+VIEW_SIDES = {
+    "axial": ("A", "P", "L", "R"),
+    "coronal": ("S", "I", "L", "R"),
+    "sagittal": ("S", "I", "P", "A"),
+}
+
+# In a labelled store, the split that holds every unlabelled subject (and only those).
+UNLABELLED_SPLIT = "unlabelled"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One dataset or attribute of the store.
+
+    Attributes:
+        name: the dataset's path in the file (``subjects/id``), or the attribute's name.
+        owner: for an attribute, the path of the object that carries it ("" for the root);
+            None for a dataset.
+        dtypes: the allowed types: numpy names, ``str``, ``json`` (a JSON string), ``bool``,
+            ``int`` or ``float`` (attributes).
+        shape: the shape rule of a dataset, with ``N``, ``M``, ``S`` for the sizes.
+        meaning: one line for the README.
+        since: the schema version that added it.
+        default: what a store of an older version reads for it.
+    """
+
+    name: str
+    owner: str | None
+    dtypes: tuple[str, ...]
+    shape: tuple[str | int, ...]
+    meaning: str
+    since: int = 1
+    default: Any = None
+
+    @property
+    def is_dataset(self) -> bool:
+        """Whether the entry is a dataset (else an attribute)."""
+        return self.owner is None
+
+    @property
+    def where(self) -> str:
+        """Where the entry lives, as the README and messages write it."""
+        if self.is_dataset:
+            return f"/{self.name}"
+        return f"/{self.owner} attr `{self.name}`" if self.owner else f"root attr `{self.name}`"
+
+
+def _dataset(name, dtypes, shape, meaning, **kwargs) -> Entry:
+    return Entry(name, None, tuple(dtypes), tuple(shape), meaning, **kwargs)
+
+
+def _attribute(owner, name, dtype, meaning, **kwargs) -> Entry:
+    return Entry(name, owner, (dtype,), (), meaning, **kwargs)
+
+
+ENTRIES = (
+    _dataset(IMAGES, STORED_DTYPES, ("N", "S", "S"), "the slices, chunks of (C, S, S)"),
+    _attribute(IMAGES, ATTR_SCALE, "float", "intensity = stored * scale + offset (uint8: 1/255)"),
+    _attribute(IMAGES, ATTR_OFFSET, "float", "see `scale`"),
+    _dataset(LABELS, ["int32"], ["N"], "class index per slice, -1 where unlabelled"),
+    _dataset(SUBJECT, ["int32"], ["N"], "row in the subjects table (one row per scan)"),
+    _dataset(SLICE, ["int16"], ["N"], "position of the slice along the canonical volume's axis"),
+    _dataset(f"{SUBJECTS}/{SUBJECT_ID}", ["str"], ["M"], "subject id (without `sub-`)"),
+    _dataset(f"{SUBJECTS}/{SESSION}", ["str"], ["M"], 'session (without `ses-`), "" if none'),
+    _dataset(
+        f"{SUBJECTS}/{SOURCE_PATH}",
+        ["str"],
+        ["M"],
+        "the scan's path, relative to its input's parent",
+    ),
+    _dataset(f"{SUBJECTS}/{SHA256}", ["str"], ["M"], "of the source file"),
+    _dataset(f"{SUBJECTS}/{SUBJECT_LABEL}", ["int32"], ["M"], "class index, -1 if unlabelled"),
+    _dataset(f"{SUBJECTS}/{SUBJECT_SPLIT}", ["str"], ["M"], "the scan's split"),
+    _dataset(
+        f"{SUBJECTS}/{AFFINE}", ["float64"], ("M", 4, 4), "voxel-to-world of the canonical volume"
+    ),
+    _dataset(f"{SUBJECTS}/{SHAPE}", ["int32"], ("M", 3), "shape of the canonical volume"),
+    _dataset(f"{SUBJECTS}/{VOXEL_SIZE}", ["float32"], ("M", 3), "mm, of the canonical volume"),
+    _attribute("", ATTR_SCHEMA, "int", "the schema version the store was written with"),
+    _attribute("", ATTR_UUID, "str", "new for every store written"),
+    _attribute("", ATTR_CREATED, "str", "ISO 8601, UTC"),
+    _attribute("", ATTR_CONFIG, "json", "every preprocessing setting and the inputs"),
+    _attribute("", ATTR_CLASS_NAMES, "json", "label k means `class_names[k]`"),
+    _attribute("", ATTR_SPLITS, "json", "`{name: [start, stop)}`, contiguous row ranges in order"),
+    _attribute("", ATTR_COMPLETE, "bool", "set last; a store without it is refused"),
+)
+SUBJECT_COLUMNS = tuple(
+    e.name.split("/", 1)[1] for e in ENTRIES if e.name.startswith(f"{SUBJECTS}/")
+)
+
+
+class SchemaError(ValueError):
+    """A value that does not fit the schema's declaration (a bug in the writer)."""
+
+
+def entry(name: str, owner: str | None = None) -> Entry:
+    """The declaration of a dataset (``owner=None``) or of an attribute of ``owner``.
+
+    >>> entry("labels").dtypes
+    ('int32',)
+    >>> entry("scale", owner="images").where
+    '/images attr `scale`'
+    """
+    for candidate in ENTRIES:
+        if candidate.name == name and candidate.owner == owner:
+            return candidate
+    raise KeyError(f"the schema declares no {'dataset' if owner is None else 'attribute'} {name!r}")
+
+
+def intensity_scale(dtype: str) -> float:
+    """The ``scale`` of a stored type: intensity = stored value * scale.
+
+    >>> intensity_scale("uint8") == 1 / 255, intensity_scale("float16")
+    (True, 1.0)
+    """
+    return UINT8_SCALE if dtype == "uint8" else 1.0
+
+
+def encode_intensities(slices: np.ndarray, dtype: str) -> np.ndarray:
+    """Slices of float intensities in their stored type (the inverse of ``scale``).
+
+    uint8 holds [0, 1] in steps of 1/255 (values outside are clipped).
+
+    >>> encode_intensities(np.array([0.0, 0.5, 1.2]), "uint8").tolist()
+    [0, 128, 255]
+    """
+    if dtype not in STORED_DTYPES:
+        raise SchemaError(
+            f"stored type must be one of {', '.join(STORED_DTYPES)}; received {dtype!r}"
+        )
+    if dtype == "uint8":
+        return np.rint(np.clip(slices, 0, 1) / UINT8_SCALE).astype(np.uint8)
+    return np.asarray(slices).astype(dtype)
+
+
+def create_dataset(h5: h5py.File | h5py.Group, name: str, data=None, **options) -> h5py.Dataset:
+    """Create a declared dataset, in the declared type.
+
+    Args:
+        h5: the file being written.
+        name: the dataset's path, as declared.
+        data: its values (cast to the declared type), or None with ``shape`` and ``dtype``
+            in ``options``.
+        **options: passed to ``h5py.Group.create_dataset`` (chunks, compression, ...).
+
+    Raises:
+        SchemaError: a type the declaration does not allow, or a shape of another rank.
+    """
+    declared = entry(name)
+    if data is not None:
+        if declared.dtypes == ("str",):
+            data = np.asarray(data, dtype=object)
+            options["dtype"] = h5py.string_dtype()
+        else:
+            data = np.asarray(data)
+            wanted = np.dtype(options.pop("dtype", declared.dtypes[0]))
+            if wanted.name not in declared.dtypes:
+                raise _type_error(declared, wanted)
+            data = data.astype(wanted, copy=False)
+        shape = data.shape
+    else:
+        shape = options["shape"]
+        if np.dtype(options["dtype"]).name not in declared.dtypes:
+            raise _type_error(declared, options["dtype"])
+    if len(shape) != len(declared.shape):
+        raise SchemaError(f"{declared.where}: shape must be {_rule(declared)}; received {shape}")
+    return h5.create_dataset(name, data=data, **options)
+
+
+def _type_error(declared: Entry, received) -> SchemaError:
+    return SchemaError(
+        f"{declared.where}: type must be one of {', '.join(declared.dtypes)}; received {received}"
+    )
+
+
+def set_attribute(h5: h5py.File, name: str, value, owner: str = "") -> None:
+    """Set a declared attribute of the root (``owner=""``) or of a dataset; JSON is encoded here."""
+    declared = entry(name, owner)
+    kind = declared.dtypes[0]
+    if kind == "json":
+        value = json.dumps(value)
+    elif kind in ("int", "float", "bool", "str"):
+        value = {"int": int, "float": float, "bool": bool, "str": str}[kind](value)
+    (h5[owner] if owner else h5).attrs[name] = value
+
+
+def read_attribute(h5: h5py.File, name: str, owner: str = ""):
+    """A declared attribute, JSON decoded; its default when the store predates it.
+
+    Raises:
+        KeyError: the attribute is missing although the store's version has it.
+    """
+    declared = entry(name, owner)
+    attrs = (h5[owner] if owner else h5).attrs
+    if name not in attrs:
+        if declared.since > store_version(h5):
+            return declared.default
+        raise KeyError(f"missing {declared.where}")
+    value = attrs[name]
+    return json.loads(value) if declared.dtypes[0] == "json" else value
+
+
+def store_version(h5: h5py.File) -> int:
+    """The schema version a store was written with (0 when it has none)."""
+    return int(h5.attrs.get(ATTR_SCHEMA, 0))
+
+
+def problems(h5: h5py.File) -> list[str]:
+    """What is wrong with a store, one line each; empty for a good one.
+
+    Checks the version, the ``complete`` flag, and the presence, type and shape of every
+    entry the store's version declares (no data is read beyond the attributes).
+    """
+    version = store_version(h5)
+    if version == 0 or IMAGES not in h5:
+        return [f"not a store: no `{ATTR_SCHEMA}` attribute or /{IMAGES}"]
+    if version > SCHEMA_VERSION:
+        return [
+            f"written with store schema {version}, newer than this version of slicestore "
+            f"reads (schema 1 to {SCHEMA_VERSION}): upgrade slicestore to read it"
+        ]
+    if not h5.attrs.get(ATTR_COMPLETE, False):
+        return [
+            f"unfinished store (no `{ATTR_COMPLETE}` flag): the run that wrote it did not "
+            "finish; rerun preprocess"
+        ]
+    found = []
+    sizes = {"N": h5[IMAGES].shape[0], "S": h5[IMAGES].shape[1]}
+    if f"{SUBJECTS}/{SUBJECT_ID}" in h5:
+        sizes["M"] = h5[f"{SUBJECTS}/{SUBJECT_ID}"].shape[0]
+    for declared in ENTRIES:
+        if declared.since > version:
+            continue
+        if declared.is_dataset:
+            if declared.name not in h5:
+                found.append(f"missing {declared.where}")
+                continue
+            dataset = h5[declared.name]
+            kind = "str" if h5py.check_string_dtype(dataset.dtype) else dataset.dtype.name
+            if kind not in declared.dtypes:
+                found.append(f"{declared.where} is {kind}, not {' or '.join(declared.dtypes)}")
+            expected = tuple(sizes.get(n, n) if isinstance(n, str) else n for n in declared.shape)
+            if dataset.shape != expected:
+                found.append(f"{declared.where} has shape {dataset.shape}, not {expected}")
+        else:
+            owner = h5[declared.owner] if declared.owner else h5
+            if declared.name not in owner.attrs:
+                found.append(f"missing {declared.where}")
+    return [f"damaged store: {problem}" for problem in found]
+
+
+def _rule(declared: Entry) -> str:
+    return (
+        "(" + ", ".join(map(str, declared.shape)) + ("," if len(declared.shape) == 1 else "") + ")"
+    )
+
+
+def markdown_table() -> str:
+    """The schema as the README's table (a test keeps the README equal to it)."""
+    lines = ["| path | shape, type | meaning | since |", "| --- | --- | --- | --- |"]
+    for declared in ENTRIES:
+        kind = " \\| ".join(declared.dtypes)
+        shape = f"{_rule(declared)} {kind}" if declared.is_dataset else kind
+        lines.append(f"| {declared.where} | {shape} | {declared.meaning} | {declared.since} |")
+    return "\n".join(lines)
