@@ -275,7 +275,7 @@ def store_version(h5: h5py.File) -> int:
 
 
 def problems(h5: h5py.File) -> list[str]:
-    """What is wrong with a store, one line each; empty for a good one.
+    """What is wrong with a store, in one line; an empty list for a good one.
 
     Checks the version, the ``complete`` flag, and the presence, type and shape of every
     entry the store's version declares (no data is read beyond the attributes).
@@ -315,7 +315,7 @@ def problems(h5: h5py.File) -> list[str]:
             owner = h5[declared.owner] if declared.owner else h5
             if declared.name not in owner.attrs:
                 found.append(f"missing {declared.where}")
-    return [f"damaged store: {problem}" for problem in found]
+    return ["damaged store: " + "; ".join(found)] if found else []
 
 
 def _rule(declared: Entry) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 import keras
@@ -85,6 +86,8 @@ class H5Sequence(keras.utils.PyDataset):
         if split is not None and not isinstance(split, str | list | tuple):
             raise TypeError(f"`split` must be a str, a list of str or None; received {split!r}")
 
+        if self.use_multiprocessing:
+            _quiet_forked_workers()
         self._path = os.fspath(path)
         self._split = split
         self._batch_size = batch_size
@@ -245,6 +248,28 @@ class H5Sequence(keras.utils.PyDataset):
                 self._fd = fd
                 self._pid = pid
         return self._fd, *self._datasets
+
+
+_QUIET_WORKERS = []  # one registration per process
+
+
+def _quiet_forked_workers() -> None:
+    """Let Keras' forked reader processes leave Ctrl-C and SIGTERM to the parent.
+
+    Ctrl-C reaches every process of the terminal's group: a worker that died of it in
+    the middle of sending a batch broke the result pipe (``UnpicklingError``) and Keras
+    waited for it for ever. Workers ignore SIGINT and die quietly of the SIGTERM with
+    which Keras stops them; the parent handles the interrupt.
+    """
+    if _QUIET_WORKERS:
+        return
+
+    def in_child() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    os.register_at_fork(after_in_child=in_child)
+    _QUIET_WORKERS.append(in_child)
 
 
 def _labelled_rows(store, split) -> list:

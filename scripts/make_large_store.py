@@ -11,8 +11,6 @@ Memory stays at the writer's buffer (``--buffer-mb``) whatever the size.
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -21,9 +19,10 @@ from pathlib import Path
 import numpy as np
 from make_phantoms import GROUPS, head_phantom, save
 
+from loader.command import add_options, run_main, settings_from_args
 from preprocess.discover import Scan
-from preprocess.pipeline import Settings, process_scan
-from preprocess.writer import Partial, partial_path, scan_record
+from preprocess.pipeline import RunOptions, Settings, process_scan
+from preprocess.writer import Partial, scan_record
 
 SLICES_PER_SCAN = 256
 
@@ -64,7 +63,8 @@ def write_large_store(
     )
     bank, bank_labels = slice_bank(settings, seed=seed)
     num_slices = max(1, int(gib * 2**30 // bank[0].nbytes))
-    partial = Partial(path, {**asdict(settings), "inputs": ["synthetic"], "gib": gib}, resume=False)
+    config = {**asdict(settings), "inputs": ["synthetic"], "gib": gib}
+    partial = Partial(path, config, overwrite=True)
     rng = np.random.default_rng(seed)
     for scan, start in enumerate(range(0, num_slices, SLICES_PER_SCAN)):
         count = min(SLICES_PER_SCAN, num_slices - start)
@@ -85,36 +85,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gb", type=float, required=True, help="size of the slices in GiB")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the store to write")
-    parser.add_argument("--dtype", choices=("uint8", "float16", "float32"), default="uint8")
-    parser.add_argument("--compression", choices=("none", "lzf", "gzip"), default="none")
-    parser.add_argument("--chunk-slices", type=int, default=64)
-    parser.add_argument("--buffer-mb", type=int, default=1024, help="writer memory (default: 1024)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    args = parser.parse_args(argv)
-    if args.gb <= 0:
-        print("error: --gb must be positive", file=sys.stderr)
-        return 2
-    if args.output.exists() and not args.overwrite:
-        print(f"error: {args.output}: exists; use --overwrite to replace it", file=sys.stderr)
-        return 2
-    if args.overwrite:
-        shutil.rmtree(partial_path(args.output), ignore_errors=True)
-    started = time.perf_counter()
-    num_slices = write_large_store(
-        args.output,
-        args.gb,
-        args.dtype,
-        args.compression,
-        args.chunk_slices,
-        args.buffer_mb << 20,
-    )
-    seconds = time.perf_counter() - started
-    size = args.output.stat().st_size
-    print(
-        f"wrote {args.output}: {num_slices} slices, {size / 2**30:.2f} GiB in {seconds:.1f} s "
-        f"({size / 2**20 / seconds:.0f} MiB/s)"
-    )
-    return 0
+    flags = add_options(parser, Settings, only=("dtype", "compression", "chunk_slices"))
+    flags |= add_options(parser, RunOptions, only=("buffer_mb", "overwrite"))
+
+    def body(args: argparse.Namespace) -> int:
+        if args.gb <= 0:
+            raise ValueError(f"--gb must be positive; received --gb {args.gb}")
+        settings = settings_from_args(Settings, args)
+        options = settings_from_args(RunOptions, args)
+        if args.output.exists() and not options.overwrite:
+            raise FileExistsError(f"{args.output}: exists; use --overwrite to replace it")
+        started = time.perf_counter()
+        num_slices = write_large_store(
+            args.output,
+            args.gb,
+            settings.dtype,
+            settings.compression,
+            settings.chunk_slices,
+            options.buffer_mb << 20,
+        )
+        seconds = time.perf_counter() - started
+        size = args.output.stat().st_size
+        print(
+            f"wrote {args.output}: {num_slices} slices, {size / 2**30:.2f} GiB in {seconds:.1f} s "
+            f"({size / 2**20 / seconds:.0f} MiB/s)"
+        )
+        return 0
+
+    return run_main(parser, argv, body, flags)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,44 @@ Exit status: 0 when done, 2 for usage errors or an unusable store, 130 when inte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
-# Before TensorFlow loads: hide its INFO and WARNING lines (and the CUDA probe's error on a
-# machine without a GPU); errors that matter reach the user as Python exceptions.
+# Before TensorFlow loads: hide its INFO and WARNING lines; errors that matter reach the
+# user as Python exceptions.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from loader.command import add_options, run_main, settings_from_args
-from training.run import Settings, train
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send what C++ code writes to stderr (fd 2) to /dev/null for a while.
+
+    TensorFlow's start-up lines (absl's "before InitializeLog", oneDNN, and "failed call
+    to cuInit" on a machine without a GPU) come from C++ before any setting applies.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+with _native_stderr_silenced():  # load the backend and probe its devices, quietly
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+
+from loader.command import add_options, run_main, settings_from_args  # noqa: E402
+from training.run import Settings, train  # noqa: E402
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
