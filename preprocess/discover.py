@@ -226,6 +226,72 @@ def read_label_table(
     return labels
 
 
+def _some(ids, count: int = 3) -> str:
+    """A few ids, for a message.
+
+    >>> _some(["1", "2", "3", "4", "5"])
+    "'1', '2', '3', ... (5 in all)"
+    """
+    ids = sorted(ids)
+    shown = ", ".join(map(repr, ids[:count]))
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > count else "")
+
+
+def match_labels(
+    subject_ids, table: dict[str, str | None], table_name: str
+) -> tuple[dict[str, str | None], list[str]]:
+    """Join the scans' subjects with a label table, and say how they matched.
+
+    Args:
+        subject_ids: the scans' subject ids.
+        table: subject id -> label (None where the table says ``n/a``), from
+            :func:`read_label_table`.
+        table_name: the table's file and column, for the messages.
+
+    Returns:
+        ``(labels, lines)``: subject id -> label or None, and the lines to show: how many
+        subjects have a label, and (as warnings) the subjects without one and the table
+        rows that match no scan, with a few ids of each.
+
+    Raises:
+        InputError: no scan's subject is in the table (an id from each side is shown).
+
+    Example:
+        >>> labels, lines = match_labels(["01", "02"], {"01": "a", "99": "b"}, "t.tsv")
+        >>> labels
+        {'01': 'a', '02': None}
+        >>> for line in lines:
+        ...     print(line)
+        labels: 1 of 2 subjects have a label in t.tsv
+        warning: 1 subject(s) have no label in t.tsv and go to the split 'unlabelled': '02'
+        warning: 1 row(s) of t.tsv match no scan's subject: '99'
+    """
+    subjects = set(subject_ids)
+    known = subjects & set(table)
+    if not known:
+        raise InputError(
+            f"{table_name}: no subject id in the table matches a scan's subject (table: "
+            f"{_some(table, 2) or 'no rows'}; scans: {_some(subjects, 2)}); ids must be the "
+            "scans' subject ids, with or without 'sub-'"
+        )
+    labels = {subject_id: table.get(subject_id) for subject_id in sorted(subjects)}
+    without = [subject_id for subject_id, label in labels.items() if label is None]
+    labelled = len(subjects) - len(without)
+    lines = [f"labels: {labelled} of {len(subjects)} subjects have a label in {table_name}"]
+    if without:
+        lines.append(
+            f"warning: {len(without)} subject(s) have no label in {table_name} and go to the "
+            f"split 'unlabelled': {_some(without)}"
+        )
+    unmatched = set(table) - subjects
+    if unmatched:
+        lines.append(
+            f"warning: {len(unmatched)} row(s) of {table_name} match no scan's subject: "
+            f"{_some(unmatched)}"
+        )
+    return labels, lines
+
+
 def class_names(labels) -> list[str]:
     """The sorted distinct labels: numerically when all are numbers.
 

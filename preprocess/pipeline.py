@@ -24,9 +24,16 @@ from tqdm import tqdm
 from loader import schema
 from loader.command import SettingError, check_settings, option
 from loader.store import open_store
-from preprocess.discover import LAYOUTS, Scan, class_names, discover, read_label_table
+from preprocess.discover import (
+    LAYOUTS,
+    Scan,
+    class_names,
+    discover,
+    match_labels,
+    read_label_table,
+)
 from preprocess.errors import PreprocessError, ScanError
-from preprocess.slices import AXES, cut_slices
+from preprocess.slices import cut_slices
 from preprocess.volume import NORMALIZATIONS, foreground, load_volume, normalize
 from preprocess.writer import Partial, partial_path, scan_record
 
@@ -69,7 +76,9 @@ class Settings:
     normalize: str = option(
         "percentile", "intensity scaling per volume", choices=NORMALIZATIONS, group=SLICES
     )
-    axis: str = option("axial", "slicing direction", choices=tuple(AXES), group=SLICES)
+    axis: str = option(
+        "axial", "slicing direction", choices=("axial", "coronal", "sagittal"), group=SLICES
+    )
     min_foreground: float = option(
         0.05, "drop slices with less foreground", metavar="F", at_least=0, below=1, group=SLICES
     )
@@ -203,9 +212,11 @@ def _process_or_reason(scan: Scan, settings: Settings):
 
 
 def find_scans(
-    inputs: list[str], settings: Settings
+    inputs: list[str], settings: Settings, report=print
 ) -> tuple[list[Scan], list[str], list[tuple[str, str]]]:
     """The scans of the inputs with their labels, the class names, and inputs rejected up front.
+
+    How the label table matched the scans' subjects is reported, one line each.
 
     Raises:
         PreprocessError: no scans, or a problem with the inputs or the label file.
@@ -228,8 +239,12 @@ def find_scans(
         table = {}
         for path in tables:
             table.update(read_label_table(path, settings.label_column, settings.id_column))
+        names = f"{', '.join(map(str, tables))} (column {settings.label_column!r})"
+        labels, lines = match_labels([s.subject_id for s in scans], table, names)
+        for line in lines:
+            report(line)
         scans = [
-            Scan(s.path, s.source, s.subject_id, s.session, table.get(s.subject_id)) for s in scans
+            Scan(s.path, s.source, s.subject_id, s.session, labels[s.subject_id]) for s in scans
         ]
     if not scans:
         raise PreprocessError(f"no NIfTI scans found in {', '.join(map(str, inputs))}")
@@ -275,7 +290,7 @@ def run(
         left = f" and no {partial_path(output)} is left to resume" if resume else ""
         raise FileExistsError(f"{output}: exists{left}; use --overwrite to replace it")
 
-    scans, names, rejected = find_scans(inputs, settings)
+    scans, names, rejected = find_scans(inputs, settings, report)
     for path, reason in rejected:
         _reject(summary, report, path, reason)
     config = {**asdict(settings), "inputs": [os.path.abspath(item) for item in inputs]}
@@ -291,6 +306,9 @@ def run(
             raise PreprocessError(
                 f"no usable scans: all {len(summary.rejected)} were rejected; no store written"
             )
+        for line in same_files(partial.done().values()):
+            summary.warnings.append(line)
+            report(f"warning: {line}")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             summary.splits = partial.finalize(names, options.buffer_mb << 20)
@@ -301,6 +319,26 @@ def run(
     summary.size_bytes = output.stat().st_size
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def same_files(records) -> list[str]:
+    """One line per file that appears under two subjects (same sha256): a leak between splits.
+
+    >>> same_files([{"source": "a.nii", "subject_id": "1", "sha256": "x"},
+    ...             {"source": "b.nii", "subject_id": "2", "sha256": "x"}])[0][:52]
+    'a.nii and b.nii are the same file (sha256 x) under s'
+    """
+    first: dict[str, dict] = {}
+    lines = []
+    for record in sorted(records, key=lambda r: r["source"]):
+        earlier = first.setdefault(record["sha256"], record)
+        if earlier is not record and earlier["subject_id"] != record["subject_id"]:
+            lines.append(
+                f"{earlier['source']} and {record['source']} are the same file (sha256 "
+                f"{record['sha256'][:12]}) under subjects {earlier['subject_id']!r} and "
+                f"{record['subject_id']!r}: its slices may sit on both sides of a split"
+            )
+    return lines
 
 
 def _compute(todo, settings, workers, partial, summary, report, progress) -> None:
