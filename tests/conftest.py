@@ -88,12 +88,14 @@ def write_id_store(
     labelled: bool = True,
     val_fraction: float = 0.25,
     seed: int = 0,
+    classes: str = "ab",
+    unlabelled: int = 0,
 ) -> Path:
     """A store, written by the project's writer, whose slices carry their canonical row id.
 
     Canonical row ``r`` (scan ``r // slices_per_scan``) holds ``r`` in pixels ``[0, 0:3]``
-    as base-256 digits (``decode_ids`` reads them back); scans alternate classes a/b, one
-    subject per scan.
+    as base-256 digits (``decode_ids`` reads them back); scans take the ``classes`` in turn
+    (one letter each), one subject per scan; the last ``unlabelled`` scans have no label.
     """
     settings = Settings(
         dtype=dtype,
@@ -109,10 +111,10 @@ def write_id_store(
         ids = scan * slices_per_scan + np.arange(slices_per_scan)
         slices = rng.integers(0, 256, (slices_per_scan, 64, 64)).astype(dtype)
         slices[:, 0, :3] = np.stack([ids // 65536, ids // 256 % 256, ids % 256], axis=1)
-        label = "ab"[scan % 2] if labelled else None
+        label = classes[scan % len(classes)] if labelled and scan < scans - unlabelled else None
         record = scan_record(f"s{scan:03d}.nii", f"{scan:03d}", range(slices_per_scan), label=label)
         partial.add(record, slices)
-    partial.finalize(["a", "b"] if labelled else [])
+    partial.finalize(sorted(classes) if labelled else [])
     return path
 
 

@@ -12,12 +12,21 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import write_id_store
+from conftest import decode_ids, write_id_store
 
+import training
 from loader import H5Sequence, open_store
 from training.cli import main
 from training.metrics import evaluate_outputs
-from training.run import RUN_FILES, train
+from training.run import (
+    RUN_FILES,
+    Settings,
+    TrainingError,
+    build_model,
+    check_store,
+    evaluate,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +47,7 @@ def test_the_run_folder_is_complete(trained):
         rows = list(csv.DictReader(handle))
     assert len(rows) == result.epochs_run == 3
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(rows[0])
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]  # as the console numbers them
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["splits"]) == {"val", "test"}  # test: the store has one
     for split in metrics["splits"].values():
@@ -141,7 +151,8 @@ def test_an_existing_run_folder_is_refused_unless_overwrite(trained, tmp_path, c
         == 0
     )
     assert (run_dir / "notes.txt").read_text() == "mine"  # only a run's own files are replaced
-    assert (run_dir / "model.keras").is_file()
+    model = keras.models.load_model(run_dir / "model.keras")
+    assert model.input_shape == (None, 1, 64, 64)  # --channels first
 
 
 def test_unlabelled_or_broken_stores_exit_2(tmp_path, capsys):
@@ -166,3 +177,138 @@ def test_python_dash_m_training_runs(phantom_store, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "subject accuracy" in result.stdout
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_training_train_is_importable_as_the_readme_says():
+    assert training.train is train
+    assert training.Settings is Settings
+    assert issubclass(training.TrainingError, ValueError)
+
+
+def _two_unit_softmax(num_classes, input_shape, data_format):
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Flatten()(inputs)
+    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+
+
+def test_the_loss_follows_the_models_output_not_the_class_count(tmp_path):
+    two = write_id_store(tmp_path / "two.h5", scans=4)
+    three = write_id_store(tmp_path / "three.h5", scans=6, classes="abc")
+    with open_store(two) as store:
+        assert build_model(training.model.build, store, Settings()).loss == "binary_crossentropy"
+        softmax = build_model(_two_unit_softmax, store, Settings())
+        assert softmax.loss == "sparse_categorical_crossentropy"
+    with open_store(three) as store, pytest.raises(TrainingError, match=r"must be \(None, 3\)"):
+        build_model(_two_unit_softmax, store, Settings())
+    result = train(two, tmp_path / "run", epochs=1, model_fn=_two_unit_softmax, progress=False)
+    assert result.metrics["val"]["slices"]["count"] > 0
+
+
+def test_three_classes_train_with_a_softmax_and_score_three_by_three(tmp_path):
+    store = write_id_store(tmp_path / "three.h5", scans=9, classes="abc", val_fraction=0.34)
+    result = train(store, tmp_path / "run", epochs=1, batch_size=32, progress=False)
+    model = keras.models.load_model(tmp_path / "run" / "model.keras")
+    assert model.output_shape == (None, 3)
+    for level in ("slices", "subjects"):
+        confusion = np.array(result.metrics["val"][level]["confusion"])
+        assert confusion.shape == (3, 3)
+        assert confusion.sum() == result.metrics["val"][level]["count"]
+        assert result.metrics["val"][level]["roc_auc"] is None
+    assert (tmp_path / "run" / "confusion.png").is_file()
+
+
+def test_check_store_refuses_unlabelled_and_empty_splits_and_warns_of_few_subjects(tmp_path):
+    path = write_id_store(tmp_path / "s.h5", scans=8, unlabelled=2)
+    lines = []
+    with open_store(path) as store:
+        assert "unlabelled" in store.splits
+        assert check_store(store, Settings(), lines.append) is None
+        with pytest.raises(TrainingError, match="split 'unlabelled' has no labels"):
+            check_store(store, Settings(val_split="unlabelled"), lines.append)
+        with pytest.raises(TrainingError, match="no split 'nope'"):
+            check_store(store, Settings(test_split="nope"), lines.append)
+    assert any("split 'val' has 1 subject(s) of class 'a'" in line for line in lines)
+
+
+def test_a_labelled_store_with_unlabelled_subjects_trains_on_the_labelled_ones(tmp_path):
+    path = write_id_store(tmp_path / "s.h5", scans=10, unlabelled=2)
+    every = H5Sequence(path, batch_size=16)
+    with open_store(path) as store:
+        unlabelled = store.splits["unlabelled"]
+        assert every.num_slices == store.num_slices - len(unlabelled)
+        assert set(store.labels[unlabelled.start : unlabelled.stop]) == {-1}
+    ys = np.concatenate([every[i][1] for i in range(len(every))])
+    assert ys.min() >= 0  # never a -1 where labels are expected
+    alone = H5Sequence(path, split="unlabelled", batch_size=8)[0]
+    assert isinstance(alone, np.ndarray)  # x only, for predict
+    with pytest.raises(ValueError, match="split 'unlabelled' has no labels: name it alone"):
+        H5Sequence(path, split=["train", "unlabelled"])
+    result = train(path, tmp_path / "run", epochs=1, batch_size=32, progress=False)
+    assert set(result.metrics) == {"val"}
+
+
+def test_folds_train_on_some_and_validate_on_another(phantom_bids, tmp_path, capsys):
+    store = tmp_path / "folds.h5"
+    args = [str(phantom_bids), "-o", str(store), "--label-column", "group", "--folds", "3"]
+    from preprocess.cli import main as preprocess_main
+
+    assert preprocess_main([*args, "--workers", "1"]) == 0
+    run_dir = tmp_path / "run"
+    cli = [str(store), "-o", str(run_dir), "--epochs", "1", "--batch-size", "64"]
+    assert main([*cli, "--train-split", "fold0", "fold1", "--val-split", "fold2"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["splits"]) == {"fold2"}
+    with open_store(store) as opened:
+        assert metrics["splits"]["fold2"]["slices"]["count"] == len(opened.splits["fold2"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["settings"]["train_split"] == ["fold0", "fold1"]
+    assert "1 epoch," in capsys.readouterr().out  # not "1 epochs"
+
+
+class _ReplaceStore(keras.callbacks.Callback):
+    """Writes another store at the run's store path after the first epoch."""
+
+    def __init__(self, path: Path, other: Path):
+        super().__init__()
+        self.path, self.other = path, other
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            os.replace(self.other, self.path)
+
+
+def test_a_store_replaced_during_the_run_stops_it_instead_of_mixing_two_stores(
+    phantom_store, tmp_path, capsys
+):
+    import shutil
+
+    path = tmp_path / "store.h5"
+    shutil.copy(phantom_store, path)
+    with open_store(path) as store:
+        uuid = store.uuid
+    other = write_id_store(tmp_path / "other.h5", scans=8)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError, match="the store changed during the run"):
+        train(
+            path, run_dir, epochs=3, batch_size=64, progress=False,
+            callbacks=[_ReplaceStore(path, other)],
+        )  # fmt: skip
+    assert json.loads((run_dir / "config.json").read_text())["store"]["uuid"] == uuid
+    assert not (run_dir / "metrics.json").exists()  # no scores of a mix of two stores
+
+
+def test_evaluation_reads_labels_from_the_file_the_predictions_came_from(tmp_path):
+    """Labels come through the open store, so a file replaced at the path cannot mix in."""
+    path = write_id_store(tmp_path / "ids.h5", scans=8)
+    with open_store(path) as store:
+        data = {"val": H5Sequence(path, split="val", batch_size=7)}
+        data["val"][0]  # this process has opened the file
+        os.replace(write_id_store(tmp_path / "other.h5", scans=12, classes="ba"), path)
+
+        class RowIds(keras.Model):
+            def predict(self, sequence, verbose=0):
+                ids = np.concatenate([decode_ids(sequence[i][0]) for i in range(len(sequence))])
+                return (ids // 20 % 2).astype(np.float32)[:, None]  # the true class, from x
+
+        results = evaluate(RowIds(), data, store)
+    assert results["val"]["slices"]["accuracy"] == 1.0
