@@ -251,3 +251,79 @@ def test_python_dash_m_preprocess_runs(tmp_path):
     assert "wrote " in result.stdout
     assert "2 scans" in result.stdout
     assert (tmp_path / "s.h5").is_file()
+
+
+def _folders(root: Path, count: int) -> Path:
+    """``count`` BIDS-named subjects sub-01.. of small blobs, without a participants.tsv."""
+    for index in range(1, count + 1):
+        write_nifti(root / f"sub-{index:02d}/anat/sub-{index:02d}_T1w.nii.gz", blob_volume(index))
+    return root
+
+
+def test_a_label_table_that_matches_no_subject_is_an_error(tmp_path, capsys):
+    inputs = _folders(tmp_path / "in", 3)
+    (tmp_path / "dx.csv").write_text("subject,dx\n1,a\n2,b\n3,a\n")
+    args = [inputs, "-o", tmp_path / "s.h5", "--labels", tmp_path / "dx.csv"]
+    assert _run(*args, "--label-column", "dx", "--id-column", "subject", "--workers", "1") == 2
+    err = capsys.readouterr().err
+    assert "dx.csv (column 'dx'): no subject id in the table matches a scan's subject" in err
+    assert "table: '1', '2'" in err
+    assert "scans: '01', '02'" in err
+    assert not (tmp_path / "s.h5").exists()
+    assert not partial_path(tmp_path / "s.h5").exists()
+
+
+def test_how_the_label_table_matched_is_reported_and_the_labels_file_works(tmp_path, capsys):
+    inputs = _folders(tmp_path / "in", 5)
+    (tmp_path / "dx.csv").write_text("subject,dx\nsub-01,a\n02,b\n03,a\n04,n/a\nsub-99,b\n")
+    args = [inputs, "-o", tmp_path / "s.h5", "--labels", tmp_path / "dx.csv"]
+    assert _run(*args, "--label-column", "dx", "--id-column", "subject", "--workers", "1") == 0
+    err = capsys.readouterr().err
+    assert "labels: 3 of 5 subjects have a label in" in err
+    assert "warning: 2 subject(s) have no label in" in err
+    assert "'04', '05'" in err
+    assert "warning: 1 row(s) of" in err
+    assert "match no scan's subject: '99'" in err
+    with open_store(tmp_path / "s.h5") as store:
+        table = store.subjects_table()
+        labels = dict(zip(table[schema.SUBJECT_ID], table[schema.SUBJECT_LABEL], strict=True))
+        assert labels == {"01": 0, "02": 1, "03": 0, "04": -1, "05": -1}
+        assert store.class_names == ["a", "b"]
+        assert "unlabelled" in store.splits
+
+
+def test_one_file_under_two_subjects_is_named(tmp_path, capsys):
+    inputs = _folders(tmp_path / "in", 3)
+    shutil.copy(inputs / "sub-01/anat/sub-01_T1w.nii.gz", inputs / "sub-03/anat/sub-03_T1w.nii.gz")
+    assert _run(inputs, "-o", tmp_path / "s.h5", "--workers", "1") == 0
+    err = capsys.readouterr().err
+    assert "warning: in/sub-01/anat/sub-01_T1w.nii.gz and in/sub-03/anat/sub-03_T1w.nii.gz " in err
+    assert "are the same file" in err
+    assert "under subjects '01' and '03'" in err
+
+
+def test_a_second_run_on_a_store_being_written_touches_nothing(slow_bids, tmp_path, capsys):
+    target = tmp_path / "s.h5"
+    command = [sys.executable, "-m", "preprocess", str(slow_bids), "-o", str(target)]
+    process = subprocess.Popen(
+        [*command, "--workers", "1"], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(partial_path(target).glob("*.json"))) < 3:
+            assert process.poll() is None, "the first run ended too soon"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            before = sorted(p.name for p in partial_path(target).iterdir())
+            assert _run(slow_bids, "-o", target, "--workers", "1", *extra) == 2
+            err = capsys.readouterr().err
+            assert f"another preprocess run is writing this store (process {process.pid} " in err
+            assert not target.exists()
+            assert set(before) <= {p.name for p in partial_path(target).iterdir()}
+    finally:
+        process.wait(timeout=300)
+    assert process.returncode == 0
+    with open_store(target) as store:  # the first run finished unharmed
+        assert len(store.subjects_table()[schema.SOURCE_PATH]) == 32
