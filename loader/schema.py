@@ -315,6 +315,8 @@ def problems(h5: h5py.File) -> list[str]:
             owner = h5[declared.owner] if declared.owner else h5
             if declared.name not in owner.attrs:
                 found.append(f"missing {declared.where}")
+    if len(found) > 4:  # one line: the first few, and how many more
+        found = [*found[:3], f"and {len(found) - 3} more problems"]
     return ["damaged store: " + "; ".join(found)] if found else []
 
 

@@ -205,3 +205,29 @@ def test_no_slice_with_enough_foreground_is_empty():
     data[15, 15, 15] = 1
     with pytest.raises(ScanError, match="empty: no axial slice"):
         cut_slices(data, data > 0, np.ones(3), "axial", 64, 0.05)
+
+
+@pytest.mark.parametrize(
+    ("axis", "marker", "corner"),
+    [
+        # RAS voxel axes: x to the patient's right, y anterior, z superior
+        ("axial", (slice(0, 8), slice(32, 40), slice(None)), ("top", "left")),  # A, L
+        ("coronal", (slice(0, 8), slice(None), slice(32, 40)), ("top", "left")),  # S, L
+        ("sagittal", (slice(None), slice(32, 40), slice(32, 40)), ("top", "right")),  # S, A
+    ],
+)
+def test_slices_are_oriented_as_the_preview_letters_say(axis, marker, corner):
+    from loader.schema import VIEW_SIDES
+
+    data = np.full((40, 40, 40), 10.0, dtype=np.float32)
+    data[marker] = 100.0  # a bright block in one corner of the patient
+    slices, _ = cut_slices(data, data > 5, np.ones(3), axis, 40, 0.05)
+    image = slices[len(slices) // 2]
+    rows, columns = np.nonzero(image > 0.5 * image.max())
+    vertical = "top" if rows.mean() < 20 else "bottom"
+    horizontal = "left" if columns.mean() < 20 else "right"
+    assert (vertical, horizontal) == corner
+    top, bottom, left, right = VIEW_SIDES[axis]
+    sides = {"top": top, "bottom": bottom, "left": left, "right": right}
+    expected = {"axial": ("A", "L"), "coronal": ("S", "L"), "sagittal": ("S", "A")}[axis]
+    assert (sides[vertical], sides[horizontal]) == expected
