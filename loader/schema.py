@@ -18,6 +18,7 @@ up to its own and refuses a newer one with a line naming the version needed.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Datasets of N rows, one per slice.
 IMAGES = "images"
@@ -45,6 +46,10 @@ AFFINE = "affine"
 SHAPE = "shape"
 VOXEL_SIZE = "voxel_size"
 
+# The PARTICIPANTS group (schema 2): the whole labels table, one dataset of M rows per
+# column (each scan's subject's value), named by participant_key(column).
+PARTICIPANTS = "participants"
+
 # Root attributes.
 ATTR_SCHEMA = "schema"
 ATTR_UUID = "uuid"
@@ -53,6 +58,7 @@ ATTR_CONFIG = "config"
 ATTR_CLASS_NAMES = "class_names"
 ATTR_SPLITS = "splits"
 ATTR_COMPLETE = "complete"
+ATTR_PARTICIPANT_COLUMNS = "participant_columns"
 
 # Attributes of IMAGES: a stored value v means the intensity v * scale + offset.
 ATTR_SCALE = "scale"
@@ -152,7 +158,33 @@ ENTRIES = (
     _attribute("", ATTR_CLASS_NAMES, "json", "label k means `class_names[k]`"),
     _attribute("", ATTR_SPLITS, "json", "`{name: [start, stop)}`, contiguous row ranges in order"),
     _attribute("", ATTR_COMPLETE, "bool", "set last; a store without it is refused"),
+    _dataset(
+        f"{PARTICIPANTS}/*",
+        ["float64", "str"],
+        ["M"],
+        'one column of the labels table each: numbers (NaN where missing) or text ("")',
+        since=2,
+    ),
+    _attribute(
+        "",
+        ATTR_PARTICIPANT_COLUMNS,
+        "json",
+        '`[[column, "numeric" or "categorical"], ...]` in the table\'s order',
+        since=2,
+        default=[],
+    ),
 )
+
+
+def participant_key(column: str) -> str:
+    """The dataset name of a labels-table column under /participants (HDF5 names lack "/").
+
+    >>> participant_key("weight/kg")
+    'weight_kg'
+    """
+    return column.replace("/", "_")
+
+
 SUBJECT_COLUMNS = tuple(
     e.name.split("/", 1)[1] for e in ENTRIES if e.name.startswith(f"{SUBJECTS}/")
 )
@@ -171,7 +203,7 @@ def entry(name: str, owner: str | None = None) -> Entry:
     '/images attr `scale`'
     """
     for candidate in ENTRIES:
-        if candidate.name == name and candidate.owner == owner:
+        if candidate.owner == owner and fnmatch.fnmatchcase(name, candidate.name):
             return candidate
     raise KeyError(f"the schema declares no {'dataset' if owner is None else 'attribute'} {name!r}")
 
@@ -217,12 +249,14 @@ def create_dataset(h5: h5py.File | h5py.Group, name: str, data=None, **options) 
     """
     declared = entry(name)
     if data is not None:
-        if declared.dtypes == ("str",):
-            data = np.asarray(data, dtype=object)
+        data = np.asarray(data)
+        if data.dtype.kind in "OUS":  # text
+            if "str" not in declared.dtypes:
+                raise _type_error(declared, "str")
+            data = data.astype(object)
             options["dtype"] = h5py.string_dtype()
         else:
-            data = np.asarray(data)
-            wanted = np.dtype(options.pop("dtype", declared.dtypes[0]))
+            wanted = np.dtype(options.pop("dtype", None) or declared.dtypes[0])
             if wanted.name not in declared.dtypes:
                 raise _type_error(declared, wanted)
             data = data.astype(wanted, copy=False)
@@ -301,16 +335,16 @@ def problems(h5: h5py.File) -> list[str]:
         if declared.since > version:
             continue
         if declared.is_dataset:
-            if declared.name not in h5:
+            group, _, name = declared.name.rpartition("/")
+            if name == "*":  # one dataset per member of a group, none required
+                names = [f"{group}/{key}" for key in h5.get(group, {})]
+            elif declared.name in h5:
+                names = [declared.name]
+            else:
                 found.append(f"missing {declared.where}")
                 continue
-            dataset = h5[declared.name]
-            kind = "str" if h5py.check_string_dtype(dataset.dtype) else dataset.dtype.name
-            if kind not in declared.dtypes:
-                found.append(f"{declared.where} is {kind}, not {' or '.join(declared.dtypes)}")
-            expected = tuple(sizes.get(n, n) if isinstance(n, str) else n for n in declared.shape)
-            if dataset.shape != expected:
-                found.append(f"{declared.where} has shape {dataset.shape}, not {expected}")
+            for path in names:
+                found += _dataset_problems(h5[path], declared, sizes)
         else:
             owner = h5[declared.owner] if declared.owner else h5
             if declared.name not in owner.attrs:
@@ -318,6 +352,17 @@ def problems(h5: h5py.File) -> list[str]:
     if len(found) > 4:  # one line: the first few, and how many more
         found = [*found[:3], f"and {len(found) - 3} more problems"]
     return ["damaged store: " + "; ".join(found)] if found else []
+
+
+def _dataset_problems(dataset: h5py.Dataset, declared: Entry, sizes: dict) -> list[str]:
+    found = []
+    kind = "str" if h5py.check_string_dtype(dataset.dtype) else dataset.dtype.name
+    if kind not in declared.dtypes:
+        found.append(f"{dataset.name} is {kind}, not {' or '.join(declared.dtypes)}")
+    expected = tuple(sizes.get(n, n) if isinstance(n, str) else n for n in declared.shape)
+    if dataset.shape != expected:
+        found.append(f"{dataset.name} has shape {dataset.shape}, not {expected}")
+    return found
 
 
 def _rule(declared: Entry) -> str:

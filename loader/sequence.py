@@ -11,8 +11,9 @@ import numpy as np
 
 from loader.plan import EpochPlan, aligned_blocks
 from loader.rows import prefetch_rows, read_rows, row_layout
-from loader.schema import UNLABELLED_SPLIT
+from loader.schema import SUBJECT_SPLIT, UNLABELLED_SPLIT
 from loader.store import StoreChangedError, file_identity, open_h5, open_store
+from loader.target import Target, resolve
 
 # How many batches ahead to ask the kernel for (prefetch=True): cold shuffled reads,
 # slices/s on a 0.25 GiB store: 1 ahead 348 k, 2 ahead 435 k, 4 ahead 443 k (warm unchanged).
@@ -29,9 +30,14 @@ class H5Sequence(keras.utils.PyDataset):
     opened lazily in each process that reads, so it is safe with ``workers`` threads and
     with ``use_multiprocessing=True``.
 
-    In a labelled store, ``y`` is the class index of each row. Rows without a label are
-    never served with labels: ``split=None`` means every labelled split (all rows but the
-    ``unlabelled`` split), and the ``unlabelled`` split named alone gives ``x`` only.
+    ``y`` is the target of each row's subject: by default the store's class labels (int32).
+    Rows without a label are never served with labels: ``split=None`` means every
+    labelled split (all rows but the ``unlabelled`` split), and the ``unlabelled`` split
+    named alone gives ``x`` only. With ``target="age"`` ``y`` is that column of the labels
+    table kept in the store: float32 for numbers (regression), an int32 class index for
+    text. Where some rows' subjects have no value for the target, batches are
+    ``(x, y, sample_weight)`` with weight 0 for those rows (Keras leaves them out of the
+    loss and of weighted metrics); else ``(x, y)``.
 
     Args:
         path: the store.
@@ -45,13 +51,22 @@ class H5Sequence(keras.utils.PyDataset):
         prefetch: after each batch, ask the kernel to start reading a batch ahead
             (``posix_fadvise(WILLNEED)``), which a shuffled order otherwise defeats.
             Defaults to True.
+        target: a column of the store's labels table (or of ``labels``) as ``y``; None
+            for the store's class labels. Defaults to None.
+        task: ``classification`` or ``regression``; None follows the column (numbers are
+            regression). Defaults to None.
+        labels: a ``.tsv``/``.csv`` table joined by subject id at load time, for labels
+            that arrived after preprocessing. Defaults to None (the store's table).
+        id_column: the subject-id column of ``labels``. Defaults to ``participant_id``.
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of
             ``keras.utils.PyDataset``.
 
     Raises:
         FileNotFoundError: no store at ``path``.
         ValueError: the file is not a finished store, a split is unknown or empty, the
-            unlabelled split is named beside labelled ones, or an argument is out of range.
+            unlabelled split is named beside labelled ones, the target is not a column
+            (the columns are listed) or not numeric for regression, or an argument is out
+            of range.
         TypeError: an argument of the wrong type.
 
     Example::
@@ -69,6 +84,10 @@ class H5Sequence(keras.utils.PyDataset):
         seed: int = 0,
         channels: str = "last",
         prefetch: bool = True,
+        target: str | None = None,
+        task: str | None = None,
+        labels: str | os.PathLike | None = None,
+        id_column: str = "participant_id",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -97,20 +116,24 @@ class H5Sequence(keras.utils.PyDataset):
         self._prefetch = prefetch
         self._epoch = 0
         with open_store(self._path) as store:
-            selected = _labelled_rows(store, split)
+            selected = store.select(split) if target else _labelled_rows(store, split)
             empty = [s.name for s in selected if len(s) == 0]
             if empty or not selected:
                 raise ValueError(f"{self._path}: split {empty} has no rows")
             self._blocks = aligned_blocks([(s.start, s.stop) for s in selected], store.chunk_slices)
-            self._class_names = store.class_names
-            self._labelled = store.labelled and selected[0].name != UNLABELLED_SPLIT
+            self._target = resolve(store, target, task, labels, id_column)
+            if target is None and not (store.labelled and selected[0].name != UNLABELLED_SPLIT):
+                self._target = None  # no labels to serve: x alone
+            self._weighted = self._target is not None and not _all_present(
+                store, selected, self._target
+            )
             self._uuid = store.uuid
             self._slice_shape = store.slice_shape
             self._dtype = store.dtype
             self._scale = np.float32(store.scale)
             self._offset = np.float32(store.offset)
             self._images = row_layout(store.images)
-            self._labels = row_layout(store.labels)
+            self._subjects = row_layout(store.subject)
             self._identity = store.identity
         self._plan = EpochPlan(self._blocks, batch_size, shuffle, seed, self._epoch)
         self._init_process_state()
@@ -165,8 +188,18 @@ class H5Sequence(keras.utils.PyDataset):
 
     @property
     def class_names(self) -> list[str]:
-        """The store's class names; empty when it has no labels."""
-        return list(self._class_names)
+        """The classes of the target (the store's own by default); empty for regression."""
+        return list(self._target.class_names) if self._target else []
+
+    @property
+    def target(self) -> Target | None:
+        """What ``y`` is (:class:`loader.target.Target`); None when batches are ``x`` alone."""
+        return self._target
+
+    @property
+    def weighted(self) -> bool:
+        """Whether batches are ``(x, y, sample_weight)``: some rows have no target value."""
+        return self._weighted
 
     @property
     def store_uuid(self) -> str:
@@ -196,7 +229,7 @@ class H5Sequence(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         runs = self._plan.runs(_batch_index(index, len(self)))
         num_rows = sum(stop - start for start, stop in runs)
-        fd, images, labels = self._open()
+        fd, images, subjects = self._open()
         height, width = self._slice_shape
         shape = (
             (num_rows, height, width, 1)
@@ -206,13 +239,13 @@ class H5Sequence(keras.utils.PyDataset):
         x = np.empty(shape, dtype=np.float32)
         x_rows = x.reshape(num_rows, height, width)  # a view: both layouts have one channel
         stored = x_rows if self._dtype == np.float32 else np.empty(x_rows.shape, self._dtype)
-        y = np.empty(num_rows, dtype=np.int32) if self._labelled else None
+        scans = np.empty(num_rows, dtype=np.int32) if self._target else None
         position = 0
         for start, stop in runs:
             end = position + stop - start
             read_rows(self._images, start, stop, stored[position:end], fd, images)
-            if y is not None:
-                read_rows(self._labels, start, stop, y[position:end], fd, labels)
+            if scans is not None:
+                read_rows(self._subjects, start, stop, scans[position:end], fd, subjects)
             position = end
         if self._prefetch:  # hint the batch PREFETCH_AHEAD on (all of them up to it at first)
             first = index + 1 if index == 0 else index + PREFETCH_AHEAD
@@ -223,7 +256,14 @@ class H5Sequence(keras.utils.PyDataset):
             np.multiply(stored, self._scale, out=x_rows, casting="unsafe")
         if self._offset != 0:
             x_rows += self._offset
-        return x if y is None else (x, y)
+        if scans is None:
+            return x
+        y = self._target.values[scans]  # a fresh array: fancy indexing copies
+        if not self._weighted:
+            return x, y
+        present = self._target.present[scans]
+        y[~present] = 0  # any value: its weight is 0
+        return x, y, present.astype(np.float32)
 
     def _open(self):
         """This process's file descriptor, and h5py datasets where rows are not plain bytes."""
@@ -239,11 +279,11 @@ class H5Sequence(keras.utils.PyDataset):
                         f"{self._path}: the store changed since this H5Sequence was created "
                         "(another store was written at its path); create a new one"
                     )
-                raw = self._images.raw and self._labels.raw
+                raw = self._images.raw and self._subjects.raw
                 self._h5 = None if raw else open_h5(self._path)
                 self._datasets = (
                     None if raw else self._h5[self._images.name],
-                    None if raw else self._h5[self._labels.name],
+                    None if raw else self._h5[self._subjects.name],
                 )
                 self._fd = fd
                 self._pid = pid
@@ -270,6 +310,14 @@ def _quiet_forked_workers() -> None:
 
     os.register_at_fork(after_in_child=in_child)
     _QUIET_WORKERS.append(in_child)
+
+
+def _all_present(store, selected, target: Target) -> bool:
+    """Whether every scan of the selected splits has a value for the target."""
+    names = {split.name for split in selected}
+    table = store.subjects_table()
+    scans = np.isin(table[SUBJECT_SPLIT], list(names)) if "all" not in names else slice(None)
+    return bool(target.present[scans].all())
 
 
 def _labelled_rows(store, split) -> list:

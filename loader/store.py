@@ -15,7 +15,7 @@ from functools import cached_property
 import h5py
 import numpy as np
 
-from loader import schema
+from loader import schema, table
 from loader.schema import (
     IMAGES,
     LABELS,
@@ -239,6 +239,38 @@ class Store:
             else:
                 table[name] = dataset[()]
         return table
+
+    @property
+    def version(self) -> int:
+        """The schema version the store was written with."""
+        return schema.store_version(self._file)
+
+    def participants(self) -> dict[str, tuple[str, np.ndarray]]:
+        """The labels table kept with the store, one value per scan (row of the subjects table).
+
+        Returns:
+            Column -> ``(kind, values)``: ``numeric`` float64 (NaN where missing) or
+            ``categorical`` object array of str (None where missing). A store written
+            before the table was kept (schema 1) has its label column only.
+        """
+        columns = schema.read_attribute(self._file, schema.ATTR_PARTICIPANT_COLUMNS)
+        if self.version < 2:
+            column = self.config.get("label_column")
+            if not (column and self.labelled):
+                return {}
+            labels = self._file[f"{SUBJECTS}/{schema.SUBJECT_LABEL}"][()]
+            names = np.array([*self.class_names, None], dtype=object)
+            return {column: (table.CATEGORICAL, names[labels])}  # -1 picks None
+        result = {}
+        for column, kind in columns:
+            dataset = self._file[f"{schema.PARTICIPANTS}/{schema.participant_key(column)}"]
+            if kind == table.NUMERIC:
+                result[column] = (kind, dataset[()].astype(np.float64))
+            else:
+                values = dataset.asstr()[()].astype(object)
+                values[values == ""] = None
+                result[column] = (kind, values)
+        return result
 
     @property
     def size_bytes(self) -> int:

@@ -15,17 +15,16 @@ scan of one person lands in one split), else its path inside the input without e
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from loader import table
 from preprocess.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LAYOUTS = ("auto", "bids", "classes", "plain")
-MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}
 BIDS_SKIP = {"derivatives", "sourcedata", "code"}
 _ENTITY = re.compile(r"(?:^|_)(sub|ses)-([a-zA-Z0-9]+)")
 
@@ -187,10 +186,22 @@ def _scan_folder(folder: Path, layout: str, suffix: str) -> list[Scan]:
     return scans
 
 
+def read_subjects_table(path: str | os.PathLike, id_column: str = "participant_id") -> dict:
+    """Read a table of subjects (``participants.tsv`` or a CSV): id -> {column: value or None}.
+
+    Raises:
+        InputError: the file is missing or unreadable, or has no ``id_column``.
+    """
+    try:
+        return table.read_table(path, id_column)
+    except table.TableError as exc:
+        raise InputError(str(exc)) from exc
+
+
 def read_label_table(
     path: str | os.PathLike, column: str, id_column: str = "participant_id"
 ) -> dict[str, str | None]:
-    """Read subject labels from a BIDS ``participants.tsv`` or a CSV file.
+    """Read one column of subject labels from a BIDS ``participants.tsv`` or a CSV file.
 
     Args:
         path: a ``.tsv`` (tab-separated) or ``.csv`` (comma-separated) file with a header.
@@ -204,26 +215,13 @@ def read_label_table(
     Raises:
         InputError: the file is missing, unreadable, or lacks a column.
     """
-    path = Path(path)
-    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle, delimiter=delimiter))
-            fields = rows[0].keys() if rows else []
-    except FileNotFoundError as exc:
-        raise InputError(f"{path}: no such label file") from exc
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{path}: unreadable label file ({exc})") from exc
-    for name in (id_column, column):
-        if name not in fields:
-            raise InputError(f"{path}: no column {name!r}; the columns are {sorted(fields)}")
-    labels = {}
-    for row in rows:
-        subject_id = (row[id_column] or "").strip().removeprefix("sub-")
-        value = (row[column] or "").strip()
-        if subject_id:
-            labels[subject_id] = None if value.lower() in MISSING_VALUES else value
-    return labels
+    rows = read_subjects_table(path, id_column)
+    columns = table.columns_of(rows)
+    if column not in columns:
+        raise InputError(
+            f"{path}: no column {column!r}; the columns are {sorted([*columns, id_column])}"
+        )
+    return {subject_id: row[column] for subject_id, row in rows.items()}
 
 
 def _some(ids, count: int = 3) -> str:
@@ -292,16 +290,4 @@ def match_labels(
     return labels, lines
 
 
-def class_names(labels) -> list[str]:
-    """The sorted distinct labels: numerically when all are numbers.
-
-    >>> class_names(["10", "2", None, "2"])
-    ['2', '10']
-    >>> class_names(["patient", "control"])
-    ['control', 'patient']
-    """
-    names = {label for label in labels if label is not None}
-    try:
-        return sorted(names, key=float)
-    except ValueError:
-        return sorted(names)
+class_names = table.class_names

@@ -24,16 +24,18 @@ from tqdm import tqdm
 from loader import schema
 from loader.command import SettingError, check_settings, option
 from loader.store import open_store
+from loader.table import NUMERIC, column_kind, columns_of, numeric_values
 from preprocess.discover import (
     LAYOUTS,
     Scan,
     class_names,
     discover,
     match_labels,
-    read_label_table,
+    read_subjects_table,
 )
 from preprocess.errors import PreprocessError, ScanError
 from preprocess.slices import cut_slices
+from preprocess.splits import quantile_strata
 from preprocess.volume import NORMALIZATIONS, foreground, load_volume, normalize
 from preprocess.writer import Partial, partial_path, scan_record
 
@@ -118,11 +120,6 @@ class Settings:
                 "{dtype} uint8 holds intensities in [0, 1] only: it needs {normalize} "
                 "percentile (or use {dtype} float16 or float32)",
                 normalize=self.normalize,
-            )
-        if self.labels and not self.label_column:
-            raise SettingError(
-                "{labels} needs {label_column}: the column that holds the labels",
-                labels=self.labels,
             )
 
 
@@ -211,44 +208,85 @@ def _process_or_reason(scan: Scan, settings: Settings):
         return f"unreadable ({type(exc).__name__}: {exc})"
 
 
-def find_scans(
-    inputs: list[str], settings: Settings, report=print
-) -> tuple[list[Scan], list[str], list[tuple[str, str]]]:
-    """The scans of the inputs with their labels, the class names, and inputs rejected up front.
+# A numeric label column with more distinct values than this is a quantity (age), not
+# classes: the store gets no classes for it, and splits are stratified by its quantiles.
+MAX_CLASSES = 10
 
-    How the label table matched the scans' subjects is reported, one line each.
+
+@dataclass
+class Found:
+    """The scans of a run's inputs and what goes with them.
+
+    Attributes:
+        scans: the scans, with their labels.
+        class_names: the classes of the labels; empty for a numeric label column.
+        rejected: ``(path, reason)`` of inputs rejected before processing.
+        participants: the labels table (every column): subject id -> {column: value}.
+        strata: subject id -> the group splits are stratified by, for a numeric label
+            column (its quantile bin); None to stratify by class.
+    """
+
+    scans: list[Scan]
+    class_names: list[str]
+    rejected: list[tuple[str, str]]
+    participants: dict[str, dict] = field(default_factory=dict)
+    strata: dict[str, int] | None = None
+
+
+def find_scans(inputs: list[str], settings: Settings, report=print) -> Found:
+    """The scans of the inputs with their labels, the labels table, and inputs rejected up front.
+
+    The labels table is ``--labels FILE``, else the ``participants.tsv`` of BIDS inputs;
+    every column of it is kept. How it matched the scans' subjects is reported.
 
     Raises:
         PreprocessError: no scans, or a problem with the inputs or the label file.
     """
     scans, rejected = discover(inputs, settings.layout, settings.suffix)
-    if settings.label_column:
-        tables = (
-            [settings.labels]
-            if settings.labels
-            else [
-                Path(item) / "participants.tsv"
-                for item in inputs
-                if (Path(item) / "participants.tsv").is_file()
-            ]
-        )
-        if not tables:
-            raise PreprocessError(
-                "--label-column needs --labels FILE: no input folder has a participants.tsv"
-            )
-        table = {}
-        for path in tables:
-            table.update(read_label_table(path, settings.label_column, settings.id_column))
-        names = f"{', '.join(map(str, tables))} (column {settings.label_column!r})"
-        labels, lines = match_labels([s.subject_id for s in scans], table, names)
-        for line in lines:
-            report(line)
-        scans = [
-            Scan(s.path, s.source, s.subject_id, s.session, labels[s.subject_id]) for s in scans
-        ]
     if not scans:
         raise PreprocessError(f"no NIfTI scans found in {', '.join(map(str, inputs))}")
-    return scans, class_names(s.label for s in scans), rejected
+    paths = [settings.labels] if settings.labels else [
+        Path(item) / "participants.tsv"
+        for item in inputs
+        if (Path(item) / "participants.tsv").is_file()
+    ]  # fmt: skip
+    if settings.label_column and not paths:
+        raise PreprocessError(
+            "--label-column needs --labels FILE: no input folder has a participants.tsv"
+        )
+    participants: dict[str, dict] = {}
+    for path in paths:
+        try:
+            participants.update(read_subjects_table(path, settings.id_column))
+        except PreprocessError as exc:
+            if settings.labels or settings.label_column:
+                raise
+            report(f"warning: {exc}; the store keeps no labels table")
+    found = Found(scans, class_names(s.label for s in scans), rejected, participants)
+    if settings.label_column:
+        column = settings.label_column
+        if column not in columns_of(participants):
+            raise PreprocessError(
+                f"{', '.join(map(str, paths))}: no column {column!r}; the columns are "
+                f"{columns_of(participants)}"
+            )
+        values = {subject_id: row[column] for subject_id, row in participants.items()}
+        where = f"{', '.join(map(str, paths))} (column {column!r})"
+        labels, lines = match_labels([s.subject_id for s in scans], values, where)
+        for line in lines:
+            report(line)
+        found.scans = [
+            Scan(s.path, s.source, s.subject_id, s.session, labels[s.subject_id]) for s in scans
+        ]
+        distinct = {value for value in labels.values() if value is not None}
+        if column_kind(labels.values()) == NUMERIC and len(distinct) > MAX_CLASSES:
+            found.class_names = []
+            found.strata = quantile_strata(
+                {subject_id: numeric_values([value])[0] for subject_id, value in labels.items()}
+            )
+        else:
+            found.class_names = class_names(labels.values())
+    return found
 
 
 def run(
@@ -290,8 +328,9 @@ def run(
         left = f" and no {partial_path(output)} is left to resume" if resume else ""
         raise FileExistsError(f"{output}: exists{left}; use --overwrite to replace it")
 
-    scans, names, rejected = find_scans(inputs, settings, report)
-    for path, reason in rejected:
+    found = find_scans(inputs, settings, report)
+    scans = found.scans
+    for path, reason in found.rejected:
         _reject(summary, report, path, reason)
     config = {**asdict(settings), "inputs": [os.path.abspath(item) for item in inputs]}
     config["labels"] = settings.labels and os.path.abspath(settings.labels)
@@ -311,7 +350,9 @@ def run(
             report(f"warning: {line}")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            summary.splits = partial.finalize(names, options.buffer_mb << 20)
+            summary.splits = partial.finalize(
+                found.class_names, options.buffer_mb << 20, found.participants, found.strata
+            )
     for warning in caught:
         summary.warnings.append(f"{output}: {warning.message}")
         report(f"warning: {output}: {warning.message}")

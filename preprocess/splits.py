@@ -9,6 +9,20 @@ import numpy as np
 from loader.schema import UNLABELLED_SPLIT as UNLABELLED
 
 
+def quantile_strata(values: dict[str, float], bins: int = 4) -> dict[str, int]:
+    """Subject -> the quantile bin of its value (-1 where missing): strata for a quantity.
+
+    >>> quantile_strata({"a": 20.0, "b": 30.0, "c": 40.0, "d": 50.0, "e": float("nan")}, 2)
+    {'a': 0, 'b': 0, 'c': 1, 'd': 1, 'e': -1}
+    """
+    present = np.array([v for v in values.values() if not np.isnan(v)], dtype=np.float64)
+    edges = np.quantile(present, np.linspace(0, 1, bins + 1)[1:-1]) if present.size else []
+    return {
+        subject_id: -1 if np.isnan(value) else int(np.searchsorted(edges, value, side="right"))
+        for subject_id, value in values.items()
+    }
+
+
 def split_names(val_fraction: float, test_fraction: float, folds: int) -> list[str]:
     """The splits, in row order.
 

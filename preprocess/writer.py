@@ -29,7 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from loader import schema
+from loader import schema, table
 from preprocess.errors import PreprocessError
 from preprocess.splits import UNLABELLED, assign_splits, row_order, split_names
 
@@ -197,12 +197,22 @@ class Partial:
         shutil.rmtree(self.path, ignore_errors=True)
         self.close()
 
-    def finalize(self, class_names: list[str], buffer_bytes: int = 1 << 30) -> dict:
+    def finalize(
+        self,
+        class_names: list[str],
+        buffer_bytes: int = 1 << 30,
+        participants: dict[str, dict] | None = None,
+        strata: dict[str, int] | None = None,
+    ) -> dict:
         """Write the store from the finished scans and rename it over the target.
 
         Args:
             class_names: label index -> name.
             buffer_bytes: the most memory used for slices. Defaults to 1 GiB.
+            participants: the labels table, subject id -> {column: value or None}; every
+                column is stored for each scan's subject. Defaults to none.
+            strata: subject id -> the group its splits are stratified by (-1: unlabelled).
+                Defaults to the subjects' class labels.
 
         Returns:
             Split name -> ``[start, stop)`` rows.
@@ -216,6 +226,8 @@ class Partial:
         subject_labels = {}
         for record, label in zip(records, scan_labels, strict=True):
             subject_labels.setdefault(record["subject_id"], int(label))
+        if strata is not None:
+            subject_labels = {subject_id: strata[subject_id] for subject_id in subject_labels}
         subject_split = assign_splits(
             subject_labels,
             config["val_fraction"],
@@ -252,6 +264,10 @@ class Partial:
             positions = np.concatenate([r["positions"] for r in records])
             schema.create_dataset(h5, schema.SLICE, positions[order])
             _write_subjects(h5, records, scan_labels, [names[i] for i in scan_split])
+            set_attribute(
+                schema.ATTR_PARTICIPANT_COLUMNS,
+                _write_participants(h5, [r["subject_id"] for r in records], participants or {}),
+            )
             set_attribute(schema.ATTR_SCHEMA, schema.SCHEMA_VERSION)
             set_attribute(schema.ATTR_UUID, uuid.uuid4())
             set_attribute(schema.ATTR_CREATED, datetime.now(UTC).isoformat(timespec="seconds"))
@@ -323,6 +339,24 @@ def _write_subjects(
     }
     for name in schema.SUBJECT_COLUMNS:
         schema.create_dataset(h5, f"{schema.SUBJECTS}/{name}", columns[name])
+
+
+def _write_participants(
+    h5: h5py.File, subject_ids: list[str], participants: dict[str, dict]
+) -> list[list[str]]:
+    """The labels table, one dataset per column, one row per scan; returns [[column, kind]]."""
+    columns = []
+    for column in table.columns_of(participants):
+        values = [participants.get(subject_id, {}).get(column) for subject_id in subject_ids]
+        kind = table.column_kind(values)
+        if kind == table.NUMERIC:
+            data = table.numeric_values(values)
+        else:
+            data = ["" if value is None else value for value in values]
+        name = f"{schema.PARTICIPANTS}/{schema.participant_key(column)}"
+        schema.create_dataset(h5, name, data, dtype="float64" if kind == table.NUMERIC else None)
+        columns.append([column, kind])
+    return columns
 
 
 def _lock(folder: Path) -> int:

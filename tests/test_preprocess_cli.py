@@ -31,7 +31,7 @@ def _run(*args) -> int:
 
 def test_the_store_follows_the_schema(phantom_store):
     with h5py.File(phantom_store, "r") as h5:
-        assert h5.attrs[schema.ATTR_SCHEMA] == 1
+        assert h5.attrs[schema.ATTR_SCHEMA] == schema.SCHEMA_VERSION
         assert h5.attrs[schema.ATTR_COMPLETE]
         images = h5[schema.IMAGES]
         num_rows = images.shape[0]
@@ -144,7 +144,7 @@ def test_nothing_usable_means_exit_2_and_no_store(tmp_path, capsys):
     ("args", "message"),
     [
         (["--dtype", "uint8", "--normalize", "zscore"], "needs --normalize percentile"),
-        (["--labels", "x.tsv"], "--labels needs --label-column"),
+        (["--labels", "x.tsv"], "x.tsv: no such label file"),
         (["--label-column", "group"], "no input folder has a participants.tsv"),
         (["--val-fraction", "0.6", "--test-fraction", "0.5"], "must be below 1"),
         (["--folds", "1"], "--folds must be 0"),

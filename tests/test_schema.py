@@ -104,14 +104,12 @@ def test_every_store_the_writer_makes_has_no_problem(tmp_path):
     path = write_id_store(tmp_path / "s.h5", scans=4)
     with h5py.File(path, "r") as h5:
         assert schema.problems(h5) == []
-        for declared in schema.ENTRIES:  # everything declared is written, nothing more
-            if declared.is_dataset:
-                assert declared.name in h5
+        named = [e.name for e in schema.ENTRIES if e.is_dataset and "*" not in e.name]
         datasets = []
         h5.visititems(
             lambda name, obj: datasets.append(name) if isinstance(obj, h5py.Dataset) else None
         )
-        assert sorted(datasets) == sorted(e.name for e in schema.ENTRIES if e.is_dataset)
+        assert sorted(datasets) == sorted(named)  # everything declared is written, nothing more
 
 
 def test_intensities_round_trip_through_the_stored_type(tmp_path):

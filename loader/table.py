@@ -1,0 +1,121 @@
+"""Tables of subjects (BIDS ``participants.tsv``, or any ``.tsv``/``.csv``) and their columns.
+
+Preprocessing keeps the whole table in the store; training picks any column of it as the
+target. A column is *numeric* when every value it has parses as a number (stored as
+float64, NaN where missing), else *categorical* (stored as strings, "" where missing).
+Only the standard library and numpy are used here.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}
+NUMERIC = "numeric"
+CATEGORICAL = "categorical"
+
+
+class TableError(ValueError):
+    """A table that cannot be read, or lacks a column; the message names the file."""
+
+
+def is_missing(value: str | None) -> bool:
+    """Whether a cell means "no value" (BIDS ``n/a``, empty, ``NaN``, ...).
+
+    >>> is_missing("n/a"), is_missing(" "), is_missing("0")
+    (True, True, False)
+    """
+    return value is None or value.strip().lower() in MISSING_VALUES
+
+
+def read_table(path: str | os.PathLike, id_column: str = "participant_id") -> dict[str, dict]:
+    """Read a table of subjects: subject id (without ``sub-``) -> {column: cell or None}.
+
+    Args:
+        path: a ``.tsv`` (tab-separated) or ``.csv`` (comma-separated) file with a header.
+        id_column: the column of subject ids, with or without ``sub-``.
+            Defaults to ``participant_id``.
+
+    Raises:
+        TableError: the file is missing or unreadable, or has no ``id_column``.
+    """
+    path = Path(path)
+    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+    except FileNotFoundError as exc:
+        raise TableError(f"{path}: no such label file") from exc
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TableError(f"{path}: unreadable label file ({exc})") from exc
+    if id_column not in columns:
+        raise TableError(f"{path}: no column {id_column!r}; the columns are {sorted(columns)}")
+    table = {}
+    for row in rows:
+        subject_id = (row[id_column] or "").strip().removeprefix("sub-")
+        if subject_id:
+            table[subject_id] = {
+                name: None if is_missing(row.get(name)) else row[name].strip()
+                for name in columns
+                if name != id_column and name is not None
+            }
+    return table
+
+
+def columns_of(table: dict[str, dict]) -> list[str]:
+    """The columns of a table from :func:`read_table`, in the file's order."""
+    return list(next(iter(table.values()), {}))
+
+
+def column_kind(values) -> str:
+    """``numeric`` when every value present parses as a number, else ``categorical``.
+
+    >>> column_kind(["34", "n/a", "51.5"]), column_kind(["F", "M", None])
+    ('numeric', 'categorical')
+    """
+    present = [value for value in values if not is_missing(value)]
+    try:
+        [float(value) for value in present]
+    except ValueError:
+        return CATEGORICAL
+    return NUMERIC if present else CATEGORICAL
+
+
+def numeric_values(values) -> np.ndarray:
+    """float64 values, NaN where missing.
+
+    >>> numeric_values(["1", None, "2.5"]).tolist()
+    [1.0, nan, 2.5]
+    """
+    return np.array([np.nan if is_missing(v) else float(v) for v in values], dtype=np.float64)
+
+
+def class_names(labels) -> list[str]:
+    """The sorted distinct values: numerically when all are numbers.
+
+    >>> class_names(["10", "2", None, "2"])
+    ['2', '10']
+    >>> class_names(["patient", "control"])
+    ['control', 'patient']
+    """
+    names = {label for label in labels if not is_missing(label)}
+    try:
+        return sorted(names, key=float)
+    except ValueError:
+        return sorted(names)
+
+
+def class_indices(values, names: list[str]) -> np.ndarray:
+    """int32 index of each value in ``names``; -1 where missing or not a class.
+
+    >>> class_indices(["b", None, "a", "z"], ["a", "b"]).tolist()
+    [1, -1, 0, -1]
+    """
+    index = {name: position for position, name in enumerate(names)}
+    return np.array([index.get(v, -1) if v is not None else -1 for v in values], dtype=np.int32)

@@ -1,0 +1,129 @@
+"""The question asked of a store at load time: which value ``y`` each row has, and what kind.
+
+A target is a column of the labels table kept in the store (or of a table joined at load
+time), or None for the store's own labels. Its values are one per scan (row of the
+subjects table); a batch's ``y`` is the value of each row's scan. Numeric columns are
+regression targets unless classification is asked for; text columns are classes, sorted
+as the store sorts its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from loader import table
+from loader.schema import SUBJECT_ID, SUBJECT_LABEL, SUBJECTS
+from loader.store import Store
+
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+TASKS = (CLASSIFICATION, REGRESSION)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What ``y`` is.
+
+    Attributes:
+        name: the column, or None for the store's labels.
+        task: ``classification`` or ``regression``.
+        class_names: the classes (classification), else empty.
+        values: one per scan: int32 class index (-1 where missing) or float32 (NaN where
+            missing).
+    """
+
+    name: str | None
+    task: str
+    class_names: list[str]
+    values: np.ndarray
+
+    @property
+    def present(self) -> np.ndarray:
+        """Per scan, whether it has a value."""
+        if self.task == REGRESSION:
+            return ~np.isnan(self.values)
+        return self.values >= 0
+
+
+def columns(store: Store, labels: str | os.PathLike | None = None) -> list[str]:
+    """The columns a target can name: the store's labels table, or the joined table."""
+    if labels is not None:
+        return table.columns_of(table.read_table(labels))
+    return list(store.participants())
+
+
+def resolve(
+    store: Store,
+    target: str | None = None,
+    task: str | None = None,
+    labels: str | os.PathLike | None = None,
+    id_column: str = "participant_id",
+) -> Target:
+    """The target of a store: a column's values per scan, typed for the task.
+
+    Args:
+        store: the open store.
+        target: a column of the store's labels table (or of ``labels``); None for the
+            store's own labels.
+        task: ``classification`` or ``regression``; None follows the column: numbers are
+            regression, text is classification.
+        labels: a ``.tsv``/``.csv`` table joined by subject id instead of the store's; a
+            subject it lacks has no value.
+        id_column: the subject-id column of ``labels``. Defaults to ``participant_id``.
+
+    Raises:
+        ValueError: an unknown column (the columns are listed), a text column asked to be
+            a regression target, an unknown task, or ``labels`` without ``target``.
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"`task` must be one of {', '.join(TASKS)}; received task={task!r}")
+    if target is None:
+        if labels is not None:
+            raise ValueError("`labels` needs `target`: the column of the table to read")
+        if task == REGRESSION:
+            raise ValueError("the store's labels are classes: give a numeric `target` to regress")
+        label = store.file[f"{SUBJECTS}/{SUBJECT_LABEL}"][()].astype(np.int32)
+        return Target(None, CLASSIFICATION, store.class_names, label)
+    kind, raw = _column(store, target, labels, id_column)
+    if task is None:
+        task = REGRESSION if kind == table.NUMERIC else CLASSIFICATION
+    if task == REGRESSION:
+        if kind != table.NUMERIC:
+            raise ValueError(
+                f"{store.path}: column {target!r} holds text, not numbers: it cannot be a "
+                "regression target (use task='classification')"
+            )
+        return Target(target, REGRESSION, [], raw.astype(np.float32))
+    if kind == table.NUMERIC:
+        raw = np.array([None if np.isnan(v) else f"{v:g}" for v in raw], dtype=object)
+    names = table.class_names(raw)
+    return Target(target, CLASSIFICATION, names, table.class_indices(raw, names))
+
+
+def _column(store: Store, target: str, labels, id_column: str) -> tuple[str, np.ndarray]:
+    """``(kind, values per scan)`` of a column of the store's table or of ``labels``."""
+    if labels is None:
+        participants = store.participants()
+        if target not in participants:
+            raise ValueError(
+                f"{store.path}: no column {target!r} in the store's labels table; its columns "
+                f"are {list(participants)}"
+            )
+        return participants[target]
+    try:
+        rows = table.read_table(labels, id_column)
+    except table.TableError as exc:
+        raise ValueError(str(exc)) from exc
+    if target not in table.columns_of(rows):
+        raise ValueError(
+            f"{labels}: no column {target!r}; its columns are {table.columns_of(rows)}"
+        )
+    subject_ids = store.subjects_table()[SUBJECT_ID]
+    cells = [rows.get(subject_id, {}).get(target) for subject_id in subject_ids]
+    kind = table.column_kind(cell for row in rows.values() for cell in [row.get(target)])
+    if kind == table.NUMERIC:
+        return kind, table.numeric_values(cells)
+    return kind, np.array(cells, dtype=object)
