@@ -80,6 +80,7 @@ def option(
     default_text: str | None = None,
     group: str | None = None,
     kind: type | None = None,
+    const: Any = None,
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
@@ -97,6 +98,8 @@ def option(
             does not say it (None, a computed default).
         group: the heading it is listed under in ``--help``.
         kind: the type of its values, where the default (None) does not tell it.
+        const: the value of the flag given without a value (``--augment`` alone), which
+            then takes an optional value (``--augment flip``).
     """
     metadata = {
         "help": help,
@@ -109,6 +112,7 @@ def option(
         "default_text": default_text,
         "group": group,
         "kind": kind,
+        "const": const,
     }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -229,6 +233,9 @@ def add_options(
                 kwargs["metavar"] = meta["metavar"] or field.name.upper()
             if _is_sequence(field):
                 kwargs["nargs"] = "+"
+            elif meta["const"] is not None:
+                kwargs["nargs"] = "?"
+                kwargs["const"] = meta["const"]
         groups[title].add_argument(*names, **kwargs)
         flags[field.name] = flag_of(field)
     return flags
@@ -262,7 +269,8 @@ def option_table(parser: argparse.ArgumentParser) -> str:
             continue
         name = ", ".join(action.option_strings)
         if action.choices:
-            name += " " + "\\|".join(map(str, action.choices))
+            choices = "\\|".join(map(str, action.choices))
+            name += f" [{choices}]" if action.nargs == "?" else f" {choices}"
         elif action.metavar:
             name += f" {action.metavar}"
             if action.nargs == "+":

@@ -4,7 +4,10 @@ Each head has scalp, skull, CSF, grey and white matter and ventricles, with Gaus
 a smooth bias field, a random voxel order (any of the 48 axis orders and flips), uneven
 voxel sizes and a random stored data type. "patient" heads have a smaller brain inside the
 skull (atrophy), enlarged ventricles and dark white-matter lesions; "control" heads do not.
-Every third subject has two sessions.
+Age (20 to 80, in participants.tsv) drives the anatomy too: older heads have larger
+ventricles and a smaller brain, so age can be learnt from the slices (brain-age
+regression). participants.tsv also has `sex` (F/M, not in the anatomy) and an `iq` column
+left `n/a` for every fifth subject. Every third subject has two sessions.
 
     python scripts/make_phantoms.py OUT --subjects 48 --seed 0
 
@@ -34,7 +37,11 @@ AXCODES = [
 
 
 def head_phantom(
-    rng: np.random.Generator, group: str, voxel_size=(2.0, 2.0, 2.0), fov_mm: float = 200.0
+    rng: np.random.Generator,
+    group: str,
+    voxel_size=(2.0, 2.0, 2.0),
+    fov_mm: float = 200.0,
+    age: float = 50.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A T1-like head in RAS voxel order.
 
@@ -43,6 +50,7 @@ def head_phantom(
         group: ``control`` or ``patient``.
         voxel_size: mm along x, y, z.
         fov_mm: side of the field of view.
+        age: years; from 20 to 80 the ventricles grow by half and the brain shrinks by 5%.
 
     Returns:
         ``(data, affine)``: float32 intensities around 0..1000 and the RAS affine.
@@ -65,10 +73,13 @@ def head_phantom(
     data[inside(0.94)] = 150  # skull
     data[inside(0.88)] = 250  # CSF
     patient = group == "patient"
+    ageing = (age - 50.0) / 60.0  # -0.5 at 20, +0.5 at 80
     brain = rng.uniform(0.88, 0.92) if patient else rng.uniform(0.98, 1.02)  # atrophy
+    brain *= 1 - 0.05 * ageing
     data[inside(0.84 * brain)] = 620  # grey matter
     data[inside(0.74 * brain)] = 900  # white matter
     size = rng.uniform(1.6, 2.0) if patient else rng.uniform(0.8, 1.1)
+    size *= 1 + 0.5 * ageing
     for side in (-1, 1):
         data[inside(1.0, np.array([9, 24, 14]) * size, (side * 7, 4, 8))] = 250  # ventricles
     if patient:
@@ -117,21 +128,29 @@ def write_bids(out: Path, subjects: int, seed: int, voxel_sizes=VOXEL_SIZES) -> 
     for index in range(subjects):
         subject = f"{index + 1:03d}"
         group = GROUPS[index % 2]
+        age = int(rng.integers(20, 81))
         sessions = ["01", "02"] if index % 3 == 2 else [""]
         for session in sessions:
-            data, affine = head_phantom(rng, group, voxel_sizes[rng.integers(len(voxel_sizes))])
+            voxel_size = voxel_sizes[rng.integers(len(voxel_sizes))]
+            data, affine = head_phantom(rng, group, voxel_size, age=age)
             data, affine = reorder(data, affine, AXCODES[rng.integers(len(AXCODES))])
             folder = out / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
             name = "_".join(filter(None, [f"sub-{subject}", session and f"ses-{session}", "T1w"]))
             dtype = ("int16", "float32", "uint16")[rng.integers(3)]
             save(folder / f"{name}.nii.gz", data, affine, dtype)
         rows.append(
-            {"participant_id": f"sub-{subject}", "group": group, "age": int(rng.integers(20, 80))}
+            {
+                "participant_id": f"sub-{subject}",
+                "group": group,
+                "age": age,
+                "sex": "FM"[int(rng.integers(2))],
+                "iq": "n/a" if index % 5 == 4 else int(rng.integers(85, 130)),
+            }
         )
     with open(out / "participants.tsv", "w") as handle:
-        handle.write("participant_id\tgroup\tage\n")
+        handle.write("\t".join(rows[0]) + "\n")
         for row in rows:
-            handle.write(f"{row['participant_id']}\t{row['group']}\t{row['age']}\n")
+            handle.write("\t".join(str(value) for value in row.values()) + "\n")
     (out / "dataset_description.json").write_text(
         json.dumps(
             {"Name": "slicestore head phantoms", "BIDSVersion": "1.9.0", "DatasetType": "raw"}

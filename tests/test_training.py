@@ -16,17 +16,12 @@ from conftest import decode_ids, write_id_store
 
 import training
 from loader import H5Sequence, open_store
+from loader.target import resolve
 from training.cli import main
 from training.metrics import evaluate_outputs
-from training.run import (
-    RUN_FILES,
-    Settings,
-    TrainingError,
-    build_model,
-    check_store,
-    evaluate,
-    train,
-)
+from training.results import evaluate
+from training.run import RUN_FILES, TrainingError, build_model, check_store, train
+from training.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +37,18 @@ def trained(phantom_store, tmp_path_factory):
 
 def test_the_run_folder_is_complete(trained):
     _, run_dir, result = trained
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(RUN_FILES)
+    classification = set(RUN_FILES) - {"scatter.png"}
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(classification)
+    with open(run_dir / "predictions.csv", newline="") as handle:
+        predictions = list(csv.DictReader(handle))
+    metrics = json.loads((run_dir / "metrics.json").read_text())["splits"]
+    for split in ("val", "test"):
+        mine = [row for row in predictions if row["split"] == split]
+        assert len(mine) == metrics[split]["subjects"]["count"]
+        assert sum(int(row["slices"]) for row in mine) == metrics[split]["slices"]["count"]
+        right = sum(row["true"] == row["predicted"] for row in mine)
+        assert right / len(mine) == pytest.approx(metrics[split]["subjects"]["accuracy"])
+        assert all(0.5 <= float(row["probability"]) <= 1 for row in mine)
     with open(run_dir / "history.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == result.epochs_run == 3
@@ -177,7 +183,7 @@ def test_python_dash_m_training_runs_and_prints_only_what_the_user_needs(phantom
         env=quiet_by_us,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "subject accuracy" in result.stdout
+    assert "per subject" in result.stdout
     assert (tmp_path / "run" / "metrics.json").is_file()
     for noise in ("absl", "cuInit", "oneDNN", "I0000", "E0000", "W0000"):
         assert noise not in result.stderr + result.stdout
@@ -199,11 +205,14 @@ def test_the_loss_follows_the_models_output_not_the_class_count(tmp_path):
     two = write_id_store(tmp_path / "two.h5", scans=4)
     three = write_id_store(tmp_path / "three.h5", scans=6, classes="abc")
     with open_store(two) as store:
-        assert build_model(training.model.build, store, Settings()).loss == "binary_crossentropy"
-        softmax = build_model(_two_unit_softmax, store, Settings())
+        labels = resolve(store)
+        assert build_model(training.model.build, store, Settings(), labels).loss == (
+            "binary_crossentropy"
+        )
+        softmax = build_model(_two_unit_softmax, store, Settings(), labels)
         assert softmax.loss == "sparse_categorical_crossentropy"
     with open_store(three) as store, pytest.raises(TrainingError, match=r"must be \(None, 3\)"):
-        build_model(_two_unit_softmax, store, Settings())
+        build_model(_two_unit_softmax, store, Settings(), resolve(store))
     result = train(two, tmp_path / "run", epochs=1, model_fn=_two_unit_softmax, progress=False)
     assert result.metrics["val"]["slices"]["count"] > 0
 
@@ -226,11 +235,13 @@ def test_check_store_refuses_unlabelled_and_empty_splits_and_warns_of_few_subjec
     lines = []
     with open_store(path) as store:
         assert "unlabelled" in store.splits
-        assert check_store(store, Settings(), lines.append) is None
-        with pytest.raises(TrainingError, match="split 'unlabelled' has no labels"):
-            check_store(store, Settings(val_split="unlabelled"), lines.append)
+        labels = resolve(store)
+        assert check_store(store, Settings(), labels, lines.append) is None
+        message = "split 'unlabelled' has no subject with a value for the store's labels"
+        with pytest.raises(TrainingError, match=message):
+            check_store(store, Settings(val_split="unlabelled"), labels, lines.append)
         with pytest.raises(TrainingError, match="no split 'nope'"):
-            check_store(store, Settings(test_split="nope"), lines.append)
+            check_store(store, Settings(test_split="nope"), labels, lines.append)
     assert any("split 'val' has 1 subject(s) of class 'a'" in line for line in lines)
 
 
@@ -314,5 +325,5 @@ def test_evaluation_reads_labels_from_the_file_the_predictions_came_from(tmp_pat
                 ids = np.concatenate([decode_ids(sequence[i][0]) for i in range(len(sequence))])
                 return (ids // 20 % 2).astype(np.float32)[:, None]  # the true class, from x
 
-        results = evaluate(RowIds(), data, store)
+        results, _ = evaluate(RowIds(), data, store, resolve(store))
     assert results["val"]["slices"]["accuracy"] == 1.0

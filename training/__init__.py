@@ -1,7 +1,7 @@
 """Train and evaluate a CNN from a store (``python -m training``).
 
-``training.train`` and its :class:`~training.run.Settings` are imported on first use, so
-``python -m training`` can quiet TensorFlow's start-up logging before Keras loads.
+``training.train`` and its :class:`~training.settings.Settings` are imported on first use,
+so ``python -m training`` can quiet TensorFlow's start-up logging before Keras loads.
 """
 
 __all__ = ["Result", "Settings", "TrainingError", "train"]

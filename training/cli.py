@@ -47,7 +47,8 @@ with _native_stderr_silenced():  # load the backend and probe its devices, quiet
         tf.config.list_physical_devices()
 
 from loader.command import add_options, run_main, settings_from_args  # noqa: E402
-from training.run import Settings, train  # noqa: E402
+from training.run import train  # noqa: E402
+from training.settings import Settings  # noqa: E402
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
@@ -74,6 +75,21 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def _scores(scores: dict) -> str:
+    """One split's scores at one level, for the console.
+
+    >>> _scores({"count": 4, "mae": 2.5, "rmse": 3.0, "r": 0.9})
+    'MAE 2.5, RMSE 3, r 0.900 (4)'
+    >>> _scores({"count": 9, "accuracy": 0.75, "roc_auc": None})
+    'accuracy 0.750 (9)'
+    """
+    if "mae" in scores:
+        r = f", r {scores['r']:.3f}" if scores["r"] is not None else ""
+        return f"MAE {scores['mae']:.4g}, RMSE {scores['rmse']:.4g}{r} ({scores['count']})"
+    auc = f", ROC AUC {scores['roc_auc']:.3f}" if scores.get("roc_auc") is not None else ""
+    return f"accuracy {scores['accuracy']:.3f}{auc} ({scores['count']})"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m training``; returns the exit status."""
     parser, flags = _parser()
@@ -94,14 +110,13 @@ def main(argv: list[str] | None = None) -> int:
             f"best epoch {result.best_epoch})"
         )
         for split, results in result.metrics.items():
-            slices, subjects = results["slices"], results["subjects"]
-            auc = f", ROC AUC {slices['roc_auc']:.3f}" if slices["roc_auc"] is not None else ""
-            print(
-                f"{split}: slice accuracy {slices['accuracy']:.3f} ({slices['count']} slices)"
-                f"{auc}; subject accuracy {subjects['accuracy']:.3f} "
-                f"({subjects['count']} subjects)"
-            )
-        print(f"pictures: {run_dir / 'curves.png'}, {run_dir / 'confusion.png'}")
+            print(f"{split}: {_scores(results['slices'])} per slice; "
+                  f"{_scores(results['subjects'])} per subject")  # fmt: skip
+        pictures = [
+            p for p in ("curves.png", "confusion.png", "scatter.png") if (run_dir / p).is_file()
+        ]
+        print(f"pictures: {', '.join(str(run_dir / p) for p in pictures)}")
+        print(f"predictions per subject: {run_dir / 'predictions.csv'}")
         return 0
 
     return run_main(parser, argv, body, flags, hint=lambda args: " before training started")

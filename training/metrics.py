@@ -86,3 +86,67 @@ def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, subject_ids: np.nd
         [np.bincount(labels[index == s]).argmax() for s in range(len(subjects))], dtype=np.int64
     )
     return {"slices": slices, "subjects": scores(averaged, subject_labels)}
+
+
+def regression_scores(predicted: np.ndarray, true: np.ndarray) -> dict:
+    """Count, mean absolute error, root mean squared error and Pearson's r.
+
+    >>> regression_scores(np.array([1.0, 2.0, 4.0]), np.array([1.0, 3.0, 3.0]))["mae"]
+    0.6666666666666666
+    """
+    error = predicted - true
+    spread = len(true) > 1 and np.std(predicted) > 0 and np.std(true) > 0
+    return {
+        "count": len(true),
+        "mae": float(np.mean(np.abs(error))) if len(true) else None,
+        "rmse": float(np.sqrt(np.mean(error**2))) if len(true) else None,
+        "r": float(np.corrcoef(predicted, true)[0, 1]) if spread else None,
+    }
+
+
+def evaluate_regression(outputs: np.ndarray, values: np.ndarray, subject_ids: np.ndarray) -> dict:
+    """Slice-level and subject-level regression results of one split.
+
+    Subject level: each subject's slice predictions are averaged and compared with the
+    subject's value.
+
+    Args:
+        outputs: the model's predictions for the split's slices, in the target's units.
+        values: the true value per slice.
+        subject_ids: subject per slice.
+
+    Returns:
+        ``slices``: ``loss`` (mean squared error) and :func:`regression_scores`;
+        ``subjects``: :func:`regression_scores`.
+    """
+    predicted = np.asarray(outputs, dtype=np.float64).reshape(-1)
+    values = np.asarray(values, dtype=np.float64)
+    slices = {
+        "loss": float(np.mean((predicted - values) ** 2)),
+        **regression_scores(predicted, values),
+    }
+    subjects, index = np.unique(np.asarray(subject_ids), return_inverse=True)
+    counts = np.bincount(index, minlength=len(subjects))
+    averaged = np.bincount(index, weights=predicted, minlength=len(subjects)) / counts
+    truth = np.bincount(index, weights=values, minlength=len(subjects)) / counts
+    return {"slices": slices, "subjects": regression_scores(averaged, truth)}
+
+
+def subject_predictions(outputs: np.ndarray, subject_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Each subject's average output (class probabilities, or a value) and slice count.
+
+    >>> subject_predictions(np.array([[0.2], [0.4], [0.9]]), np.array(["a", "a", "b"]))["mean"]
+    array([[0.3],
+           [0.9]])
+    """
+    outputs = np.asarray(outputs, dtype=np.float64).reshape(len(subject_ids), -1)
+    subjects, index = np.unique(np.asarray(subject_ids), return_inverse=True)
+    counts = np.bincount(index, minlength=len(subjects))
+    mean = (
+        np.stack(
+            [np.bincount(index, weights=column, minlength=len(subjects)) for column in outputs.T],
+            axis=1,
+        )
+        / counts[:, None]
+    )
+    return {"subject": subjects, "mean": mean, "slices": counts}

@@ -23,23 +23,28 @@ def read_history(path: Path) -> dict[str, list[float]]:
     return {name: [float(row[name]) for row in rows] for name in rows[0]}
 
 
-def plot_curves(history: dict[str, list[float]], path: Path, best_epoch: int | None = None) -> None:
-    """Loss and accuracy per epoch (numbered from 1), training and validation, side by side.
+def plot_curves(
+    history: dict[str, list[float]],
+    path: Path,
+    best_epoch: int | None = None,
+    metric: str = "accuracy",
+) -> None:
+    """Loss and ``metric`` per epoch (numbered from 1), training and validation, side by side.
 
     The best epoch (the weights kept) is marked with a dashed line.
     """
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
-    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+    for ax, panel in zip(axes, ("loss", metric), strict=True):
         for prefix, style in (("", "-o"), ("val_", "-s")):
-            name = prefix + metric
+            name = prefix + panel
             if name in history:
                 ax.plot(epochs, history[name], style, markersize=3, label=name)
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch ({best_epoch})")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.set_title(metric)
+        ax.set_ylabel(panel)
+        ax.set_title(panel)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -74,6 +79,32 @@ def plot_confusions(metrics: dict, class_names: list[str], path: Path) -> None:
         ax.set_ylabel("true")
         accuracy = scores["accuracy"]
         ax.set_title(f"{title}\naccuracy {accuracy:.3f}" if accuracy is not None else title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_scatter(points: dict[str, tuple[np.ndarray, np.ndarray]], target: str, path: Path) -> None:
+    """Predicted against true value per subject, one colour per split, with the identity line.
+
+    Args:
+        points: split -> ``(true, predicted)`` per subject.
+        target: the target's name, for the axes.
+        path: the PNG to write.
+    """
+    figure, ax = plt.subplots(figsize=(5, 5))
+    values = np.concatenate([np.concatenate(pair) for pair in points.values()])
+    low, high = float(values.min()), float(values.max())
+    ax.plot([low, high], [low, high], "--", color="grey", label="identity")
+    for split, (true, predicted) in points.items():
+        mae = float(np.mean(np.abs(predicted - true)))
+        ax.scatter(true, predicted, s=18, label=f"{split} (MAE {mae:.2f}, {len(true)} subjects)")
+    ax.set_xlabel(f"true {target}")
+    ax.set_ylabel(f"predicted {target}")
+    ax.set_title(f"{target}: one point per subject")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -26,12 +26,13 @@ import keras
 import numpy as np
 
 from loader import H5Sequence, Store, open_store
-from loader.command import SettingError, check_settings, option
-from loader.schema import SUBJECT_ID, SUBJECT_LABEL, SUBJECT_SPLIT
+from loader.schema import SUBJECT_ID, SUBJECT_SPLIT
 from loader.store import StoreChangedError
-from training.metrics import evaluate_outputs
-from training.model import build
-from training.plots import plot_confusions, plot_curves, read_history
+from loader.target import CLASSIFICATION, REGRESSION, Target, resolve
+from training.model import augmentation, build
+from training.plots import read_history
+from training.results import evaluate, write_results
+from training.settings import Settings
 
 # What a run folder holds; --overwrite removes these and nothing else.
 RUN_FILES = (
@@ -41,64 +42,12 @@ RUN_FILES = (
     "config.json",
     "curves.png",
     "confusion.png",
+    "scatter.png",
+    "predictions.csv",
 )
-MONITOR = "val_accuracy"  # early stopping and the saved model follow it, higher is better
+# What early stopping and the saved model follow, per task: (metric, mode).
+MONITORS = {CLASSIFICATION: ("val_accuracy", "max"), REGRESSION: ("val_mae", "min")}
 FEW_SUBJECTS = 3  # a validation class with fewer subjects than this gets a warning
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Every setting of a run (written to ``config.json``).
-
-    Each field is also an option of ``python -m training``, generated from the
-    declaration below (``--multiprocessing`` for ``use_multiprocessing``).
-
-    Raises:
-        SettingError: (a ValueError) a value outside its rule.
-        TypeError: a value of the wrong type.
-    """
-
-    epochs: int = option(100, "at most this many epochs", metavar="N", at_least=1)
-    batch_size: int = option(256, "slices per batch", metavar="N", at_least=1)
-    patience: int = option(
-        10, f"early stopping patience on `{MONITOR}` (epochs)", metavar="N", at_least=0
-    )
-    learning_rate: float = option(1e-3, "Adam's learning rate", metavar="LR")
-    seed: int = option(0, "seed of the weights and the batch order", metavar="S", at_least=0)
-    train_split: tuple[str, ...] = option(
-        ("train",), "one or more splits to train on, e.g. fold0 fold1 fold2", metavar="SPLIT"
-    )
-    val_split: str = option("val", "split for early stopping and validation", metavar="SPLIT")
-    test_split: str | None = option(
-        None, "split to test on", metavar="SPLIT", kind=str,
-        default_text="`test` when the store has one",
-    )  # fmt: skip
-    workers: int = option(1, "threads (or processes) reading batches", metavar="N", at_least=1)
-    use_multiprocessing: bool = option(
-        False, "read batches in processes instead of threads", flag="--multiprocessing"
-    )
-    channels: str = option("last", "tensor layout", choices=("last", "first"))
-
-    def __post_init__(self):
-        if isinstance(self.train_split, str | list):  # one name, or a list, from the API
-            names = [self.train_split] if isinstance(self.train_split, str) else self.train_split
-            object.__setattr__(self, "train_split", tuple(names))
-        check_settings(self)
-        if not self.learning_rate > 0:
-            raise SettingError("{learning_rate} must be positive", learning_rate=self.learning_rate)
-        for name in ("val_split", "test_split"):
-            if getattr(self, name) in self.train_split:
-                raise SettingError(
-                    f"{{{name}}} must not be one of {{train_split}}: it would score the model "
-                    "on slices it was trained on",
-                    train_split=self.train_split,
-                    **{name: getattr(self, name)},
-                )
-        if self.test_split is not None and self.test_split == self.val_split:
-            raise SettingError(
-                "{test_split} must differ from {val_split}: early stopping chose the model on it",
-                test_split=self.test_split,
-            )
 
 
 @dataclass
@@ -155,20 +104,37 @@ def train(
     report = report or (lambda line: print(line, file=sys.stderr))
     run_dir = Path(run_dir)
     with _open(store) as opened:
-        test_split = check_store(opened, settings, report)
+        target = choose_target(opened, settings)
+        test_split = check_store(opened, settings, target, report)
         prepare_run_dir(run_dir, overwrite)
-        write_config(run_dir, opened, settings, test_split, model_fn)
+        write_config(run_dir, opened, settings, test_split, model_fn, target)
         keras.utils.set_random_seed(settings.seed)
-        data = build_data(opened, settings, test_split)
-        model = build_model(model_fn, opened, settings)
+        data = build_data(opened, settings, target, test_split)
+        model = build_model(model_fn, opened, settings, target)
+        monitor = MONITORS[target.task]
+        weights = (
+            class_weights(opened, settings, target) if settings.class_weight != "none" else None
+        )
         result = Result(run_dir)
         started = time.perf_counter()
         result.interrupted = _same_store(
-            opened, fit, model, data, settings, run_dir, progress, callbacks
+            opened, fit, model, data, settings, monitor, run_dir, progress, callbacks, weights
         )
+        predictions = []
         if not result.interrupted:
-            result.metrics = _same_store(opened, evaluate, model, data, opened)
-        write_results(result, opened.class_names, time.perf_counter() - started)
+            result.metrics, predictions = _same_store(opened, evaluate, model, data, opened, target)
+        history = read_history(run_dir / "history.csv")
+        result.epochs_run = len(history.get("loss", []))
+        if history.get(monitor[0]):
+            pick = np.argmax if monitor[1] == "max" else np.argmin
+            result.best_epoch = int(pick(history[monitor[0]])) + 1
+        summary = {
+            "epochs_run": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "interrupted": result.interrupted,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        write_results(run_dir, summary, result.metrics, predictions, target, monitor[0])
     return result
 
 
@@ -197,20 +163,42 @@ def _same_store(store: Store, step, *args):
         raise
 
 
-def check_store(store: Store, settings: Settings, report) -> str | None:
-    """Check that the store can be trained on with these settings.
+def choose_target(store: Store, settings: Settings) -> Target:
+    """The target: ``settings.target``, else the store's labels (or its numeric label column).
+
+    Raises:
+        TrainingError: an unknown column (the store's columns are listed), a text column
+            for regression, or nothing to predict.
+    """
+    name = settings.target
+    if name is None and not store.labelled:
+        name = store.config.get("label_column")  # a numeric label column: no classes
+        if name is None:
+            raise TrainingError(
+                f"{store.path}: the store has no labels: give --target COLUMN (its labels "
+                f"table has {list(store.participants()) or 'no columns'})"
+            )
+    try:
+        return resolve(store, name, settings.task, settings.labels, settings.id_column)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+
+
+def check_store(store: Store, settings: Settings, target: Target, report) -> str | None:
+    """Check that the store can be trained on for this target with these settings.
 
     Returns:
         The test split: ``settings.test_split``, else ``test`` when the store has one.
 
     Raises:
-        TrainingError: unlabelled, one class, an unknown, empty or unlabelled split.
+        TrainingError: one class, an unknown or empty split, a split where no subject has
+            a value for the target, a constant regression target.
     """
-    if not store.labelled:
-        raise TrainingError(f"{store.path}: the store has no labels: nothing to train on")
-    if len(store.class_names) < 2:
+    what = f"target {target.name!r}" if target.name else "the store's labels"
+    if target.task == CLASSIFICATION and len(target.class_names) < 2:
         raise TrainingError(
-            f"{store.path}: the store has one class ({store.class_names[0]}): nothing to tell apart"
+            f"{store.path}: {what} has {len(target.class_names)} class(es) "
+            f"{target.class_names}: nothing to tell apart"
         )
     test_split = settings.test_split
     if test_split is None and "test" in store.splits and "test" not in settings.train_split:
@@ -221,16 +209,19 @@ def check_store(store: Store, settings: Settings, report) -> str | None:
             split = store.select(name)[0]
         except ValueError as exc:
             raise TrainingError(str(exc)) from exc
-        in_split = table[SUBJECT_SPLIT] == name
         if len(split) == 0:
             raise TrainingError(f"{store.path}: split {name!r} has no slices")
-        if np.all(table[SUBJECT_LABEL][in_split] < 0):
+        if not target.present[table[SUBJECT_SPLIT] == name].any():
             raise TrainingError(
-                f"{store.path}: split {name!r} has no labels: train and score on labelled splits"
+                f"{store.path}: split {name!r} has no subject with a value for {what}: "
+                "train and score on splits that have them"
             )
-    in_val = table[SUBJECT_SPLIT] == settings.val_split
-    for index, class_name in enumerate(store.class_names):
-        count = len(set(table[SUBJECT_ID][in_val & (table[SUBJECT_LABEL] == index)]))
+    training = np.isin(table[SUBJECT_SPLIT], settings.train_split) & target.present
+    if target.task == REGRESSION and np.ptp(target.values[training]) == 0:
+        raise TrainingError(f"{store.path}: {what} has one value in the training splits")
+    in_val = (table[SUBJECT_SPLIT] == settings.val_split) & target.present
+    for index, class_name in enumerate(target.class_names):
+        count = len(set(table[SUBJECT_ID][in_val & (target.values == index)]))
         if count < FEW_SUBJECTS:
             report(
                 f"warning: {store.path}: split {settings.val_split!r} has {count} subject(s) of "
@@ -254,11 +245,17 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def write_config(
-    run_dir: Path, store: Store, settings: Settings, test_split: str | None, model_fn
+    run_dir: Path,
+    store: Store,
+    settings: Settings,
+    test_split: str | None,
+    model_fn,
+    target: Target,
 ) -> None:
-    """``config.json``: every setting, the model function, library versions, the store read."""
+    """``config.json``: every setting, the target, the model function, versions, the store read."""
     config = {
         "settings": {**asdict(settings), "test_split": test_split},
+        "target": {"name": target.name, "task": target.task, "class_names": target.class_names},
         "store": {
             "path": os.path.abspath(store.path),
             "uuid": store.uuid,
@@ -274,8 +271,10 @@ def write_config(
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def build_data(store: Store, settings: Settings, test_split: str | None) -> dict[str, H5Sequence]:
-    """``train`` (shuffled), ``val`` and, when there is one, ``test`` sequences of the store.
+def build_data(
+    store: Store, settings: Settings, target: Target, test_split: str | None
+) -> dict[str, H5Sequence]:
+    """``train`` (shuffled), ``val`` and, when there is one, ``test`` sequences of the target.
 
     Raises:
         StoreChangedError: a sequence opened another store than ``store``.
@@ -285,6 +284,10 @@ def build_data(store: Store, settings: Settings, test_split: str | None) -> dict
         "channels": settings.channels,
         "workers": settings.workers,
         "use_multiprocessing": settings.use_multiprocessing,
+        "target": target.name,
+        "task": target.task,
+        "labels": settings.labels,
+        "id_column": settings.id_column,
     }
     data = {
         "train": H5Sequence(
@@ -300,34 +303,87 @@ def build_data(store: Store, settings: Settings, test_split: str | None) -> dict
     return data
 
 
-def build_model(model_fn, store: Store, settings: Settings) -> keras.Model:
-    """The model from ``model_fn``, compiled with the loss its output shape calls for.
+def build_model(model_fn, store: Store, settings: Settings, target: Target) -> keras.Model:
+    """The model from ``model_fn``, with augmentation and scaling, compiled for its output.
 
-    One output unit (a sigmoid) for two classes: binary cross-entropy; one unit per class
-    (a softmax): sparse categorical cross-entropy.
+    Classification: one output unit (a sigmoid) for two classes gets binary cross-entropy,
+    one unit per class (a softmax) sparse categorical cross-entropy. Regression:
+    ``model_fn(0, ...)`` must give one linear unit; it learns the target standardised on
+    the training splits, and a ``Rescaling`` layer after it turns that back into the
+    target's units, so the loss (mean squared error), MAE, RMSE and every saved
+    prediction are in those units.
 
     Raises:
         TrainingError: the output fits neither.
     """
-    num_classes = len(store.class_names)
     height, width = store.slice_shape
     shape = (height, width, 1) if settings.channels == "last" else (1, height, width)
-    model = model_fn(num_classes, shape, f"channels_{settings.channels}")
-    units = model.output_shape[-1]
-    if units == 1 and num_classes == 2:
-        loss = "binary_crossentropy"
-    elif units == num_classes and len(model.output_shape) == 2:
-        loss = "sparse_categorical_crossentropy"
+    data_format = f"channels_{settings.channels}"
+    regression = target.task == REGRESSION
+    num_classes = 0 if regression else len(target.class_names)
+    base = model_fn(num_classes, shape, data_format)
+    units = base.output_shape[-1]
+    if regression:
+        fits, loss, wanted = units == 1, "mean_squared_error", "(None, 1) (one linear unit)"
+        metrics = [
+            keras.metrics.MeanAbsoluteError(name="mae"),
+            keras.metrics.RootMeanSquaredError(name="rmse"),
+        ]
     else:
-        raise TrainingError(
-            f"model_fn's output has shape {model.output_shape}; for {num_classes} classes it "
-            f"must be (None, {num_classes}) (softmax)"
-            + (" or (None, 1) (sigmoid)" if num_classes == 2 else "")
+        two = units == 1 and num_classes == 2
+        fits = two or units == num_classes
+        loss = "binary_crossentropy" if two else "sparse_categorical_crossentropy"
+        wanted = f"(None, {num_classes}) (softmax)" + (
+            " or (None, 1) (sigmoid)" * (num_classes == 2)
         )
+        metrics = ["accuracy"]
+    if not fits or len(base.output_shape) != 2:
+        raise TrainingError(
+            f"model_fn's output has shape {base.output_shape}; for {target.task} of "
+            f"{target.name or 'the labels'} it must be {wanted}"
+        )
+    model = base
+    if settings.augment != "none" or regression:
+        inputs = keras.Input(shape)
+        x = inputs
+        if settings.augment != "none":
+            x = augmentation(data_format, flip=settings.augment == "flip")(x)
+        outputs = base(x)
+        if regression:
+            mean, std = _training_statistics(store, settings, target)
+            outputs = keras.layers.Rescaling(std, offset=mean, name="to_target_units")(outputs)
+        model = keras.Model(inputs, outputs, name=base.name)
     model.compile(
-        optimizer=keras.optimizers.Adam(settings.learning_rate), loss=loss, metrics=["accuracy"]
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss=loss,
+        weighted_metrics=metrics,  # rows without a target value have weight 0
     )
     return model
+
+
+def _training_statistics(store: Store, settings: Settings, target: Target) -> tuple[float, float]:
+    """Mean and standard deviation of the target over the training splits' scans."""
+    table = store.subjects_table()
+    values = target.values[np.isin(table[SUBJECT_SPLIT], settings.train_split) & target.present]
+    return float(np.mean(values)), float(np.std(values)) or 1.0
+
+
+def class_weights(store: Store, settings: Settings, target: Target) -> dict[int, float]:
+    """``balanced`` weights: slices / (classes x slices of the class), in the training splits.
+
+    Counts slices per scan by reading ``/subject`` of the training rows in blocks.
+    """
+    counts = np.zeros(len(store.subjects_table()[SUBJECT_ID]), dtype=np.int64)
+    for split in store.select(list(settings.train_split)):
+        for start in range(split.start, split.stop, 1 << 20):
+            block = store.subject[start : min(start + (1 << 20), split.stop)]
+            counts += np.bincount(block, minlength=len(counts))
+    present = target.present
+    per_class = np.bincount(
+        target.values[present], weights=counts[present], minlength=len(target.class_names)
+    )
+    total = per_class.sum()
+    return {k: float(total / (len(per_class) * n)) if n else 0.0 for k, n in enumerate(per_class)}
 
 
 class _History(keras.callbacks.CSVLogger):
@@ -341,11 +397,13 @@ def fit(
     model: keras.Model,
     data: dict[str, H5Sequence],
     settings: Settings,
+    monitor: tuple[str, str],
     run_dir: Path,
     progress: bool | None,
     callbacks=(),
+    class_weight: dict[int, float] | None = None,
 ) -> bool:
-    """Fit with early stopping, the best model saved, the history logged.
+    """Fit with early stopping on ``monitor`` (name, mode), the best model saved, history logged.
 
     Returns:
         Whether the fit was interrupted (Ctrl-C or SIGTERM); the folder then holds the
@@ -353,12 +411,13 @@ def fit(
     """
     show = sys.stderr.isatty() if progress is None else progress
     history_log = _History(run_dir / "history.csv")
+    name, mode = monitor
     own = [
         keras.callbacks.EarlyStopping(
-            monitor=MONITOR, mode="max", patience=settings.patience, restore_best_weights=True
+            monitor=name, mode=mode, patience=settings.patience, restore_best_weights=True
         ),
         keras.callbacks.ModelCheckpoint(
-            run_dir / "model.keras", monitor=MONITOR, mode="max", save_best_only=True
+            run_dir / "model.keras", monitor=name, mode=mode, save_best_only=True
         ),
         history_log,
     ]
@@ -374,52 +433,12 @@ def fit(
             callbacks=[*own, *callbacks],
             shuffle=False,  # H5Sequence shuffles, by (seed, epoch)
             verbose=0 if show else 2,
+            class_weight=class_weight,
         )
     except KeyboardInterrupt:
         history_log.on_train_end()  # Keras skips it on an interrupt: close history.csv
         return True
     return False
-
-
-def evaluate(model: keras.Model, data: dict[str, H5Sequence], store: Store) -> dict:
-    """Slice- and subject-level results on ``val`` and ``test``, by split name.
-
-    Labels and subjects are read through ``store``, the file the sequences read.
-    """
-    table_ids = store.subjects_table()[SUBJECT_ID]
-    results = {}
-    for key in ("val", "test"):
-        if key not in data:
-            continue
-        sequence = data[key]
-        outputs = model.predict(sequence, verbose=0)
-        rows = np.concatenate([sequence.rows(i) for i in range(len(sequence))])
-        start, stop = int(rows.min()), int(rows.max()) + 1  # a split is one contiguous range
-        labels = store.labels[start:stop][rows - start]
-        scans = store.subject[start:stop][rows - start]
-        results[sequence.split] = evaluate_outputs(outputs, labels, table_ids[scans])
-    return results
-
-
-def write_results(result: Result, class_names: list[str], seconds: float) -> None:
-    """``metrics.json``, ``curves.png`` and (when evaluated) ``confusion.png``."""
-    run_dir = result.run_dir
-    history = read_history(run_dir / "history.csv")
-    result.epochs_run = len(history.get("loss", []))
-    if history.get(MONITOR):
-        result.best_epoch = int(np.argmax(history[MONITOR])) + 1
-    if history:
-        plot_curves(history, run_dir / "curves.png", result.best_epoch)
-    summary = {
-        "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "interrupted": result.interrupted,
-        "seconds": round(seconds, 1),
-    }
-    if result.metrics:
-        summary["splits"] = result.metrics
-        plot_confusions(result.metrics, class_names, run_dir / "confusion.png")
-    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
 
 
 def _versions() -> dict:

@@ -1,0 +1,110 @@
+"""The settings of a training run, each also an option of ``python -m training``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loader.command import SettingError, check_settings, option
+from loader.target import TASKS
+
+AUGMENTATIONS = ("none", "on", "flip")
+CLASS_WEIGHTS = ("none", "balanced")
+TARGET = "target (what to predict)"
+DATA = "data"
+MODEL = "model and fitting"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of a run (written to ``config.json``).
+
+    Each field is also an option of ``python -m training``, generated from the
+    declaration below (``--multiprocessing`` for ``use_multiprocessing``).
+
+    Raises:
+        SettingError: (a ValueError) a value outside its rule.
+        TypeError: a value of the wrong type.
+    """
+
+    target: str | None = option(
+        None, "column of the store's labels table to predict", metavar="COLUMN", kind=str,
+        default_text="the store's labels (its --label-column)", group=TARGET,
+    )  # fmt: skip
+    task: str | None = option(
+        None, "what kind of question", choices=TASKS, kind=str,
+        default_text="from the column: numbers are regression, text classification", group=TARGET,
+    )  # fmt: skip
+    labels: str | None = option(
+        None, "a .tsv or .csv joined by subject id, for labels that came after preprocessing",
+        metavar="FILE", kind=str, default_text="the store's own table", group=TARGET,
+    )  # fmt: skip
+    id_column: str = option(
+        "participant_id", "the subject-id column of --labels", metavar="NAME", group=TARGET
+    )
+    train_split: tuple[str, ...] = option(
+        ("train",), "one or more splits to train on, e.g. fold0 fold1 fold2", metavar="SPLIT",
+        group=DATA,
+    )  # fmt: skip
+    val_split: str = option(
+        "val", "split for early stopping and validation", metavar="SPLIT", group=DATA
+    )
+    test_split: str | None = option(
+        None, "split to test on", metavar="SPLIT", kind=str,
+        default_text="`test` when the store has one", group=DATA,
+    )  # fmt: skip
+    batch_size: int = option(256, "slices per batch", metavar="N", at_least=1, group=DATA)
+    workers: int = option(
+        1, "threads (or processes) reading batches", metavar="N", at_least=1, group=DATA
+    )
+    use_multiprocessing: bool = option(
+        False, "read batches in processes instead of threads", flag="--multiprocessing",
+        group=DATA,
+    )  # fmt: skip
+    channels: str = option("last", "tensor layout", choices=("last", "first"), group=DATA)
+    epochs: int = option(100, "at most this many epochs", metavar="N", at_least=1, group=MODEL)
+    patience: int = option(
+        10, "early stopping patience (epochs without a better validation score)", metavar="N",
+        at_least=0, group=MODEL,
+    )  # fmt: skip
+    learning_rate: float = option(1e-3, "Adam's learning rate", metavar="LR", group=MODEL)
+    seed: int = option(
+        0, "seed of the weights and the batch order", metavar="S", at_least=0, group=MODEL
+    )
+    augment: str = option(
+        "none", "random rotations, shifts, zoom and contrast in training (flip: also "
+        "left-right flips)", choices=AUGMENTATIONS, const="on", group=MODEL,
+    )  # fmt: skip
+    class_weight: str = option(
+        "none", "weigh classes by their inverse frequency in the training splits",
+        choices=CLASS_WEIGHTS, group=MODEL,
+    )  # fmt: skip
+
+    def __post_init__(self):
+        if isinstance(self.train_split, str | list):  # one name, or a list, from the API
+            names = [self.train_split] if isinstance(self.train_split, str) else self.train_split
+            object.__setattr__(self, "train_split", tuple(names))
+        check_settings(self)
+        if not self.learning_rate > 0:
+            raise SettingError("{learning_rate} must be positive", learning_rate=self.learning_rate)
+        for name in ("val_split", "test_split"):
+            if getattr(self, name) in self.train_split:
+                raise SettingError(
+                    f"{{{name}}} must not be one of {{train_split}}: it would score the model "
+                    "on slices it was trained on",
+                    train_split=self.train_split,
+                    **{name: getattr(self, name)},
+                )
+        if self.test_split is not None and self.test_split == self.val_split:
+            raise SettingError(
+                "{test_split} must differ from {val_split}: early stopping chose the model on it",
+                test_split=self.test_split,
+            )
+        if self.labels is not None and self.target is None:
+            raise SettingError(
+                "{labels} needs {target}: the column of the table to predict", labels=self.labels
+            )
+        if self.class_weight != "none" and self.task == "regression":
+            raise SettingError(
+                "{class_weight} is for classification; received task='regression'",
+                class_weight=self.class_weight,
+            )
