@@ -23,7 +23,8 @@ demo: $(INSTALLED)
 	$(BIN)/python scripts/make_phantoms.py $(DEMO)/bids --subjects 48 --seed 0 --overwrite
 	$(BIN)/python -m preprocess $(DEMO)/bids -o $(DEMO)/store.h5 --label-column group --overwrite
 	$(BIN)/python -m loader $(DEMO)/store.h5 --preview $(DEMO)/preview.png
-	$(BIN)/python -m training $(DEMO)/store.h5 -o $(DEMO)/run --epochs 8 --batch-size 64 --overwrite
+	$(BIN)/python -m training $(DEMO)/store.h5 -o $(DEMO)/run --epochs 5 --batch-size 64 --overwrite
+	$(BIN)/python -m training $(DEMO)/store.h5 -o $(DEMO)/run-age --target age --epochs 5 --batch-size 64 --overwrite
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check --fix .

@@ -50,7 +50,7 @@ def head_phantom(
         group: ``control`` or ``patient``.
         voxel_size: mm along x, y, z.
         fov_mm: side of the field of view.
-        age: years; from 20 to 80 the ventricles grow by half and the brain shrinks by 5%.
+        age: years; from 20 to 80 the ventricles triple in size and the brain shrinks by 10%.
 
     Returns:
         ``(data, affine)``: float32 intensities around 0..1000 and the RAS affine.
@@ -75,11 +75,11 @@ def head_phantom(
     patient = group == "patient"
     ageing = (age - 50.0) / 60.0  # -0.5 at 20, +0.5 at 80
     brain = rng.uniform(0.88, 0.92) if patient else rng.uniform(0.98, 1.02)  # atrophy
-    brain *= 1 - 0.05 * ageing
+    brain *= 1 - 0.1 * ageing
     data[inside(0.84 * brain)] = 620  # grey matter
     data[inside(0.74 * brain)] = 900  # white matter
     size = rng.uniform(1.6, 2.0) if patient else rng.uniform(0.8, 1.1)
-    size *= 1 + 0.5 * ageing
+    size *= 1 + ageing
     for side in (-1, 1):
         data[inside(1.0, np.array([9, 24, 14]) * size, (side * 7, 4, 8))] = 250  # ventricles
     if patient:

@@ -114,7 +114,7 @@ def write_id_store(
         label = classes[scan % len(classes)] if labelled and scan < scans - unlabelled else None
         record = scan_record(f"s{scan:03d}.nii", f"{scan:03d}", range(slices_per_scan), label=label)
         partial.add(record, slices)
-    partial.finalize(sorted(classes) if labelled else [])
+    partial.finalize(sorted(set(classes)) if labelled else [])
     return path
 
 
