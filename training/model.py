@@ -58,8 +58,8 @@ def augmentation(data_format: str = "channels_last", flip: bool = False) -> kera
     left-right flip only when asked, since the two sides of a brain differ.
 
     Example:
-        >>> [layer.name for layer in augmentation(flip=True).layers][-1]
-        'random_flip'
+        >>> [type(layer).__name__ for layer in augmentation(flip=True).layers][-1]
+        'RandomFlip'
     """
     layers = keras.layers
     steps = [
