@@ -82,6 +82,8 @@ def describe(store: Store) -> str:
     lines += [
         "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
     ]
+    columns = [f"{name} ({kind})" for name, (kind, _) in store.participants().items()]
+    lines.append(f"labels table: {', '.join(columns) if columns else '(none)'}")
     config = {k: v for k, v in store.config.items() if k != "inputs"}
     lines.append("settings: " + json.dumps(config, sort_keys=True))
     lines.append("inputs: " + ", ".join(store.config.get("inputs", [])))

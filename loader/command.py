@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import signal
 import sys
@@ -140,6 +141,8 @@ def _is_sequence(field: dataclasses.Field) -> bool:
 def check_settings(settings) -> None:
     """Check every field of a settings dataclass against its declaration.
 
+    A path (``os.PathLike``) given for a text setting is kept as its ``str``.
+
     Raises:
         TypeError: a value of the wrong type.
         SettingError: a value outside its choices or bounds.
@@ -148,6 +151,9 @@ def check_settings(settings) -> None:
         value = getattr(settings, field.name)
         if value is None and field.default is None:
             continue
+        if isinstance(value, os.PathLike) and _kind(field) is str:  # a path: kept as its str
+            value = os.fspath(value)
+            object.__setattr__(settings, field.name, value)
         values = list(value) if _is_sequence(field) else [value]
         kind = _kind(field)
         for item in values:

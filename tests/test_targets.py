@@ -124,18 +124,26 @@ def test_subjects_without_a_value_are_never_trained_on_or_scored(aged_store, tmp
 
 def test_a_table_joined_at_load_time(tmp_path):
     path = write_id_store(tmp_path / "s.h5", scans=6)
-    (tmp_path / "late.tsv").write_text("participant_id\tscore\nsub-000\t1.5\n002\t3\n")
+    rows = "sub-000\t1.5\n001\t2\n002\t3\n003\tn/a\n004\t5\n"  # 005 is missing
+    (tmp_path / "late.tsv").write_text(f"participant_id\tscore\n{rows}")
     sequence = H5Sequence(path, batch_size=200, target="score", labels=tmp_path / "late.tsv")
     _, y, weight = sequence[0]
     with open_store(path) as store:
         scans = store.subject[np.sort(sequence.rows(0))]
     order = np.argsort(sequence.rows(0))
-    expected = {0: 1.5, 2: 3.0}
+    expected = {0: 1.5, 1: 2.0, 2: 3.0, 4: 5.0}
     np.testing.assert_array_equal(weight[order], [float(s in expected) for s in scans])
     np.testing.assert_array_equal(
         y[order][weight[order] == 1], [expected[s] for s in scans if s in expected]
     )
     assert y.dtype == np.float32
+    train(path, tmp_path / "run", target="score", labels=tmp_path / "late.tsv", epochs=1,
+                progress=False)  # fmt: skip
+    with open(tmp_path / "run" / "predictions.csv", newline="") as handle:
+        scored = {row["subject"] for row in csv.DictReader(handle)}
+    assert scored <= {"000", "001", "002", "004"}  # only subjects the table gives a value
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["settings"]["labels"] == str(tmp_path / "late.tsv")
 
 
 def test_a_store_written_before_the_table_was_kept_trains_with_its_label(tmp_path):

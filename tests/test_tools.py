@@ -21,6 +21,9 @@ def test_loader_summary_and_preview(phantom_store, tmp_path, capsys):
             assert f"{name}  " in out
             assert str(len(split)) in out
     assert "classes: control, patient" in out
+    assert (
+        "labels table: group (categorical), age (numeric), sex (categorical), iq (numeric)" in out
+    )
     assert '"label_column": "group"' in out
     assert picture.read_bytes().startswith(b"\x89PNG")
 
