@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 
 from loader.plan import EpochPlan, aligned_blocks
-from loader.rows import prefetch_rows, read_rows, row_layout
+from loader.rows import RowLayout, prefetch_rows, read_rows, row_layout
 from loader.schema import SUBJECT_SPLIT, UNLABELLED_SPLIT
 from loader.store import StoreChangedError, file_identity, open_h5, open_store
-from loader.target import Target, resolve
+from loader.stores import check_agree, merge_classes, store_paths
+from loader.target import CLASSIFICATION, Target, resolve
 
 # How many batches ahead to ask the kernel for (prefetch=True): cold shuffled reads,
 # slices/s on a 0.25 GiB store: 1 ahead 348 k, 2 ahead 435 k, 4 ahead 443 k (warm unchanged).
@@ -39,8 +41,16 @@ class H5Sequence(keras.utils.PyDataset):
     ``(x, y, sample_weight)`` with weight 0 for those rows (Keras leaves them out of the
     loss and of weighted metrics); else ``(x, y)``.
 
+    Several stores read as one (cohorts, or the shards of one preprocessing run): every
+    row of each once per epoch, the chunk-aligned blocks of all stores permuted together
+    so batches mix them, splits taken by name from each store (empty in some is fine).
+    They must agree on what a slice means (:mod:`loader.stores`); their classes are merged
+    by name. ``shard=(index, count)`` takes this host's equal share of every epoch's
+    batches (batches ``index``, ``index + count``, ...), dropping fewer than ``count``
+    batches at the end so every host runs the same number of steps.
+
     Args:
-        path: the store.
+        path: the store; a list of stores, or a folder (every ``*.h5`` in it, by name).
         split: a split name, a list of names, or None for every labelled row (every row
             of an unlabelled store). Defaults to None.
         batch_size: rows per batch; the last batch may be shorter. Defaults to 32.
@@ -58,6 +68,8 @@ class H5Sequence(keras.utils.PyDataset):
         labels: a ``.tsv``/``.csv`` table joined by subject id at load time, for labels
             that arrived after preprocessing. Defaults to None (the store's table).
         id_column: the subject-id column of ``labels``. Defaults to ``participant_id``.
+        shard: ``(index, count)``: read only this host's share of each epoch. Defaults to
+            None (every batch).
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of
             ``keras.utils.PyDataset``.
 
@@ -65,8 +77,9 @@ class H5Sequence(keras.utils.PyDataset):
         FileNotFoundError: no store at ``path``.
         ValueError: the file is not a finished store, a split is unknown or empty, the
             unlabelled split is named beside labelled ones, the target is not a column
-            (the columns are listed) or not numeric for regression, or an argument is out
-            of range.
+            (the columns are listed) or not numeric for regression, stores that disagree on
+            what a slice means (the first difference and the two stores are named), or an
+            argument is out of range.
         TypeError: an argument of the wrong type.
 
     Example::
@@ -88,11 +101,11 @@ class H5Sequence(keras.utils.PyDataset):
         task: str | None = None,
         labels: str | os.PathLike | None = None,
         id_column: str = "participant_id",
+        shard: tuple[int, int] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not isinstance(path, str | os.PathLike):
-            raise TypeError(f"`path` must be a str or os.PathLike; received {type(path).__name__}")
+        paths = store_paths(path)
         _check_int("batch_size", batch_size, minimum=1)
         _check_int("seed", seed, minimum=0)
         for name, value in (("shuffle", shuffle), ("prefetch", prefetch)):
@@ -104,50 +117,46 @@ class H5Sequence(keras.utils.PyDataset):
             )
         if split is not None and not isinstance(split, str | list | tuple):
             raise TypeError(f"`split` must be a str, a list of str or None; received {split!r}")
+        if shard is not None:
+            shard = _check_shard(shard)
 
         if self.use_multiprocessing:
             _quiet_forked_workers()
-        self._path = os.fspath(path)
+        one_file = isinstance(path, str | os.PathLike) and not os.path.isdir(path)
+        self._path = paths[0] if one_file else paths
         self._split = split
         self._batch_size = batch_size
         self._shuffle = shuffle
         self._seed = seed
         self._channels = channels
         self._prefetch = prefetch
+        self._shard = shard
         self._epoch = 0
-        with open_store(self._path) as store:
-            selected = store.select(split) if target else _labelled_rows(store, split)
-            empty = [s.name for s in selected if len(s) == 0]
-            if empty or not selected:
-                raise ValueError(f"{self._path}: split {empty} has no rows")
-            self._blocks = aligned_blocks([(s.start, s.stop) for s in selected], store.chunk_slices)
-            self._target = resolve(store, target, task, labels, id_column)
-            if target is None and not (store.labelled and selected[0].name != UNLABELLED_SPLIT):
-                self._target = None  # no labels to serve: x alone
-            self._weighted = self._target is not None and not _all_present(
-                store, selected, self._target
-            )
-            self._uuid = store.uuid
-            self._slice_shape = store.slice_shape
-            self._dtype = store.dtype
-            self._scale = np.float32(store.scale)
-            self._offset = np.float32(store.offset)
-            self._images = row_layout(store.images)
-            self._subjects = row_layout(store.subject)
-            self._identity = store.identity
+        self._parts, blocks, self._target, self._weighted = _open_parts(
+            paths, split, target, task, labels, id_column
+        )
+        self._blocks = blocks
+        first = self._parts[0]
+        self._slice_shape, self._dtype = first.slice_shape, first.dtype
+        self._scale, self._offset = first.scale, first.offset
+        self._first_rows = np.array([part.first_row for part in self._parts], dtype=np.int64)
         self._plan = EpochPlan(self._blocks, batch_size, shuffle, seed, self._epoch)
+        if shard is not None and len(self._plan) < shard[1]:
+            raise ValueError(
+                f"`shard` needs at least one batch per host: {len(self._plan)} batches of "
+                f"{batch_size} for {shard[1]} hosts; received shard={shard}"
+            )
         self._init_process_state()
 
     def _init_process_state(self) -> None:
         self._lock = threading.Lock()
         self._pid = None
-        self._fd = None
-        self._h5 = None
-        self._datasets = (None, None)
+        self._open_files = None  # per part: (fd, images dataset, subjects dataset)
+        self._h5 = []
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_lock", "_pid", "_fd", "_h5", "_datasets"):
+        for name in ("_lock", "_pid", "_open_files", "_h5"):
             state.pop(name)
         return state
 
@@ -156,25 +165,37 @@ class H5Sequence(keras.utils.PyDataset):
         self._init_process_state()
 
     def __del__(self) -> None:
-        if getattr(self, "_pid", None) == os.getpid() and self._fd is not None:
-            os.close(self._fd)
+        if getattr(self, "_pid", None) == os.getpid() and self._open_files:
+            for fd, _, _ in self._open_files:
+                os.close(fd)
 
     def __repr__(self) -> str:
+        shard = f", shard={self._shard}" if self._shard else ""
         return (
             f"H5Sequence({self._path!r}, split={self._split!r}, batch_size={self._batch_size}, "
-            f"shuffle={self._shuffle}, seed={self._seed}, channels={self._channels!r}, "
+            f"shuffle={self._shuffle}, seed={self._seed}, channels={self._channels!r}{shard}, "
             f"workers={self.workers}, use_multiprocessing={self.use_multiprocessing})"
         )
 
     @property
-    def path(self) -> str:
-        """The store's path."""
+    def path(self) -> str | list[str]:
+        """The store's path; the list of paths when reading several stores."""
         return self._path
+
+    @property
+    def paths(self) -> list[str]:
+        """The stores read, in order (store index i in :meth:`rows` is ``paths[i]``)."""
+        return [part.path for part in self._parts]
 
     @property
     def split(self) -> str | list[str] | None:
         """The split(s) read, as given."""
         return self._split
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """``(index, count)``: this host's share of every epoch, or None for all of it."""
+        return self._shard
 
     @property
     def batch_size(self) -> int:
@@ -183,7 +204,7 @@ class H5Sequence(keras.utils.PyDataset):
 
     @property
     def num_slices(self) -> int:
-        """Rows in the selected splits: slices per epoch."""
+        """Rows in the selected splits of every store: slices per epoch (over all hosts)."""
         return self._plan.num_rows
 
     @property
@@ -193,7 +214,8 @@ class H5Sequence(keras.utils.PyDataset):
 
     @property
     def target(self) -> Target | None:
-        """What ``y`` is (:class:`loader.target.Target`); None when batches are ``x`` alone."""
+        """What ``y`` is (:class:`loader.target.Target`, values of the first store); None
+        when batches are ``x`` alone."""
         return self._target
 
     @property
@@ -203,8 +225,8 @@ class H5Sequence(keras.utils.PyDataset):
 
     @property
     def store_uuid(self) -> str:
-        """The uuid of the store read."""
-        return self._uuid
+        """The uuid of the store read; with several stores, their uuids joined by "+"."""
+        return "+".join(part.uuid for part in self._parts)
 
     @property
     def epoch(self) -> int:
@@ -212,12 +234,35 @@ class H5Sequence(keras.utils.PyDataset):
         return self._epoch
 
     def __len__(self) -> int:
-        return len(self._plan)
+        batches = len(self._plan)
+        return batches // self._shard[1] if self._shard else batches
+
+    def _plan_batch(self, index) -> int:
+        """The batch of the epoch plan that this sequence's batch ``index`` is."""
+        index = _batch_index(index, len(self))
+        return index * self._shard[1] + self._shard[0] if self._shard else index
+
+    def _local_runs(self, plan_batch: int) -> list[tuple[int, int, int]]:
+        """``(part, start, stop)`` runs of a plan batch, rows local to each store."""
+        runs = []
+        for start, stop in self._plan.runs(plan_batch):
+            part = int(np.searchsorted(self._first_rows, start, side="right")) - 1
+            first = int(self._first_rows[part])
+            runs.append((part, start - first, stop - first))
+        return runs
 
     def rows(self, index: int) -> np.ndarray:
-        """The store rows of batch ``index``, in the order the batch holds them."""
-        runs = self._plan.runs(_batch_index(index, len(self)))
-        return np.concatenate([np.arange(start, stop) for start, stop in runs])
+        """The store rows of batch ``index``, in the order the batch holds them.
+
+        With several stores, ``(store index, row)`` pairs, shape ``(b, 2)``.
+        """
+        runs = self._local_runs(self._plan_batch(index))
+        if len(self._parts) == 1:
+            return np.concatenate([np.arange(start, stop) for _, start, stop in runs])
+        return np.concatenate(
+            [np.stack([np.full(stop - start, part), np.arange(start, stop)], 1)
+             for part, start, stop in runs]
+        )  # fmt: skip
 
     def on_epoch_end(self) -> None:
         """Move to the next epoch's plan."""
@@ -227,9 +272,10 @@ class H5Sequence(keras.utils.PyDataset):
         )
 
     def __getitem__(self, index: int):
-        runs = self._plan.runs(_batch_index(index, len(self)))
-        num_rows = sum(stop - start for start, stop in runs)
-        fd, images, subjects = self._open()
+        plan_batch = self._plan_batch(index)
+        runs = self._local_runs(plan_batch)
+        num_rows = sum(stop - start for _, start, stop in runs)
+        files = self._open()
         height, width = self._slice_shape
         shape = (
             (num_rows, height, width, 1)
@@ -239,55 +285,145 @@ class H5Sequence(keras.utils.PyDataset):
         x = np.empty(shape, dtype=np.float32)
         x_rows = x.reshape(num_rows, height, width)  # a view: both layouts have one channel
         stored = x_rows if self._dtype == np.float32 else np.empty(x_rows.shape, self._dtype)
-        scans = np.empty(num_rows, dtype=np.int32) if self._target else None
+        target = self._target is not None
+        scans = np.empty(num_rows, dtype=np.int32) if target else None
+        y = np.empty(num_rows, dtype=self._target.values.dtype) if target else None
+        present = np.empty(num_rows, dtype=bool) if target else None
         position = 0
-        for start, stop in runs:
+        for part_index, start, stop in runs:
+            part, (fd, images, subjects) = self._parts[part_index], files[part_index]
             end = position + stop - start
-            read_rows(self._images, start, stop, stored[position:end], fd, images)
-            if scans is not None:
-                read_rows(self._subjects, start, stop, scans[position:end], fd, subjects)
+            read_rows(part.images, start, stop, stored[position:end], fd, images)
+            if target:
+                read_rows(part.subjects, start, stop, scans[position:end], fd, subjects)
+                y[position:end] = part.values[scans[position:end]]
+                present[position:end] = part.present[scans[position:end]]
             position = end
         if self._prefetch:  # hint the batch PREFETCH_AHEAD on (all of them up to it at first)
             first = index + 1 if index == 0 else index + PREFETCH_AHEAD
-            for ahead in range(first, min(index + PREFETCH_AHEAD + 1, len(self._plan))):
-                for start, stop in self._plan.runs(ahead):
-                    prefetch_rows(self._images, start, stop, fd)
+            for ahead in range(first, min(index + PREFETCH_AHEAD + 1, len(self))):
+                for part_index, start, stop in self._local_runs(self._plan_batch(ahead)):
+                    fd = files[part_index][0]
+                    prefetch_rows(self._parts[part_index].images, start, stop, fd)
         if stored is not x_rows or self._scale != 1:
             np.multiply(stored, self._scale, out=x_rows, casting="unsafe")
         if self._offset != 0:
             x_rows += self._offset
-        if scans is None:
+        if not target:
             return x
-        y = self._target.values[scans]  # a fresh array: fancy indexing copies
         if not self._weighted:
             return x, y
-        present = self._target.present[scans]
         y[~present] = 0  # any value: its weight is 0
         return x, y, present.astype(np.float32)
 
-    def _open(self):
-        """This process's file descriptor, and h5py datasets where rows are not plain bytes."""
+    def _open(self) -> list[tuple]:
+        """This process's ``(fd, images, subjects)`` per store (h5py datasets where rows are
+        not plain bytes, else None)."""
         pid = os.getpid()
         if self._pid == pid:
-            return self._fd, *self._datasets
+            return self._open_files
         with self._lock:
             if self._pid != pid:  # never use what a parent process opened
-                fd = os.open(self._path, os.O_RDONLY)
-                if file_identity(os.fstat(fd)) != self._identity:
-                    os.close(fd)
-                    raise StoreChangedError(
-                        f"{self._path}: the store changed since this H5Sequence was created "
-                        "(another store was written at its path); create a new one"
-                    )
-                raw = self._images.raw and self._subjects.raw
-                self._h5 = None if raw else open_h5(self._path)
-                self._datasets = (
-                    None if raw else self._h5[self._images.name],
-                    None if raw else self._h5[self._subjects.name],
-                )
-                self._fd = fd
+                files = []
+                for part in self._parts:
+                    fd = os.open(part.path, os.O_RDONLY)
+                    if file_identity(os.fstat(fd)) != part.identity:
+                        os.close(fd)
+                        raise StoreChangedError(
+                            f"{part.path}: the store changed since this H5Sequence was "
+                            "created (another store was written at its path); create a new one"
+                        )
+                    if part.images.raw and part.subjects.raw:
+                        files.append((fd, None, None))
+                    else:
+                        h5 = open_h5(part.path)
+                        self._h5.append(h5)
+                        files.append((fd, h5[part.images.name], h5[part.subjects.name]))
+                self._open_files = files
                 self._pid = pid
-        return self._fd, *self._datasets
+        return self._open_files
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One store of a sequence: plain facts only, so the sequence pickles."""
+
+    path: str
+    uuid: str
+    identity: tuple
+    first_row: int  # where its rows start in the sequence's row space
+    slice_shape: tuple
+    dtype: np.dtype
+    scale: np.float32
+    offset: np.float32
+    images: RowLayout
+    subjects: RowLayout
+    values: np.ndarray | None  # target value per scan
+    present: np.ndarray | None
+
+
+def _open_parts(paths, split, target, task, labels, id_column):
+    """The parts, the chunk-aligned blocks of all of them, the target, and whether weighted.
+
+    Raises:
+        ValueError: stores that do not agree, splits empty in every store, a bad target.
+    """
+    stores = [open_store(path) for path in paths]
+    try:
+        check_agree(stores)
+        chosen, targets = [], []
+        for store in stores:
+            selected = store.select(split) if target else _labelled_rows(store, split)
+            chosen.append(selected)
+            labelled = store.labelled and selected[0].name != UNLABELLED_SPLIT
+            targets.append(
+                resolve(store, target, task, labels, id_column) if target or labelled else None
+            )
+        if len({t is None for t in targets}) > 1 or len({t.task for t in targets if t}) > 1:
+            raise ValueError(
+                f"stores read as one must all have the target; received {paths} for "
+                f"target={target!r}"
+            )
+        if all(len(s) == 0 for selected in chosen for s in selected):
+            raise ValueError(f"{', '.join(paths)}: split {split!r} has no rows")
+        if targets[0] is not None and targets[0].task == CLASSIFICATION and len(stores) > 1:
+            names, values = merge_classes([(t.class_names, t.values) for t in targets])
+            targets = [
+                Target(t.name, t.task, names, v) for t, v in zip(targets, values, strict=True)
+            ]
+        parts, blocks, first_row, weighted = [], [], 0, False
+        for store, selected, store_target in zip(stores, chosen, targets, strict=True):
+            ranges = [(s.start, s.stop) for s in selected if len(s)]
+            blocks.append(aligned_blocks(ranges, store.chunk_slices) + first_row)
+            if store_target is not None:
+                weighted |= not _all_present(store, selected, store_target)
+            parts.append(
+                _Part(
+                    store.path, store.uuid, store.identity, first_row, store.slice_shape,
+                    store.dtype, np.float32(store.scale), np.float32(store.offset),
+                    row_layout(store.images), row_layout(store.subject),
+                    None if store_target is None else store_target.values,
+                    None if store_target is None else store_target.present,
+                )
+            )  # fmt: skip
+            first_row += store.num_slices
+    finally:
+        for store in stores:
+            store.close()
+    return parts, np.concatenate(blocks), targets[0], weighted
+
+
+def _check_shard(shard) -> tuple[int, int]:
+    if (
+        not isinstance(shard, tuple | list)
+        or len(shard) != 2
+        or not all(isinstance(n, int | np.integer) and not isinstance(n, bool) for n in shard)
+        or not 0 <= shard[0] < shard[1]
+    ):
+        raise ValueError(
+            f"`shard` must be (index, count) with 0 <= index < count; received shard={shard!r}"
+        )
+    return int(shard[0]), int(shard[1])
 
 
 _QUIET_WORKERS = []  # one registration per process

@@ -311,3 +311,77 @@ def test_a_store_open_with_other_locking_settings_gets_a_clear_message(id_store)
     # h5py's default locking, unlike every reader of ours
     with h5py.File(id_store, "r"), pytest.raises(StoreError, match=message):
         open_store(id_store)
+
+
+def test_several_stores_read_as_one(tmp_path):
+    a = write_id_store(tmp_path / "a.h5", scans=6, seed=1)
+    b = write_id_store(tmp_path / "b.h5", scans=8, seed=2, classes="bc")
+    both = H5Sequence([a, b], split="train", batch_size=24, shuffle=True, seed=3)
+    assert both.paths == [str(a), str(b)]
+    assert both.class_names == ["a", "b", "c"]  # merged by name
+    with open_store(a) as store_a, open_store(b) as store_b:
+        stores = [store_a, store_b]
+        expected = sorted(
+            (s, int(row))
+            for s, store in enumerate(stores)
+            for row in decode_ids(
+                store.images[store.splits["train"].start : store.splits["train"].stop][..., None]
+                / np.float32(255)
+            )
+        )
+        assert both.num_slices == len(expected)
+        seen, mixed = [], 0
+        for index in range(len(both)):
+            x, y = both[index]
+            pairs = both.rows(index)
+            for (s, row), image, label in zip(pairs, x, y, strict=True):
+                store = stores[s]
+                np.testing.assert_array_equal(
+                    image[..., 0], store.images[row] * np.float32(1 / 255)
+                )
+                assert "abc"[label] == store.class_names[store.labels[row]]
+            mixed += len(set(pairs[:, 0])) == 2
+            seen += [(int(s), int(i)) for s, i in zip(pairs[:, 0], decode_ids(x), strict=True)]
+    assert sorted(seen) == expected  # every row of both stores once
+    assert mixed >= len(both) // 2  # batches mix the stores
+    again = H5Sequence([a, b], split="train", batch_size=24, shuffle=True, seed=3)
+    np.testing.assert_array_equal(again.rows(1), both.rows(1))  # a function of (seed, epoch)
+    folder = H5Sequence(tmp_path, split="train", batch_size=24, shuffle=True, seed=3)
+    assert folder.paths == [str(a), str(b)]
+    np.testing.assert_array_equal(folder.rows(2), both.rows(2))
+
+
+def test_stores_that_disagree_on_what_a_slice_means_are_refused(tmp_path):
+    a = write_id_store(tmp_path / "a.h5", scans=4)
+    b = write_id_store(tmp_path / "b.h5", scans=4, dtype="float16")
+    with pytest.raises(
+        ValueError, match=r"they differ in stored type: 'uint8' in .*a\.h5, 'float16' in .*b\.h5"
+    ):
+        H5Sequence([a, b])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="a folder without stores"):
+        H5Sequence(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("stores", [1, 2])
+def test_shards_of_an_epoch_are_disjoint_equal_and_cover_it(tmp_path, stores):
+    paths = [write_id_store(tmp_path / f"s{k}.h5", scans=7, seed=k) for k in range(stores)]
+    kwargs = {"split": None, "batch_size": 16, "shuffle": True, "seed": 5}
+    whole = H5Sequence(paths, **kwargs)
+    count = 3
+    shares = [H5Sequence(paths, shard=(i, count), **kwargs) for i in range(count)]
+    assert {len(share) for share in shares} == {len(whole) // count}
+    rows = [
+        {tuple(np.atleast_1d(r)) for i in range(len(share)) for r in share.rows(i)}
+        for share in shares
+    ]
+    for i in range(count):
+        for j in range(i + 1, count):
+            assert not rows[i] & rows[j]
+    covered = len(set().union(*rows))
+    assert whole.num_slices - covered < count * 16  # all but less than one batch per host
+    for share in shares:  # each share's batches are the whole epoch's, in turn
+        for i in range(len(share)):
+            np.testing.assert_array_equal(share.rows(i), whole.rows(i * count + share.shard[0]))
+    with pytest.raises(ValueError, match="`shard` must be"):
+        H5Sequence(paths, shard=(3, 3))
