@@ -244,6 +244,8 @@ class H5Sequence(keras.utils.PyDataset):
 
     def _local_runs(self, plan_batch: int) -> list[tuple[int, int, int]]:
         """``(part, start, stop)`` runs of a plan batch, rows local to each store."""
+        if len(self._parts) == 1:
+            return [(0, start, stop) for start, stop in self._plan.runs(plan_batch)]
         runs = []
         for start, stop in self._plan.runs(plan_batch):
             part = int(np.searchsorted(self._first_rows, start, side="right")) - 1
@@ -287,8 +289,6 @@ class H5Sequence(keras.utils.PyDataset):
         stored = x_rows if self._dtype == np.float32 else np.empty(x_rows.shape, self._dtype)
         target = self._target is not None
         scans = np.empty(num_rows, dtype=np.int32) if target else None
-        y = np.empty(num_rows, dtype=self._target.values.dtype) if target else None
-        present = np.empty(num_rows, dtype=bool) if target else None
         position = 0
         for part_index, start, stop in runs:
             part, (fd, images, subjects) = self._parts[part_index], files[part_index]
@@ -296,8 +296,6 @@ class H5Sequence(keras.utils.PyDataset):
             read_rows(part.images, start, stop, stored[position:end], fd, images)
             if target:
                 read_rows(part.subjects, start, stop, scans[position:end], fd, subjects)
-                y[position:end] = part.values[scans[position:end]]
-                present[position:end] = part.present[scans[position:end]]
             position = end
         if self._prefetch:  # hint the batch PREFETCH_AHEAD on (all of them up to it at first)
             first = index + 1 if index == 0 else index + PREFETCH_AHEAD
@@ -311,10 +309,26 @@ class H5Sequence(keras.utils.PyDataset):
             x_rows += self._offset
         if not target:
             return x
+        y, present = self._values(runs, scans)
         if not self._weighted:
             return x, y
         y[~present] = 0  # any value: its weight is 0
         return x, y, present.astype(np.float32)
+
+    def _values(self, runs, scans: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The target value of each row (a fresh array) and, when weighted, whether it has one."""
+        if len(self._parts) == 1:
+            part = self._parts[0]
+            return part.values[scans], part.present[scans] if self._weighted else None
+        y = np.empty(len(scans), dtype=self._target.values.dtype)
+        present = np.empty(len(scans), dtype=bool)
+        position = 0
+        for part_index, start, stop in runs:
+            end = position + stop - start
+            part, mine = self._parts[part_index], scans[position:end]
+            y[position:end], present[position:end] = part.values[mine], part.present[mine]
+            position = end
+        return y, present
 
     def _open(self) -> list[tuple]:
         """This process's ``(fd, images, subjects)`` per store (h5py datasets where rows are
