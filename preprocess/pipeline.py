@@ -34,8 +34,9 @@ from preprocess.discover import (
     read_subjects_table,
 )
 from preprocess.errors import PreprocessError, ScanError
+from preprocess.shards import parse_shard, subjects_of_shard
 from preprocess.slices import cut_slices
-from preprocess.splits import quantile_strata
+from preprocess.splits import UNLABELLED, assign_splits, quantile_strata, split_names
 from preprocess.volume import NORMALIZATIONS, foreground, load_volume, normalize
 from preprocess.writer import Partial, partial_path, scan_record
 
@@ -43,6 +44,7 @@ FINDING = "finding scans and labels"
 SLICES = "slices"
 STORAGE = "storage"
 SPLITS = "splits (per subject, stratified by label)"
+SHARDS = "shards (one store per part of the subjects, e.g. a scheduler's array job)"
 RUNNING = "running"
 
 
@@ -104,6 +106,15 @@ class Settings:
         0, "K folds instead of train/val/test (0: none)", metavar="K", at_least=0, group=SPLITS
     )
     seed: int = option(0, "seed of splits and row order", metavar="S", at_least=0, group=SPLITS)
+    shard: str | None = option(
+        None, "write only part I of N (from 0) of the subjects, or auto: from a SLURM array "
+        "job or a Kubernetes Indexed Job", metavar="I/N", kind=str,
+        default_text="none (every subject)", group=SHARDS,
+    )  # fmt: skip
+    shard_count: int | None = option(
+        None, "the shards of a Kubernetes Indexed Job, with --shard auto", metavar="N",
+        kind=int, at_least=1, group=SHARDS,
+    )  # fmt: skip
 
     def __post_init__(self):
         check_settings(self)
@@ -289,6 +300,25 @@ def find_scans(inputs: list[str], settings: Settings, report=print) -> Found:
     return found
 
 
+def split_assignment(found: Found, settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """The split names in row order and every subject's split, from all the discovered scans.
+
+    Computed before any scan is processed, from the subjects and their labels (or strata)
+    alone, so shards of one run agree and a scan that fails does not move others.
+    """
+    strata = found.strata
+    if strata is None:
+        index = {name: position for position, name in enumerate(found.class_names)}
+        strata = {s.subject_id: index.get(s.label, -1) for s in found.scans}
+    assignment = assign_splits(
+        strata, settings.val_fraction, settings.test_fraction, settings.folds, settings.seed
+    )
+    names = split_names(settings.val_fraction, settings.test_fraction, settings.folds)
+    if UNLABELLED in assignment.values():
+        names.append(UNLABELLED)
+    return names, assignment
+
+
 def run(
     inputs: list[str],
     output: str | os.PathLike,
@@ -328,12 +358,25 @@ def run(
         left = f" and no {partial_path(output)} is left to resume" if resume else ""
         raise FileExistsError(f"{output}: exists{left}; use --overwrite to replace it")
 
+    shard = parse_shard(settings.shard, settings.shard_count)
     found = find_scans(inputs, settings, report)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a class too small for a split
+        warnings.simplefilter("always")
+        assignment = split_assignment(found, settings)
     scans = found.scans
+    if shard is not None:  # every shard saw every subject: all agree on splits and classes
+        mine = subjects_of_shard([s.subject_id for s in scans], *shard)
+        if not mine:
+            raise PreprocessError(
+                f"--shard {shard[0]}/{shard[1]} has no subjects: "
+                f"{len({s.subject_id for s in scans})} subjects for {shard[1]} shards"
+            )
+        scans = [scan for scan in scans if scan.subject_id in mine]
     for path, reason in found.rejected:
         _reject(summary, report, path, reason)
     config = {**asdict(settings), "inputs": [os.path.abspath(item) for item in inputs]}
     config["labels"] = settings.labels and os.path.abspath(settings.labels)
+    config["shard"] = shard and f"{shard[0]}/{shard[1]}"
     with Partial(output, config, resume=resume, overwrite=overwrite) as partial:
         done = partial.done()
         summary.resumed = sum(scan.source in done for scan in scans)
@@ -348,11 +391,9 @@ def run(
         for line in same_files(partial.done().values()):
             summary.warnings.append(line)
             report(f"warning: {line}")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            summary.splits = partial.finalize(
-                found.class_names, options.buffer_mb << 20, found.participants, found.strata
-            )
+        summary.splits = partial.finalize(
+            found.class_names, options.buffer_mb << 20, found.participants, assignment
+        )
     for warning in caught:
         summary.warnings.append(f"{output}: {warning.message}")
         report(f"warning: {output}: {warning.message}")

@@ -202,7 +202,7 @@ class Partial:
         class_names: list[str],
         buffer_bytes: int = 1 << 30,
         participants: dict[str, dict] | None = None,
-        strata: dict[str, int] | None = None,
+        assignment: tuple[list[str], dict[str, str]] | None = None,
     ) -> dict:
         """Write the store from the finished scans and rename it over the target.
 
@@ -211,8 +211,9 @@ class Partial:
             buffer_bytes: the most memory used for slices. Defaults to 1 GiB.
             participants: the labels table, subject id -> {column: value or None}; every
                 column is stored for each scan's subject. Defaults to none.
-            strata: subject id -> the group its splits are stratified by (-1: unlabelled).
-                Defaults to the subjects' class labels.
+            assignment: the split names in row order and each subject's split, as decided
+                for the whole run (all shards); by default, computed from the written
+                scans' labels.
 
         Returns:
             Split name -> ``[start, stop)`` rows.
@@ -226,18 +227,19 @@ class Partial:
         subject_labels = {}
         for record, label in zip(records, scan_labels, strict=True):
             subject_labels.setdefault(record["subject_id"], int(label))
-        if strata is not None:
-            subject_labels = {subject_id: strata[subject_id] for subject_id in subject_labels}
-        subject_split = assign_splits(
-            subject_labels,
-            config["val_fraction"],
-            config["test_fraction"],
-            config["folds"],
-            config["seed"],
-        )
-        names = split_names(config["val_fraction"], config["test_fraction"], config["folds"])
-        if UNLABELLED in subject_split.values():
-            names.append(UNLABELLED)
+        if assignment is None:
+            subject_split = assign_splits(
+                subject_labels,
+                config["val_fraction"],
+                config["test_fraction"],
+                config["folds"],
+                config["seed"],
+            )
+            names = split_names(config["val_fraction"], config["test_fraction"], config["folds"])
+            if UNLABELLED in subject_split.values():
+                names.append(UNLABELLED)
+        else:
+            names, subject_split = assignment
         scan_split = np.array([names.index(subject_split[r["subject_id"]]) for r in records])
         counts = np.array([r["num_slices"] for r in records], dtype=np.int64)
         first_row = np.concatenate([[0], np.cumsum(counts)])
