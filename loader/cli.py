@@ -6,6 +6,7 @@ With --preview, also draw a grid of random slices with their subject and label.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 from loader.command import add_options, check_settings, option, run_main, settings_from_args
 from loader.schema import SOURCE_PATH, SUBJECT_ID, SUBJECT_SPLIT, VIEW_SIDES
 from loader.store import Store, open_store
+from loader.stores import check_agree, store_paths
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,10 @@ class PreviewSettings:
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     parser = argparse.ArgumentParser(prog="python -m loader", description=__doc__)
-    parser.add_argument("store", metavar="STORE", help="a store written by python -m preprocess")
+    parser.add_argument(
+        "store", nargs="+", metavar="STORE",
+        help="a store written by python -m preprocess; several, or a folder of them",
+    )  # fmt: skip
     return parser, add_options(parser, PreviewSettings)
 
 
@@ -47,11 +52,18 @@ def main(argv: list[str] | None = None) -> int:
             folder = os.path.dirname(os.path.abspath(settings.preview))
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"{settings.preview}: no such folder for the preview")
-        with open_store(args.store) as store:
-            print(describe(store))
+        paths = store_paths(args.store)
+        with contextlib.ExitStack() as stack:
+            stores = [stack.enter_context(open_store(path)) for path in paths]
+            print("\n\n".join(describe(store) for store in stores))
+            if len(stores) > 1:
+                check_agree(stores)
+                total = sum(store.num_slices for store in stores)
+                print(f"\n{len(stores)} stores read as one: {total} slices; they agree on "
+                      "what a slice means")  # fmt: skip
             if settings.preview:
-                preview(store, settings.preview, settings.count, settings.seed)
-                print(f"preview: {settings.preview}")
+                preview(stores[0], settings.preview, settings.count, settings.seed)
+                print(f"preview: {settings.preview} (of {stores[0].path})")
         return 0
 
     return run_main(parser, argv, body, flags)

@@ -14,8 +14,8 @@ from loader.plan import EpochPlan, aligned_blocks
 from loader.rows import RowLayout, prefetch_rows, read_rows, row_layout
 from loader.schema import SUBJECT_SPLIT, UNLABELLED_SPLIT
 from loader.store import StoreChangedError, file_identity, open_h5, open_store
-from loader.stores import check_agree, merge_classes, store_paths
-from loader.target import CLASSIFICATION, Target, resolve
+from loader.stores import check_agree, store_paths
+from loader.target import Target, resolve_all
 
 # How many batches ahead to ask the kernel for (prefetch=True): cold shuffled reads,
 # slices/s on a 0.25 GiB store: 1 ahead 348 k, 2 ahead 435 k, 4 ahead 443 k (warm unchanged).
@@ -385,26 +385,21 @@ def _open_parts(paths, split, target, task, labels, id_column):
     stores = [open_store(path) for path in paths]
     try:
         check_agree(stores)
-        chosen, targets = [], []
-        for store in stores:
-            selected = store.select(split) if target else _labelled_rows(store, split)
-            chosen.append(selected)
-            labelled = store.labelled and selected[0].name != UNLABELLED_SPLIT
-            targets.append(
-                resolve(store, target, task, labels, id_column) if target or labelled else None
-            )
-        if len({t is None for t in targets}) > 1 or len({t.task for t in targets if t}) > 1:
-            raise ValueError(
-                f"stores read as one must all have the target; received {paths} for "
-                f"target={target!r}"
-            )
+        chosen = [
+            store.select(split) if target else _labelled_rows(store, split) for store in stores
+        ]
+        labelled = [
+            store.labelled and s[0].name != UNLABELLED_SPLIT
+            for store, s in zip(stores, chosen, strict=True)
+        ]
+        if target is None and len(set(labelled)) > 1:
+            raise ValueError(f"stores read as one must all have labels, or none; received {paths}")
         if all(len(s) == 0 for selected in chosen for s in selected):
             raise ValueError(f"{', '.join(paths)}: split {split!r} has no rows")
-        if targets[0] is not None and targets[0].task == CLASSIFICATION and len(stores) > 1:
-            names, values = merge_classes([(t.class_names, t.values) for t in targets])
-            targets = [
-                Target(t.name, t.task, names, v) for t, v in zip(targets, values, strict=True)
-            ]
+        if target or labelled[0]:
+            targets = resolve_all(stores, target, task, labels, id_column)
+        else:
+            targets = [None] * len(stores)
         parts, blocks, first_row, weighted = [], [], 0, False
         for store, selected, store_target in zip(stores, chosen, targets, strict=True):
             ranges = [(s.start, s.stop) for s in selected if len(s)]

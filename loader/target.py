@@ -127,3 +127,24 @@ def _column(store: Store, target: str, labels, id_column: str) -> tuple[str, np.
     if kind == table.NUMERIC:
         return kind, table.numeric_values(cells)
     return kind, np.array(cells, dtype=object)
+
+
+def resolve_all(stores: list[Store], target: str | None = None, task: str | None = None,
+                labels=None, id_column: str = "participant_id") -> list[Target]:  # fmt: skip
+    """The target of each of several stores read as one: one task, classes merged by name.
+
+    Raises:
+        ValueError: as :func:`resolve`, or stores whose column is numbers in one and text
+            in another.
+    """
+    from loader.stores import merge_classes
+
+    targets = [resolve(store, target, task, labels, id_column) for store in stores]
+    if len({t.task for t in targets}) > 1:
+        raise ValueError(
+            f"column {target!r} is numbers in some stores and text in others: give `task`"
+        )
+    if targets[0].task == CLASSIFICATION and len(targets) > 1:
+        names, values = merge_classes([(t.class_names, t.values) for t in targets])
+        targets = [Target(t.name, t.task, names, v) for t, v in zip(targets, values, strict=True)]
+    return targets

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +91,27 @@ def test_shard_auto_follows_a_slurm_array_job(phantom_bids, tmp_path, monkeypatc
     assert main([str(phantom_bids), "-o", str(out), "--workers", "1", "--shard", "auto"]) == 0
     with open_store(out) as store:
         assert store.config["shard"] == "1/2"
+
+
+def test_training_and_the_summary_read_the_shard_folder(sharded, tmp_path, capsys):
+    from loader.cli import main as loader_main
+    from training.cli import main as training_main
+
+    assert loader_main([str(sharded / "shards")]) == 0
+    out = capsys.readouterr().out
+    with open_store(sharded / "whole.h5") as whole:
+        assert f"3 stores read as one: {whole.num_slices} slices" in out
+        val_rows = len(whole.splits["val"])
+    run_dir = tmp_path / "run"
+    args = [str(sharded / "shards"), "-o", str(run_dir), "--epochs", "1", "--batch-size", "64"]
+    assert training_main(args) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert [Path(store["path"]).name for store in config["store"]] == [
+        "part0.h5", "part1.h5", "part2.h5",
+    ]  # fmt: skip
+    metrics = json.loads((run_dir / "metrics.json").read_text())["splits"]
+    assert metrics["val"]["slices"]["count"] == val_rows
+    with open(run_dir / "predictions.csv", newline="") as handle:
+        subjects = [row["subject"] for row in csv.DictReader(handle)]
+    assert all(subject.startswith("part") for subject in subjects)
+    assert len(subjects) == len(set(subjects))

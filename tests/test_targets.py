@@ -198,7 +198,7 @@ def test_balanced_class_weights_and_augmentation(tmp_path):
     path = write_id_store(tmp_path / "s.h5", scans=12, classes="aab", val_fraction=0.25)
     with open_store(path) as store:
         target = resolve(store)
-        weights = class_weights(store, Settings(class_weight="balanced"), target)
+        weights = class_weights([store], Settings(class_weight="balanced"), [target])
         train_rows = store.splits["train"]
         labels = store.labels[train_rows.start : train_rows.stop]
     counts = np.bincount(labels)

@@ -59,7 +59,7 @@ def test_make_phantoms_refuses_to_overwrite(tmp_path, capsys):
 
 def test_loader_names_a_folder_and_a_missing_preview_folder(phantom_store, tmp_path, capsys):
     assert loader_main([str(tmp_path)]) == 2
-    assert "is a folder, not a store" in capsys.readouterr().err
+    assert "a folder without stores (*.h5)" in capsys.readouterr().err
     assert loader_main([str(phantom_store), "--preview", str(tmp_path / "no" / "p.png")]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing printed before the one-line error

@@ -206,13 +206,13 @@ def test_the_loss_follows_the_models_output_not_the_class_count(tmp_path):
     three = write_id_store(tmp_path / "three.h5", scans=6, classes="abc")
     with open_store(two) as store:
         labels = resolve(store)
-        assert build_model(training.model.build, store, Settings(), labels).loss == (
+        assert build_model(training.model.build, [store], Settings(), [labels]).loss == (
             "binary_crossentropy"
         )
-        softmax = build_model(_two_unit_softmax, store, Settings(), labels)
+        softmax = build_model(_two_unit_softmax, [store], Settings(), [labels])
         assert softmax.loss == "sparse_categorical_crossentropy"
     with open_store(three) as store, pytest.raises(TrainingError, match=r"must be \(None, 3\)"):
-        build_model(_two_unit_softmax, store, Settings(), resolve(store))
+        build_model(_two_unit_softmax, [store], Settings(), [resolve(store)])
     result = train(two, tmp_path / "run", epochs=1, model_fn=_two_unit_softmax, progress=False)
     assert result.metrics["val"]["slices"]["count"] > 0
 
@@ -236,12 +236,12 @@ def test_check_store_refuses_unlabelled_and_empty_splits_and_warns_of_few_subjec
     with open_store(path) as store:
         assert "unlabelled" in store.splits
         labels = resolve(store)
-        assert check_store(store, Settings(), labels, lines.append) is None
+        assert check_store([store], Settings(), [labels], lines.append) is None
         message = "split 'unlabelled' has no subject with a value for the store's labels"
         with pytest.raises(TrainingError, match=message):
-            check_store(store, Settings(val_split="unlabelled"), labels, lines.append)
+            check_store([store], Settings(val_split="unlabelled"), [labels], lines.append)
         with pytest.raises(TrainingError, match="no split 'nope'"):
-            check_store(store, Settings(test_split="nope"), labels, lines.append)
+            check_store([store], Settings(test_split="nope"), [labels], lines.append)
     assert any("split 'val' has 1 subject(s) of class 'a'" in line for line in lines)
 
 
@@ -325,5 +325,5 @@ def test_evaluation_reads_labels_from_the_file_the_predictions_came_from(tmp_pat
                 ids = np.concatenate([decode_ids(sequence[i][0]) for i in range(len(sequence))])
                 return (ids // 20 % 2).astype(np.float32)[:, None]  # the true class, from x
 
-        results, _ = evaluate(RowIds(), data, store, resolve(store))
+        results, _ = evaluate(RowIds(), data, [store], [resolve(store)])
     assert results["val"]["slices"]["accuracy"] == 1.0

@@ -58,7 +58,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("store", metavar="STORE", help="a labelled store from python -m preprocess")
+    parser.add_argument(
+        "store", nargs="+", metavar="STORE",
+        help="a store from python -m preprocess; several stores, or a folder of them, read as one",
+    )  # fmt: skip
     parser.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="the run folder")
     flags = add_options(parser, Settings)
     parser.add_argument(
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace) -> int:
         settings = settings_from_args(Settings, args)
-        result = train(args.store, args.output, overwrite=args.overwrite, **vars(settings))
+        stores = args.store[0] if len(args.store) == 1 else args.store
+        result = train(stores, args.output, overwrite=args.overwrite, **vars(settings))
         run_dir = result.run_dir
         if result.interrupted:
             print(

@@ -26,48 +26,71 @@ PREDICTION_COLUMNS = (
 
 
 def evaluate(
-    model: keras.Model, data: dict[str, H5Sequence], store: Store, target: Target
+    model: keras.Model, data: dict[str, H5Sequence], stores: list[Store], targets: list[Target]
 ) -> tuple[dict, list[dict]]:
     """Scores on ``val`` and ``test`` by split name, and one prediction row per subject.
 
-    Values and subjects are read through ``store``, the file the sequences read; rows
-    whose subject has no value for the target are left out.
+    Values and subjects are read through ``stores``, the files the sequences read; rows
+    whose subject has no value for the target are left out. With several stores a
+    subject is named ``<store file stem>/<id>`` (cohorts may reuse ids).
 
     Returns:
         ``(metrics, predictions)``: split -> ``{"slices": ..., "subjects": ...}``, and the
         rows of ``predictions.csv`` (:data:`PREDICTION_COLUMNS`).
     """
-    subjects = store.subjects_table()
+    target = targets[0]
     results, rows = {}, []
     for key in ("val", "test"):
         if key not in data:
             continue
         sequence = data[key]
         outputs = np.asarray(model.predict(sequence, verbose=0), dtype=np.float64)
-        store_rows = np.concatenate([sequence.rows(i) for i in range(len(sequence))])
-        start, stop = int(store_rows.min()), int(store_rows.max()) + 1  # one contiguous split
-        scans = store.subject[start:stop][store_rows - start]
-        keep = target.present[scans]
-        outputs, scans = outputs.reshape(len(keep), -1)[keep], scans[keep]
-        values, ids = target.values[scans], subjects[SUBJECT_ID][scans]
+        facts = _row_facts(sequence, stores, targets)
+        keep = facts["present"]
+        outputs = outputs.reshape(len(keep), -1)[keep]
+        values, ids, sessions = (facts[name][keep] for name in ("values", "ids", "sessions"))
         if target.task == REGRESSION:
             results[sequence.split] = evaluate_regression(outputs, values, ids)
         else:
             results[sequence.split] = evaluate_outputs(outputs, values, ids)
-        rows += _prediction_rows(outputs, scans, subjects, target, sequence.split)
+        rows += _prediction_rows(outputs, values, ids, sessions, target, sequence.split)
     return results, rows
 
 
-def _prediction_rows(outputs, scans, subjects, target: Target, split: str) -> list[dict]:
-    ids = subjects[SUBJECT_ID][scans]
+def _row_facts(sequence: H5Sequence, stores: list[Store], targets: list[Target]) -> dict:
+    """Per row of an unshuffled epoch: target value, whether present, subject, session."""
+    pairs = np.concatenate([sequence.rows(i) for i in range(len(sequence))])
+    if pairs.ndim == 1:
+        pairs = np.stack([np.zeros_like(pairs), pairs], axis=1)
+    facts = {
+        "values": np.empty(len(pairs), dtype=targets[0].values.dtype),
+        "present": np.empty(len(pairs), dtype=bool),
+        "ids": np.empty(len(pairs), dtype=object),
+        "sessions": np.empty(len(pairs), dtype=object),
+    }
+    for index in np.unique(pairs[:, 0]):
+        mine = pairs[:, 0] == index
+        local = pairs[mine, 1]
+        store, target = stores[index], targets[index]
+        start, stop = int(local.min()), int(local.max()) + 1  # a split is one contiguous range
+        scans = store.subject[start:stop][local - start]
+        table = store.subjects_table()
+        prefix = f"{Path(store.path).stem}/" if len(stores) > 1 else ""
+        facts["values"][mine] = target.values[scans]
+        facts["present"][mine] = target.present[scans]
+        facts["ids"][mine] = prefix + table[SUBJECT_ID][scans].astype(object)
+        facts["sessions"][mine] = table[SESSION][scans]
+    return facts
+
+
+def _prediction_rows(outputs, values, ids, sessions, target: Target, split: str) -> list[dict]:
     averaged = subject_predictions(outputs, ids)
     rows = []
     for subject_id, mean, count in zip(*averaged.values(), strict=True):
-        mine = scans[ids == subject_id]
-        sessions = sorted(set(subjects[SESSION][mine]))
-        value = target.values[mine[0]]
-        row = {"subject": subject_id, "sessions": ";".join(s for s in sessions if s)}
-        row["split"] = split
+        mine = ids == subject_id
+        value = values[mine][0]
+        found = sorted({s for s in sessions[mine] if s})
+        row = {"subject": subject_id, "sessions": ";".join(found), "split": split}
         if target.task == REGRESSION:
             row |= {"true": f"{value:g}", "predicted": f"{mean[0]:.4g}", "probability": ""}
         else:

@@ -13,11 +13,13 @@ during the run stops the run with one line instead of mixing two stores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -28,7 +30,8 @@ import numpy as np
 from loader import H5Sequence, Store, open_store
 from loader.schema import SUBJECT_ID, SUBJECT_SPLIT
 from loader.store import StoreChangedError
-from loader.target import CLASSIFICATION, REGRESSION, Target, resolve
+from loader.stores import check_agree, store_paths
+from loader.target import CLASSIFICATION, REGRESSION, Target, resolve_all
 from training.model import augmentation, build
 from training.plots import read_history
 from training.results import evaluate, write_results
@@ -66,7 +69,7 @@ class TrainingError(ValueError):
 
 
 def train(
-    store: str | os.PathLike,
+    store: str | os.PathLike | list,
     run_dir: str | os.PathLike,
     overwrite: bool = False,
     model_fn=build,
@@ -78,7 +81,7 @@ def train(
     """Train and evaluate a model on a store; everything lands in ``run_dir``.
 
     Args:
-        store: a labelled store.
+        store: a store; a list of stores or a folder of them (shards, cohorts), read as one.
         run_dir: the run folder; an existing non-empty one is refused unless ``overwrite``.
         overwrite: replace the files of an earlier run in ``run_dir``.
         model_fn: ``model_fn(num_classes, input_shape, data_format) -> keras.Model`` whose
@@ -104,16 +107,17 @@ def train(
     report = report or (lambda line: print(line, file=sys.stderr))
     run_dir = Path(run_dir)
     with _open(store) as opened:
-        target = choose_target(opened, settings)
-        test_split = check_store(opened, settings, target, report)
+        targets = choose_target(opened, settings)
+        target = targets[0]
+        test_split = check_store(opened, settings, targets, report)
         prepare_run_dir(run_dir, overwrite)
         write_config(run_dir, opened, settings, test_split, model_fn, target)
         keras.utils.set_random_seed(settings.seed)
         data = build_data(opened, settings, target, test_split)
-        model = build_model(model_fn, opened, settings, target)
+        model = build_model(model_fn, opened, settings, targets)
         monitor = MONITORS[target.task]
         weights = (
-            class_weights(opened, settings, target) if settings.class_weight != "none" else None
+            class_weights(opened, settings, targets) if settings.class_weight != "none" else None
         )
         result = Result(run_dir)
         started = time.perf_counter()
@@ -122,7 +126,9 @@ def train(
         )
         predictions = []
         if not result.interrupted:
-            result.metrics, predictions = _same_store(opened, evaluate, model, data, opened, target)
+            result.metrics, predictions = _same_store(
+                opened, evaluate, model, data, opened, targets
+            )
         history = read_history(run_dir / "history.csv")
         result.epochs_run = len(history.get("loss", []))
         if history.get(monitor[0]):
@@ -138,23 +144,30 @@ def train(
     return result
 
 
-def _open(path: str | os.PathLike) -> Store:
-    try:
-        return open_store(path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise TrainingError(str(exc)) from exc
+@contextlib.contextmanager
+def _open(paths) -> Iterator[list[Store]]:
+    """The run's stores, open for the whole run."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stores = [stack.enter_context(open_store(path)) for path in store_paths(paths)]
+            check_agree(stores)
+        except (FileNotFoundError, ValueError, TypeError) as exc:
+            raise TrainingError(str(exc)) from exc
+        yield stores
 
 
-def _same_store(store: Store, step, *args):
-    """Run ``step(*args)``; if the store was replaced meanwhile, stop with one line.
+def _same_store(stores: list[Store], step, *args):
+    """Run ``step(*args)``; if a store was replaced meanwhile, stop with one line.
 
     A sequence that opens the replaced file raises inside Keras, which may wrap the error;
-    the file's identity tells what happened whatever the wrapping.
+    the files' identity tells what happened whatever the wrapping.
     """
     try:
         return step(*args)
     except Exception as exc:
-        if isinstance(exc, StoreChangedError) or store.replaced():
+        changed = [store for store in stores if store.replaced()]
+        if isinstance(exc, StoreChangedError) or changed:
+            store = (changed or stores)[0]
             raise TrainingError(
                 f"{store.path}: the store changed during the run (another store was written "
                 f"at its path); the run read only store {store.uuid} until then and stops "
@@ -163,71 +176,98 @@ def _same_store(store: Store, step, *args):
         raise
 
 
-def choose_target(store: Store, settings: Settings) -> Target:
-    """The target: ``settings.target``, else the store's labels (or its numeric label column).
+def choose_target(stores: list[Store], settings: Settings) -> list[Target]:
+    """The target of each store: ``settings.target``, else the stores' labels (or their
+    numeric label column); one task, classes merged by name.
 
     Raises:
         TrainingError: an unknown column (the store's columns are listed), a text column
             for regression, or nothing to predict.
     """
     name = settings.target
-    if name is None and not store.labelled:
-        name = store.config.get("label_column")  # a numeric label column: no classes
+    if name is None and not stores[0].labelled:
+        name = stores[0].config.get("label_column")  # a numeric label column: no classes
         if name is None:
             raise TrainingError(
-                f"{store.path}: the store has no labels: give --target COLUMN (its labels "
-                f"table has {list(store.participants()) or 'no columns'})"
+                f"{stores[0].path}: the store has no labels: give --target COLUMN (its labels "
+                f"table has {list(stores[0].participants()) or 'no columns'})"
             )
     try:
-        return resolve(store, name, settings.task, settings.labels, settings.id_column)
+        return resolve_all(stores, name, settings.task, settings.labels, settings.id_column)
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc
 
 
-def check_store(store: Store, settings: Settings, target: Target, report) -> str | None:
-    """Check that the store can be trained on for this target with these settings.
+def _in_splits(store: Store, names) -> np.ndarray:
+    """Per scan of ``store``, whether it lies in one of the splits ``names``."""
+    return np.isin(store.subjects_table()[SUBJECT_SPLIT], list(names))
+
+
+def check_store(
+    stores: list[Store], settings: Settings, targets: list[Target], report
+) -> str | None:
+    """Check that the stores can be trained on for this target with these settings.
 
     Returns:
-        The test split: ``settings.test_split``, else ``test`` when the store has one.
+        The test split: ``settings.test_split``, else ``test`` when the stores have one.
 
     Raises:
         TrainingError: one class, an unknown or empty split, a split where no subject has
             a value for the target, a constant regression target.
     """
+    target = targets[0]
+    where = stores[0].path if len(stores) == 1 else f"{len(stores)} stores"
     what = f"target {target.name!r}" if target.name else "the store's labels"
     if target.task == CLASSIFICATION and len(target.class_names) < 2:
         raise TrainingError(
-            f"{store.path}: {what} has {len(target.class_names)} class(es) "
+            f"{where}: {what} has {len(target.class_names)} class(es) "
             f"{target.class_names}: nothing to tell apart"
         )
     test_split = settings.test_split
-    if test_split is None and "test" in store.splits and "test" not in settings.train_split:
+    if (
+        test_split is None
+        and all("test" in store.splits for store in stores)
+        and "test" not in settings.train_split
+    ):
         test_split = "test"
-    table = store.subjects_table()
     for name in [*settings.train_split, settings.val_split, *([test_split] if test_split else [])]:
         try:
-            split = store.select(name)[0]
+            rows = sum(len(store.select(name)[0]) for store in stores)
         except ValueError as exc:
             raise TrainingError(str(exc)) from exc
-        if len(split) == 0:
-            raise TrainingError(f"{store.path}: split {name!r} has no slices")
-        if not target.present[table[SUBJECT_SPLIT] == name].any():
+        if rows == 0:
+            raise TrainingError(f"{where}: split {name!r} has no slices")
+        if not any(
+            t.present[_in_splits(s, [name])].any() for s, t in zip(stores, targets, strict=True)
+        ):
             raise TrainingError(
-                f"{store.path}: split {name!r} has no subject with a value for {what}: "
+                f"{where}: split {name!r} has no subject with a value for {what}: "
                 "train and score on splits that have them"
             )
-    training = np.isin(table[SUBJECT_SPLIT], settings.train_split) & target.present
-    if target.task == REGRESSION and np.ptp(target.values[training]) == 0:
-        raise TrainingError(f"{store.path}: {what} has one value in the training splits")
-    in_val = (table[SUBJECT_SPLIT] == settings.val_split) & target.present
+    if target.task == REGRESSION and np.ptp(_training_values(stores, settings, targets)) == 0:
+        raise TrainingError(f"{where}: {what} has one value in the training splits")
     for index, class_name in enumerate(target.class_names):
-        count = len(set(table[SUBJECT_ID][in_val & (target.values == index)]))
+        count = 0
+        for store, store_target in zip(stores, targets, strict=True):
+            ids = store.subjects_table()[SUBJECT_ID]
+            mine = _in_splits(store, [settings.val_split]) & (store_target.values == index)
+            count += len(set(ids[mine]))
         if count < FEW_SUBJECTS:
             report(
-                f"warning: {store.path}: split {settings.val_split!r} has {count} subject(s) of "
+                f"warning: {where}: split {settings.val_split!r} has {count} subject(s) of "
                 f"class {class_name!r}: early stopping and its scores will be noisy"
             )
     return test_split
+
+
+def _training_values(stores: list[Store], settings: Settings, targets: list[Target]) -> np.ndarray:
+    """The target's values of the scans in the training splits that have one."""
+    return np.concatenate(
+        [
+            t.values[_in_splits(store, settings.train_split) & t.present]
+            for store, t in zip(stores, targets, strict=True)
+        ]
+    )
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -246,24 +286,32 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 def write_config(
     run_dir: Path,
-    store: Store,
+    stores: list[Store],
     settings: Settings,
     test_split: str | None,
     model_fn,
     target: Target,
 ) -> None:
-    """``config.json``: every setting, the target, the model function, versions, the store read."""
-    config = {
-        "settings": {**asdict(settings), "test_split": test_split},
-        "target": {"name": target.name, "task": target.task, "class_names": target.class_names},
-        "store": {
+    """``config.json``: every setting, the target, the model function, versions, the stores read.
+
+    ``store`` is the store's identity (path, uuid, creation time, splits, preprocessing
+    config); a list of them when several stores were read as one.
+    """
+    facts = [
+        {
             "path": os.path.abspath(store.path),
             "uuid": store.uuid,
             "created": store.created,
             "class_names": store.class_names,
             "splits": {name: [s.start, s.stop] for name, s in store.splits.items()},
             "config": store.config,
-        },
+        }
+        for store in stores
+    ]
+    config = {
+        "settings": {**asdict(settings), "test_split": test_split},
+        "target": {"name": target.name, "task": target.task, "class_names": target.class_names},
+        "store": facts[0] if len(facts) == 1 else facts,
         "model": f"{getattr(model_fn, '__module__', '')}.{getattr(model_fn, '__qualname__', '')}",
         "versions": _versions(),
         "command": sys.argv,
@@ -272,13 +320,14 @@ def write_config(
 
 
 def build_data(
-    store: Store, settings: Settings, target: Target, test_split: str | None
+    stores: list[Store], settings: Settings, target: Target, test_split: str | None
 ) -> dict[str, H5Sequence]:
     """``train`` (shuffled), ``val`` and, when there is one, ``test`` sequences of the target.
 
     Raises:
-        StoreChangedError: a sequence opened another store than ``store``.
+        StoreChangedError: a sequence opened other stores than ``stores``.
     """
+    paths = [store.path for store in stores]
     common = {
         "batch_size": settings.batch_size,
         "channels": settings.channels,
@@ -291,19 +340,22 @@ def build_data(
     }
     data = {
         "train": H5Sequence(
-            store.path, split=list(settings.train_split), shuffle=True, seed=settings.seed, **common
+            paths, split=list(settings.train_split), shuffle=True, seed=settings.seed, **common
         ),
-        "val": H5Sequence(store.path, split=settings.val_split, **common),
+        "val": H5Sequence(paths, split=settings.val_split, **common),
     }
     if test_split:
-        data["test"] = H5Sequence(store.path, split=test_split, **common)
+        data["test"] = H5Sequence(paths, split=test_split, **common)
+    uuids = "+".join(store.uuid for store in stores)
     for sequence in data.values():
-        if sequence.store_uuid != store.uuid:
-            raise StoreChangedError(f"{store.path}: the store changed")
+        if sequence.store_uuid != uuids:
+            raise StoreChangedError(f"{paths[0]}: the store changed")
     return data
 
 
-def build_model(model_fn, store: Store, settings: Settings, target: Target) -> keras.Model:
+def build_model(
+    model_fn, stores: list[Store], settings: Settings, targets: list[Target]
+) -> keras.Model:
     """The model from ``model_fn``, with augmentation and scaling, compiled for its output.
 
     Classification: one output unit (a sigmoid) for two classes gets binary cross-entropy,
@@ -316,7 +368,8 @@ def build_model(model_fn, store: Store, settings: Settings, target: Target) -> k
     Raises:
         TrainingError: the output fits neither.
     """
-    height, width = store.slice_shape
+    target = targets[0]
+    height, width = stores[0].slice_shape
     shape = (height, width, 1) if settings.channels == "last" else (1, height, width)
     data_format = f"channels_{settings.channels}"
     regression = target.task == REGRESSION
@@ -333,9 +386,8 @@ def build_model(model_fn, store: Store, settings: Settings, target: Target) -> k
         two = units == 1 and num_classes == 2
         fits = two or units == num_classes
         loss = "binary_crossentropy" if two else "sparse_categorical_crossentropy"
-        wanted = f"(None, {num_classes}) (softmax)" + (
-            " or (None, 1) (sigmoid)" * (num_classes == 2)
-        )
+        wanted = f"(None, {num_classes}) (softmax)"
+        wanted += " or (None, 1) (sigmoid)" if num_classes == 2 else ""
         metrics = ["accuracy"]
     if not fits or len(base.output_shape) != 2:
         raise TrainingError(
@@ -350,7 +402,8 @@ def build_model(model_fn, store: Store, settings: Settings, target: Target) -> k
             x = augmentation(data_format, flip=settings.augment == "flip")(x)
         outputs = base(x)
         if regression:
-            mean, std = _training_statistics(store, settings, target)
+            values = _training_values(stores, settings, targets)
+            mean, std = float(np.mean(values)), float(np.std(values)) or 1.0
             outputs = keras.layers.Rescaling(std, offset=mean, name="to_target_units")(outputs)
         model = keras.Model(inputs, outputs, name=base.name)
     model.compile(
@@ -361,27 +414,24 @@ def build_model(model_fn, store: Store, settings: Settings, target: Target) -> k
     return model
 
 
-def _training_statistics(store: Store, settings: Settings, target: Target) -> tuple[float, float]:
-    """Mean and standard deviation of the target over the training splits' scans."""
-    table = store.subjects_table()
-    values = target.values[np.isin(table[SUBJECT_SPLIT], settings.train_split) & target.present]
-    return float(np.mean(values)), float(np.std(values)) or 1.0
-
-
-def class_weights(store: Store, settings: Settings, target: Target) -> dict[int, float]:
+def class_weights(
+    stores: list[Store], settings: Settings, targets: list[Target]
+) -> dict[int, float]:
     """``balanced`` weights: slices / (classes x slices of the class), in the training splits.
 
     Counts slices per scan by reading ``/subject`` of the training rows in blocks.
     """
-    counts = np.zeros(len(store.subjects_table()[SUBJECT_ID]), dtype=np.int64)
-    for split in store.select(list(settings.train_split)):
-        for start in range(split.start, split.stop, 1 << 20):
-            block = store.subject[start : min(start + (1 << 20), split.stop)]
-            counts += np.bincount(block, minlength=len(counts))
-    present = target.present
-    per_class = np.bincount(
-        target.values[present], weights=counts[present], minlength=len(target.class_names)
-    )
+    per_class = np.zeros(len(targets[0].class_names))
+    for store, target in zip(stores, targets, strict=True):
+        counts = np.zeros(len(target.values), dtype=np.int64)
+        for split in store.select(list(settings.train_split)):
+            for start in range(split.start, split.stop, 1 << 20):
+                block = store.subject[start : min(start + (1 << 20), split.stop)]
+                counts += np.bincount(block, minlength=len(counts))
+        present = target.present
+        per_class += np.bincount(
+            target.values[present], weights=counts[present], minlength=len(per_class)
+        )
     total = per_class.sum()
     return {k: float(total / (len(per_class) * n)) if n else 0.0 for k, n in enumerate(per_class)}
 
