@@ -112,12 +112,12 @@ def test_ctrl_c_ends_a_training_run_with_reader_processes_quickly(phantom_store,
         os.killpg(process.pid, signal.SIGKILL)
         pytest.fail("the run did not end within 60 s of Ctrl-C")
     assert process.returncode == 130, err
-    assert "Traceback" not in err
-    assert "UnpicklingError" not in err
-    assert "interrupted after" in err
+    assert "Traceback" not in err, err
+    assert "UnpicklingError" not in err, err
+    assert "interrupted after" in err, err
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["interrupted"] is True
-    assert (run_dir / "model.keras").is_file()
+    assert metrics["interrupted"] is True, (metrics, err)
+    assert (run_dir / "model.keras").is_file(), err
 
 
 def test_sigterm_stops_preprocess_with_the_whole_command_to_resume(tmp_path):

@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         stores = args.store[0] if len(args.store) == 1 else args.store
         result = train(stores, args.output, overwrite=args.overwrite, **vars(settings))
         run_dir = result.run_dir
+        index, count = result.process
+        if index > 0:
+            print(f"process {index} of {count}: done; process 0 wrote the run folder")
+            return 130 if result.interrupted else 0
         if result.interrupted:
             print(
                 f"interrupted after {_plural(result.epochs_run, 'epoch')}; {run_dir} holds the "

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,10 +29,12 @@ import keras
 import numpy as np
 
 from loader import H5Sequence, Store, open_store
+from loader.command import SettingError
 from loader.schema import SUBJECT_ID, SUBJECT_SPLIT
 from loader.store import StoreChangedError
 from loader.stores import check_agree, store_paths
 from loader.target import CLASSIFICATION, REGRESSION, Target, resolve_all
+from training import distributed
 from training.model import augmentation, build
 from training.plots import read_history
 from training.results import evaluate, write_results
@@ -55,13 +58,19 @@ FEW_SUBJECTS = 3  # a validation class with fewer subjects than this gets a warn
 
 @dataclass
 class Result:
-    """What a run produced."""
+    """What a run produced.
+
+    ``model`` is the trained model (the best epoch's weights). With several processes
+    (``distributed``), only process 0 (``process == (0, count)``) keeps a run folder.
+    """
 
     run_dir: Path
     metrics: dict = field(default_factory=dict)
     epochs_run: int = 0
     best_epoch: int | None = None
     interrupted: bool = False
+    model: keras.Model | None = None
+    process: tuple[int, int] = (0, 1)
 
 
 class TrainingError(ValueError):
@@ -105,27 +114,29 @@ def train(
     """
     settings = Settings(**settings)
     report = report or (lambda line: print(line, file=sys.stderr))
-    run_dir = Path(run_dir)
-    with _open(store) as opened:
+    process = _start_processes(settings)
+    with _open(store) as opened, _own_run_dir(run_dir, process) as run_dir:
         targets = choose_target(opened, settings)
         target = targets[0]
         test_split = check_store(opened, settings, targets, report)
         prepare_run_dir(run_dir, overwrite)
-        write_config(run_dir, opened, settings, test_split, model_fn, target)
+        write_config(run_dir, opened, settings, test_split, model_fn, target, process)
         keras.utils.set_random_seed(settings.seed)
-        data = build_data(opened, settings, target, test_split)
+        data = build_data(opened, settings, target, test_split, process)
         model = build_model(model_fn, opened, settings, targets)
         monitor = MONITORS[target.task]
         weights = (
             class_weights(opened, settings, targets) if settings.class_weight != "none" else None
         )
-        result = Result(run_dir)
+        result = Result(run_dir, process=process)
         started = time.perf_counter()
         result.interrupted = _same_store(
             opened, fit, model, data, settings, monitor, run_dir, progress, callbacks, weights
         )
         predictions = []
-        if not result.interrupted:
+        if process[1] > 1:
+            model = distributed.local_copy(model)
+        if not result.interrupted and process[0] == 0:
             result.metrics, predictions = _same_store(
                 opened, evaluate, model, data, opened, targets
             )
@@ -141,7 +152,37 @@ def train(
             "seconds": round(time.perf_counter() - started, 1),
         }
         write_results(run_dir, summary, result.metrics, predictions, target, monitor[0])
+        result.model = model
     return result
+
+
+def _start_processes(settings: Settings) -> tuple[int, int]:
+    """``(index, count)`` of this process among those training together; (0, 1) alone."""
+    if not settings.distributed:
+        return 0, 1
+    try:
+        index, count = distributed.start(
+            settings.coordinator, settings.num_processes, settings.process_id
+        )
+    except distributed.DistributedError as exc:
+        raise TrainingError(str(exc)) from exc
+    if settings.batch_size % count:
+        raise SettingError(
+            f"{{batch_size}} must be a multiple of the {count} processes: each reads "
+            "batch_size / processes rows a step",
+            batch_size=settings.batch_size,
+        )
+    return index, count
+
+
+@contextlib.contextmanager
+def _own_run_dir(run_dir, process: tuple[int, int]) -> Iterator[Path]:
+    """The run folder for process 0; a scratch folder, removed at the end, for the others."""
+    if process[0] == 0:
+        yield Path(run_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"slicestore-process{process[0]}-") as scratch:
+        yield Path(scratch) / "run"
 
 
 @contextlib.contextmanager
@@ -291,6 +332,7 @@ def write_config(
     test_split: str | None,
     model_fn,
     target: Target,
+    process: tuple[int, int] = (0, 1),
 ) -> None:
     """``config.json``: every setting, the target, the model function, versions, the stores read.
 
@@ -314,15 +356,24 @@ def write_config(
         "store": facts[0] if len(facts) == 1 else facts,
         "model": f"{getattr(model_fn, '__module__', '')}.{getattr(model_fn, '__qualname__', '')}",
         "versions": _versions(),
+        "processes": process[1],
         "command": sys.argv,
     }
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def build_data(
-    stores: list[Store], settings: Settings, target: Target, test_split: str | None
+    stores: list[Store],
+    settings: Settings,
+    target: Target,
+    test_split: str | None,
+    process: tuple[int, int] = (0, 1),
 ) -> dict[str, H5Sequence]:
     """``train`` (shuffled), ``val`` and, when there is one, ``test`` sequences of the target.
+
+    With ``count`` processes, each reads ``batch_size / count`` rows a step: its own share
+    of every training epoch (``shard=process``), and all of validation and test, so that
+    every process scores the same rows and early stopping decides the same everywhere.
 
     Raises:
         StoreChangedError: a sequence opened other stores than ``stores``.
@@ -338,9 +389,16 @@ def build_data(
         "labels": settings.labels,
         "id_column": settings.id_column,
     }
+    common["batch_size"] = settings.batch_size // process[1]
+    shard = process if process[1] > 1 else None
     data = {
         "train": H5Sequence(
-            paths, split=list(settings.train_split), shuffle=True, seed=settings.seed, **common
+            paths,
+            split=list(settings.train_split),
+            shuffle=True,
+            seed=settings.seed,
+            shard=shard,
+            **common,
         ),
         "val": H5Sequence(paths, split=settings.val_split, **common),
     }

@@ -12,6 +12,7 @@ CLASS_WEIGHTS = ("none", "balanced")
 TARGET = "target (what to predict)"
 DATA = "data"
 MODEL = "model and fitting"
+HOSTS = "several processes or hosts (KERAS_BACKEND=jax)"
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,23 @@ class Settings:
         choices=CLASS_WEIGHTS, group=MODEL,
     )  # fmt: skip
 
+    distributed: bool = option(
+        False, "train data-parallel over several processes with keras.distribution on JAX",
+        group=HOSTS,
+    )  # fmt: skip
+    coordinator: str | None = option(
+        None, "HOST:PORT of process 0", metavar="HOST:PORT", kind=str,
+        default_text="from KERAS_DISTRIBUTION_JOB_ADDRESSES or the cluster", group=HOSTS,
+    )  # fmt: skip
+    num_processes: int | None = option(
+        None, "how many processes train together", metavar="N", kind=int, at_least=1,
+        default_text="from KERAS_DISTRIBUTION_NUM_PROCESSES or the cluster", group=HOSTS,
+    )  # fmt: skip
+    process_id: int | None = option(
+        None, "this process's index, from 0", metavar="I", kind=int, at_least=0,
+        default_text="from KERAS_DISTRIBUTION_PROCESS_ID or the cluster", group=HOSTS,
+    )  # fmt: skip
+
     def __post_init__(self):
         if isinstance(self.train_split, str | list):  # one name, or a list, from the API
             names = [self.train_split] if isinstance(self.train_split, str) else self.train_split
@@ -102,6 +120,12 @@ class Settings:
         if self.labels is not None and self.target is None:
             raise SettingError(
                 "{labels} needs {target}: the column of the table to predict", labels=self.labels
+            )
+        given = [self.coordinator, self.num_processes, self.process_id]
+        if not self.distributed and any(value is not None for value in given):
+            raise SettingError(
+                "{coordinator}, {num_processes} and {process_id} need {distributed}",
+                distributed=self.distributed,
             )
         if self.class_weight != "none" and self.task == "regression":
             raise SettingError(

@@ -1,0 +1,81 @@
+"""Data-parallel training over two local processes with keras.distribution on JAX."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from training.cli import main as training_main
+
+ROOT = Path(__file__).resolve().parents[1]
+PROCESS = """
+import sys, numpy as np, training
+index, port, store, run_dir, out = int(sys.argv[1]), sys.argv[2], *sys.argv[3:]
+result = training.train(
+    store, run_dir, epochs=2, batch_size=32, patience=5, seed=3, progress=False,
+    distributed=True, coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=index,
+)
+assert result.process == (index, 2)
+np.save(out, np.concatenate([np.ravel(w) for w in result.model.get_weights()]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_train_one_model_on_their_own_shares(phantom_store, tmp_path):
+    port, run_dir = _free_port(), tmp_path / "run"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                PROCESS,
+                str(index),
+                str(port),
+                str(phantom_store),
+                str(run_dir),
+                str(tmp_path / f"weights{index}.npy"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+    first, second = (np.load(tmp_path / f"weights{index}.npy") for index in range(2))
+    np.testing.assert_array_equal(first, second)  # one model, kept in step
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["processes"] == 2
+    assert config["versions"]["keras_backend"] == "jax"
+    assert config["settings"]["distributed"] is True
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2
+    assert {"val", "test"} == set(metrics["splits"])
+    with open(run_dir / "history.csv") as handle:
+        assert len(handle.read().splitlines()) == 3  # one writer: a header and two epochs
+
+
+def test_distributed_needs_the_jax_backend(phantom_store, tmp_path, capsys):
+    args = [str(phantom_store), "-o", str(tmp_path / "run"), "--distributed"]
+    assert training_main(args) == 2
+    assert "--distributed needs the JAX backend: run with KERAS_BACKEND=jax" in (
+        capsys.readouterr().err
+    )
+    assert training_main([*args[:3], "--process-id", "1"]) == 2
+    assert "--process-id need --distributed" in capsys.readouterr().err
