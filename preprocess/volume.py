@@ -6,13 +6,16 @@ the one line a user sees next to the file's path.
 
 from __future__ import annotations
 
+import gzip
 import os
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
+from nibabel.arrayproxy import ArrayProxy
 
 from preprocess.errors import ScanError
 
@@ -60,11 +63,36 @@ def load_volume(path: str | os.PathLike, volume: int | None = None) -> Volume:
     return volume
 
 
-def _load(path: str | os.PathLike, volume: int | None) -> Volume:
+def read_image(path: str | os.PathLike):
+    """The NIfTI image of a file, its bytes read and un-gzipped in one go (ISA-L where present).
+
+    nibabel streams a ``.nii.gz`` through Python's ``gzip``; decoding the whole file with
+    ``isal`` is about twice as fast, and the voxels are then read straight from memory.
+
+    Raises:
+        ScanError: not NIfTI, an unreadable header, or a damaged gzip stream.
+    """
+    path = os.fspath(path)
     try:
-        image = nib.load(os.fspath(path))
+        with open(path, "rb") as handle:
+            raw = handle.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = _gunzip(raw)
+        header_size = int.from_bytes(raw[:4], "little")
+        if header_size not in (348, 540):
+            header_size = int.from_bytes(raw[:4], "big")
+        kind = {348: nib.Nifti1Image, 540: nib.Nifti2Image}.get(header_size)
+        if kind is None:
+            return nib.load(path)  # not a NIfTI header: let nibabel say what it is
+        return kind.from_bytes(raw)
+    except (EOFError, zlib.error, OSError) as exc:
+        raise ScanError(f"truncated or unreadable data ({_reason(exc)})") from exc
     except Exception as exc:  # nibabel raises many kinds for damaged files
         raise ScanError(f"not NIfTI or unreadable header ({_reason(exc)})") from exc
+
+
+def _load(path: str | os.PathLike, volume: int | None) -> Volume:
+    image = read_image(path)
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise ScanError(f"not NIfTI: nibabel reads it as {type(image).__name__}")
     kind = image.get_data_dtype().kind
@@ -75,30 +103,54 @@ def _load(path: str | os.PathLike, volume: int | None) -> Volume:
     image = _pick_volume(image, volume)
     if 0 in image.shape:
         raise ScanError(f"empty: shape {image.shape}")
-    try:
-        data = image.get_fdata(dtype=np.float32, caching="unchanged")
-    except Exception as exc:
-        raise ScanError(f"truncated or unreadable data ({_reason(exc)})") from exc
-    notes = []
-    finite = np.isfinite(data)
-    if not finite.all():
-        count = data.size - int(np.count_nonzero(finite))
-        data[~finite] = 0
-        notes.append(f"{count} NaN or infinite voxels set to 0")
-    del finite
     affine = image.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanError(
             f"bad header: the voxel-to-world affine is singular or not finite:\n{affine}"
         )
+    try:
+        stored, slope, inter = _stored_voxels(image)
+    except Exception as exc:
+        raise ScanError(f"truncated or unreadable data ({_reason(exc)})") from exc
     ornt = orientations.io_orientation(affine)
-    data = np.ascontiguousarray(orientations.apply_orientation(data, ornt))
+    # one pass: reorient (a view), copy and convert to float32, then scale in place
+    data = np.ascontiguousarray(orientations.apply_orientation(stored, ornt), dtype=np.float32)
+    del stored
+    if slope != 1:
+        data *= np.float32(slope)
+    if inter != 0:
+        data += np.float32(inter)
     affine = affine @ orientations.inv_ornt_aff(ornt, image.shape)
+    notes = []
+    if image.get_data_dtype().kind == "f":  # stored integers cannot be NaN or infinite
+        finite = np.isfinite(data)
+        if not finite.all():
+            count = data.size - int(np.count_nonzero(finite))
+            data[~finite] = 0
+            notes.append(f"{count} NaN or infinite voxels set to 0")
     low, high = float(data.min()), float(data.max())
     if low == high:
         raise ScanError(f"constant: every voxel is {low:g}")
     voxel_size = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     return Volume(data, affine, voxel_size, notes)
+
+
+def _gunzip(raw: bytes) -> bytes:
+    try:
+        from isal import igzip
+    except ImportError:  # no ISA-L wheel for this platform: Python's own zlib
+        return gzip.decompress(raw)
+    return igzip.decompress(raw)
+
+
+def _stored_voxels(image) -> tuple[np.ndarray, float, float]:
+    """The voxels as stored (before scaling), and the scaling: value = stored * slope + inter."""
+    proxy = image.dataobj
+    if isinstance(proxy, ArrayProxy):
+        slope = 1.0 if proxy.slope is None else float(proxy.slope)
+        inter = 0.0 if proxy.inter is None else float(proxy.inter)
+        return np.asanyarray(proxy.get_unscaled()), slope, inter
+    return np.asanyarray(proxy), 1.0, 0.0  # already read (a volume of a 4-D file)
 
 
 def _reason(exc: BaseException) -> str:
