@@ -20,6 +20,29 @@ def class_probabilities(outputs: np.ndarray) -> np.ndarray:
     return outputs
 
 
+def subject_predictions(outputs: np.ndarray, subject_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Each subject's average output (class probabilities, or a value) and slice count.
+
+    Returns ``subject`` (sorted ids), ``mean`` (one row per subject), ``slices`` (count per
+    subject) and ``index`` (the subject of each slice, into ``subject``).
+
+    >>> subject_predictions(np.array([[0.2], [0.4], [0.9]]), np.array(["a", "a", "b"]))["mean"]
+    array([[0.3],
+           [0.9]])
+    """
+    outputs = np.asarray(outputs, dtype=np.float64).reshape(len(subject_ids), -1)
+    subjects, index = np.unique(np.asarray(subject_ids), return_inverse=True)
+    counts = np.bincount(index, minlength=len(subjects))
+    mean = (
+        np.stack(
+            [np.bincount(index, weights=column, minlength=len(subjects)) for column in outputs.T],
+            axis=1,
+        )
+        / counts[:, None]
+    )
+    return {"subject": subjects, "mean": mean, "slices": counts, "index": index}
+
+
 def scores(probabilities: np.ndarray, labels: np.ndarray) -> dict:
     """Accuracy, the confusion matrix and, for two classes, ROC AUC.
 
@@ -73,19 +96,13 @@ def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, subject_ids: np.nd
         "loss": float(np.mean(keras.ops.convert_to_numpy(losses))),
         **scores(probabilities, labels),
     }
-    subjects, index = np.unique(np.asarray(subject_ids), return_inverse=True)
-    counts = np.bincount(index, minlength=len(subjects))
-    averaged = (
-        np.stack(
-            [np.bincount(index, weights=p, minlength=len(subjects)) for p in probabilities.T],
-            axis=1,
-        )
-        / counts[:, None]
-    )
+    per_subject = subject_predictions(probabilities, subject_ids)
+    index = per_subject["index"]
     subject_labels = np.array(
-        [np.bincount(labels[index == s]).argmax() for s in range(len(subjects))], dtype=np.int64
+        [np.bincount(labels[index == s]).argmax() for s in range(len(per_subject["subject"]))],
+        dtype=np.int64,
     )
-    return {"slices": slices, "subjects": scores(averaged, subject_labels)}
+    return {"slices": slices, "subjects": scores(per_subject["mean"], subject_labels)}
 
 
 def regression_scores(predicted: np.ndarray, true: np.ndarray) -> dict:
@@ -125,28 +142,6 @@ def evaluate_regression(outputs: np.ndarray, values: np.ndarray, subject_ids: np
         "loss": float(np.mean((predicted - values) ** 2)),
         **regression_scores(predicted, values),
     }
-    subjects, index = np.unique(np.asarray(subject_ids), return_inverse=True)
-    counts = np.bincount(index, minlength=len(subjects))
-    averaged = np.bincount(index, weights=predicted, minlength=len(subjects)) / counts
-    truth = np.bincount(index, weights=values, minlength=len(subjects)) / counts
+    averaged = subject_predictions(predicted, subject_ids)["mean"][:, 0]
+    truth = subject_predictions(values, subject_ids)["mean"][:, 0]
     return {"slices": slices, "subjects": regression_scores(averaged, truth)}
-
-
-def subject_predictions(outputs: np.ndarray, subject_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Each subject's average output (class probabilities, or a value) and slice count.
-
-    >>> subject_predictions(np.array([[0.2], [0.4], [0.9]]), np.array(["a", "a", "b"]))["mean"]
-    array([[0.3],
-           [0.9]])
-    """
-    outputs = np.asarray(outputs, dtype=np.float64).reshape(len(subject_ids), -1)
-    subjects, index = np.unique(np.asarray(subject_ids), return_inverse=True)
-    counts = np.bincount(index, minlength=len(subjects))
-    mean = (
-        np.stack(
-            [np.bincount(index, weights=column, minlength=len(subjects)) for column in outputs.T],
-            axis=1,
-        )
-        / counts[:, None]
-    )
-    return {"subject": subjects, "mean": mean, "slices": counts}

@@ -86,7 +86,9 @@ def _row_facts(sequence: H5Sequence, stores: list[Store], targets: list[Target])
 def _prediction_rows(outputs, values, ids, sessions, target: Target, split: str) -> list[dict]:
     averaged = subject_predictions(outputs, ids)
     rows = []
-    for subject_id, mean, count in zip(*averaged.values(), strict=True):
+    for subject_id, mean, count in zip(
+        averaged["subject"], averaged["mean"], averaged["slices"], strict=True
+    ):
         mine = ids == subject_id
         value = values[mine][0]
         found = sorted({s for s in sessions[mine] if s})
