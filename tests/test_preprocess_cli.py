@@ -253,18 +253,18 @@ def test_python_dash_m_preprocess_runs(tmp_path):
     assert (tmp_path / "s.h5").is_file()
 
 
-def _folders(root: Path, count: int) -> Path:
-    """``count`` BIDS-named subjects sub-01.. of small blobs, without a participants.tsv."""
-    for index in range(1, count + 1):
-        write_nifti(root / f"sub-{index:02d}/anat/sub-{index:02d}_T1w.nii.gz", blob_volume(index))
-    return root
+def _run_with_dx_table(tmp_path: Path, subjects: int, table: str) -> int:
+    """Preprocess ``subjects`` folders sub-01.. (no participants.tsv) with ``dx.csv`` labels."""
+    for index in range(1, subjects + 1):
+        name = f"sub-{index:02d}/anat/sub-{index:02d}_T1w.nii.gz"
+        write_nifti(tmp_path / "in" / name, blob_volume(index))
+    (tmp_path / "dx.csv").write_text(table)
+    args = [tmp_path / "in", "-o", tmp_path / "s.h5", "--labels", tmp_path / "dx.csv"]
+    return _run(*args, "--label-column", "dx", "--id-column", "subject", "--workers", "1")
 
 
 def test_a_label_table_that_matches_no_subject_is_an_error(tmp_path, capsys):
-    inputs = _folders(tmp_path / "in", 3)
-    (tmp_path / "dx.csv").write_text("subject,dx\n1,a\n2,b\n3,a\n")
-    args = [inputs, "-o", tmp_path / "s.h5", "--labels", tmp_path / "dx.csv"]
-    assert _run(*args, "--label-column", "dx", "--id-column", "subject", "--workers", "1") == 2
+    assert _run_with_dx_table(tmp_path, 3, "subject,dx\n1,a\n2,b\n3,a\n") == 2
     err = capsys.readouterr().err
     assert "dx.csv (column 'dx'): no subject id in the table matches a scan's subject" in err
     assert "table: '1', '2'" in err
@@ -274,10 +274,8 @@ def test_a_label_table_that_matches_no_subject_is_an_error(tmp_path, capsys):
 
 
 def test_how_the_label_table_matched_is_reported_and_the_labels_file_works(tmp_path, capsys):
-    inputs = _folders(tmp_path / "in", 5)
-    (tmp_path / "dx.csv").write_text("subject,dx\nsub-01,a\n02,b\n03,a\n04,n/a\nsub-99,b\n")
-    args = [inputs, "-o", tmp_path / "s.h5", "--labels", tmp_path / "dx.csv"]
-    assert _run(*args, "--label-column", "dx", "--id-column", "subject", "--workers", "1") == 0
+    table = "subject,dx\nsub-01,a\n02,b\n03,a\n04,n/a\nsub-99,b\n"
+    assert _run_with_dx_table(tmp_path, 5, table) == 0
     err = capsys.readouterr().err
     assert "labels: 3 of 5 subjects have a label in" in err
     assert "warning: 2 subject(s) have no label in" in err
@@ -293,7 +291,9 @@ def test_how_the_label_table_matched_is_reported_and_the_labels_file_works(tmp_p
 
 
 def test_one_file_under_two_subjects_is_named(tmp_path, capsys):
-    inputs = _folders(tmp_path / "in", 3)
+    inputs = tmp_path / "in"
+    for index in range(1, 4):
+        write_nifti(inputs / f"sub-{index:02d}/anat/sub-{index:02d}_T1w.nii.gz", blob_volume(index))
     shutil.copy(inputs / "sub-01/anat/sub-01_T1w.nii.gz", inputs / "sub-03/anat/sub-03_T1w.nii.gz")
     assert _run(inputs, "-o", tmp_path / "s.h5", "--workers", "1") == 0
     err = capsys.readouterr().err
