@@ -19,7 +19,8 @@ from loader import H5Sequence, open_store, schema
 from loader.target import REGRESSION, resolve
 from preprocess.cli import main as preprocess_main
 from training.cli import main as training_main
-from training.run import TrainingError, class_weights, train
+from training.data import class_weights
+from training.run import TrainingError, train
 from training.settings import Settings
 
 DATA = Path(__file__).parent / "data"

@@ -18,9 +18,11 @@ import training
 from loader import H5Sequence, open_store
 from loader.target import resolve
 from training.cli import main
+from training.data import check_store
+from training.fitting import build_model
 from training.metrics import evaluate_outputs
 from training.results import evaluate
-from training.run import RUN_FILES, TrainingError, build_model, check_store, train
+from training.run import RUN_FILES, TrainingError, train
 from training.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

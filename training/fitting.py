@@ -1,0 +1,135 @@
+"""The model of a run, compiled for its target, and the fit with early stopping."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from loader import H5Sequence, Store
+from loader.target import CLASSIFICATION, REGRESSION, Target
+from training.data import training_values
+from training.errors import TrainingError
+from training.model import augmentation
+from training.settings import Settings
+
+# What early stopping and the saved model follow, per task: (metric, mode).
+MONITORS = {CLASSIFICATION: ("val_accuracy", "max"), REGRESSION: ("val_mae", "min")}
+
+
+def build_model(
+    model_fn, stores: list[Store], settings: Settings, targets: list[Target]
+) -> keras.Model:
+    """The model from ``model_fn``, with augmentation and scaling, compiled for its output.
+
+    Classification: one output unit (a sigmoid) for two classes gets binary cross-entropy,
+    one unit per class (a softmax) sparse categorical cross-entropy. Regression:
+    ``model_fn(0, ...)`` must give one linear unit; it learns the target standardised on
+    the training splits, and a ``Rescaling`` layer after it turns that back into the
+    target's units, so the loss (mean squared error), MAE, RMSE and every saved
+    prediction are in those units.
+
+    Raises:
+        TrainingError: the output fits neither.
+    """
+    target = targets[0]
+    height, width = stores[0].slice_shape
+    shape = (height, width, 1) if settings.channels == "last" else (1, height, width)
+    data_format = f"channels_{settings.channels}"
+    regression = target.task == REGRESSION
+    num_classes = 0 if regression else len(target.class_names)
+    base = model_fn(num_classes, shape, data_format)
+    units = base.output_shape[-1]
+    if regression:
+        fits, loss, wanted = units == 1, "mean_squared_error", "(None, 1) (one linear unit)"
+        metrics = [
+            keras.metrics.MeanAbsoluteError(name="mae"),
+            keras.metrics.RootMeanSquaredError(name="rmse"),
+        ]
+    else:
+        two = units == 1 and num_classes == 2
+        fits = two or units == num_classes
+        loss = "binary_crossentropy" if two else "sparse_categorical_crossentropy"
+        wanted = f"(None, {num_classes}) (softmax)"
+        wanted += " or (None, 1) (sigmoid)" if num_classes == 2 else ""
+        metrics = ["accuracy"]
+    if not fits or len(base.output_shape) != 2:
+        raise TrainingError(
+            f"model_fn's output has shape {base.output_shape}; for {target.task} of "
+            f"{target.name or 'the labels'} it must be {wanted}"
+        )
+    model = base
+    if settings.augment != "none" or regression:
+        inputs = keras.Input(shape)
+        x = inputs
+        if settings.augment != "none":
+            x = augmentation(data_format, flip=settings.augment == "flip")(x)
+        outputs = base(x)
+        if regression:
+            values = training_values(stores, settings, targets)
+            mean, std = float(np.mean(values)), float(np.std(values)) or 1.0
+            outputs = keras.layers.Rescaling(std, offset=mean, name="to_target_units")(outputs)
+        model = keras.Model(inputs, outputs, name=base.name)
+    model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss=loss,
+        weighted_metrics=metrics,  # rows without a target value have weight 0
+    )
+    return model
+
+
+class _History(keras.callbacks.CSVLogger):
+    """``history.csv`` with epochs numbered from 1, as the console and the curves number them."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + 1, logs)
+
+
+def fit(
+    model: keras.Model,
+    data: dict[str, H5Sequence],
+    settings: Settings,
+    monitor: tuple[str, str],
+    run_dir: Path,
+    progress: bool | None,
+    callbacks=(),
+    class_weight: dict[int, float] | None = None,
+) -> bool:
+    """Fit with early stopping on ``monitor`` (name, mode), the best model saved, history logged.
+
+    Returns:
+        Whether the fit was interrupted (Ctrl-C or SIGTERM); the folder then holds the
+        best model and the history so far.
+    """
+    show = sys.stderr.isatty() if progress is None else progress
+    history_log = _History(run_dir / "history.csv")
+    name, mode = monitor
+    own = [
+        keras.callbacks.EarlyStopping(
+            monitor=name, mode=mode, patience=settings.patience, restore_best_weights=True
+        ),
+        keras.callbacks.ModelCheckpoint(
+            run_dir / "model.keras", monitor=name, mode=mode, save_best_only=True
+        ),
+        history_log,
+    ]
+    if show:
+        from tqdm.keras import TqdmCallback
+
+        own.append(TqdmCallback(verbose=1))
+    try:
+        model.fit(
+            data["train"],
+            validation_data=data["val"],
+            epochs=settings.epochs,
+            callbacks=[*own, *callbacks],
+            shuffle=False,  # H5Sequence shuffles, by (seed, epoch)
+            verbose=0 if show else 2,
+            class_weight=class_weight,
+        )
+    except KeyboardInterrupt:
+        history_log.on_train_end()  # Keras skips it on an interrupt: close history.csv
+        return True
+    return False
