@@ -3,18 +3,25 @@
 Stores written separately (one per cohort, or the shards of one preprocessing run) read
 as one data set when they agree on everything that changes what a slice means. Classes
 are merged by name: the union of every store's classes, sorted as one store sorts its
-own, and each store's class indices remapped to it.
+own, and each store's class indices remapped to it. :func:`open_parts` gathers what
+``H5Sequence`` keeps of each store (plain facts that pickle) and the chunk-aligned blocks
+of all of them in one row space.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from loader import table
-from loader.store import Store
+from loader.plan import aligned_blocks
+from loader.rows import RowLayout, row_layout
+from loader.schema import SUBJECT_SPLIT, UNLABELLED_SPLIT
+from loader.store import Store, open_store
+from loader.target import Target, resolve_all
 
 # Preprocessing settings (store `config`) that change what a pixel means.
 PIXEL_SETTINGS = ("axis", "size", "normalize", "suffix", "volume")
@@ -97,3 +104,97 @@ def merge_classes(per_store: list[tuple[list[str], np.ndarray]]) -> tuple[list[s
         mapping = np.array([position[name] for name in store_names] + [-1], dtype=np.int32)
         remapped.append(mapping[np.asarray(indices)])  # -1 picks the last entry: -1
     return names, remapped
+
+
+@dataclass(frozen=True)
+class Part:
+    """One store of a sequence: plain facts only, so the sequence pickles."""
+
+    path: str
+    uuid: str
+    identity: tuple
+    first_row: int  # where its rows start in the sequence's row space
+    slice_shape: tuple
+    dtype: np.dtype
+    scale: np.float32
+    offset: np.float32
+    images: RowLayout
+    subjects: RowLayout
+    values: np.ndarray | None  # target value per scan
+    present: np.ndarray | None
+
+
+def open_parts(paths, split, target, task, labels, id_column):
+    """The parts, the chunk-aligned blocks of all of them, the target, and whether weighted.
+
+    Raises:
+        ValueError: stores that do not agree, splits empty in every store, a bad target.
+    """
+    stores = [open_store(path) for path in paths]
+    try:
+        check_agree(stores)
+        chosen = [
+            store.select(split) if target else _labelled_rows(store, split) for store in stores
+        ]
+        labelled = [
+            store.labelled and s[0].name != UNLABELLED_SPLIT
+            for store, s in zip(stores, chosen, strict=True)
+        ]
+        if target is None and len(set(labelled)) > 1:
+            raise ValueError(f"stores read as one must all have labels, or none; received {paths}")
+        if all(len(s) == 0 for selected in chosen for s in selected):
+            raise ValueError(f"{', '.join(paths)}: split {split!r} has no rows")
+        if target or labelled[0]:
+            targets = resolve_all(stores, target, task, labels, id_column)
+        else:
+            targets = [None] * len(stores)
+        parts, blocks, first_row, weighted = [], [], 0, False
+        for store, selected, store_target in zip(stores, chosen, targets, strict=True):
+            ranges = [(s.start, s.stop) for s in selected if len(s)]
+            blocks.append(aligned_blocks(ranges, store.chunk_slices) + first_row)
+            if store_target is not None:
+                weighted |= not _all_present(store, selected, store_target)
+            parts.append(
+                Part(
+                    store.path, store.uuid, store.identity, first_row, store.slice_shape,
+                    store.dtype, np.float32(store.scale), np.float32(store.offset),
+                    row_layout(store.images), row_layout(store.subject),
+                    None if store_target is None else store_target.values,
+                    None if store_target is None else store_target.present,
+                )
+            )  # fmt: skip
+            first_row += store.num_slices
+    finally:
+        for store in stores:
+            store.close()
+    return parts, np.concatenate(blocks), targets[0], weighted
+
+
+def _all_present(store, selected, target: Target) -> bool:
+    """Whether every scan of the selected splits has a value for the target."""
+    names = {split.name for split in selected}
+    table = store.subjects_table()
+    scans = np.isin(table[SUBJECT_SPLIT], list(names)) if "all" not in names else slice(None)
+    return bool(target.present[scans].all())
+
+
+def _labelled_rows(store, split) -> list:
+    """The splits to read; in a labelled store, unlabelled rows only when asked for alone.
+
+    ``split=None`` in a labelled store means every labelled split: the unlabelled split
+    holds exactly the subjects without a label. Named alone it is read as ``x`` only.
+
+    Raises:
+        ValueError: the unlabelled split named beside labelled ones.
+    """
+    selected = store.select(split)
+    if not store.labelled:
+        return selected
+    if split is None:
+        return [s for s in store.splits.values() if s.name != UNLABELLED_SPLIT]
+    if len(selected) > 1 and UNLABELLED_SPLIT in {s.name for s in selected}:
+        raise ValueError(
+            f"{store.path}: split {UNLABELLED_SPLIT!r} has no labels: name it alone (batches "
+            f"of x only) or leave it out; received split={split!r}"
+        )
+    return selected
