@@ -56,18 +56,49 @@ def cut_slices(
     stack = np.moveaxis(stack, along, 0)  # (n, a, b), a < b in RAS axis order
     stack = np.rot90(stack, axes=(1, 2))  # (n, b, a): b decreasing downwards, a rightwards
     spacing = np.array([voxel_size[in_plane[1]], voxel_size[in_plane[0]]], dtype=np.float64)
-    stack = _pad_to_square(stack, spacing, fill=float(data.min()))
-    return _resample(stack, size), positions
+    stack, block = _pad_to_square(stack, spacing, float(data.min()), size)
+    return _resample(_block_mean(stack, block), size), positions
 
 
-def _pad_to_square(stack: np.ndarray, spacing: np.ndarray, fill: float) -> np.ndarray:
-    """Pad rows and columns so both span the same millimetres, centred."""
+def _pad_to_square(
+    stack: np.ndarray, spacing: np.ndarray, fill: float, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pad rows and columns so both span the same millimetres, centred.
+
+    Each side is also padded to a multiple of its block: the integer factor (half the
+    shrink factor, at least 1) by which :func:`_block_mean` first averages, which changes
+    the field of view by less than one block (under 1% for a 1 mm scan to 64 pixels).
+
+    Returns:
+        The padded stack and the block of each in-plane axis.
+    """
     extent = np.array(stack.shape[1:]) * spacing
     target = np.maximum(np.round(extent.max() / spacing).astype(int), stack.shape[1:])
+    block = np.maximum(1, target // size // 2)
+    target = -(-target // block) * block
     before = (target - stack.shape[1:]) // 2
     after = target - stack.shape[1:] - before
     widths = ((0, 0), (before[0], after[0]), (before[1], after[1]))
-    return np.pad(stack, widths, mode="constant", constant_values=fill)
+    return np.pad(stack, widths, mode="constant", constant_values=fill), block
+
+
+def _block_mean(stack: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """Average blocks of ``block`` pixels (area averaging): a cheap first shrink.
+
+    >>> _block_mean(np.arange(16.0).reshape(1, 4, 4), np.array([2, 2]))[0].tolist()
+    [[2.5, 4.5], [10.5, 12.5]]
+    """
+    if (block == 1).all():
+        return stack
+    rows, columns = (int(b) for b in block)
+    total = np.zeros(
+        (stack.shape[0], stack.shape[1] // rows, stack.shape[2] // columns), np.float32
+    )
+    for row in range(rows):  # strided adds: several times faster than reshape(...).mean()
+        for column in range(columns):
+            total += stack[:, row::rows, column::columns]
+    total *= np.float32(1 / (rows * columns))
+    return total
 
 
 def _resample(stack: np.ndarray, size: int) -> np.ndarray:
