@@ -1,8 +1,10 @@
 """Train and evaluate a CNN on a store's splits, leaving a complete run folder.
 
-RUN_DIR gets model.keras (best weights), history.csv, metrics.json (slice- and
-subject-level), config.json (settings, library versions, the store's path, uuid and
-preprocessing config), curves.png and confusion.png.
+Any column of the store's labels table can be the target (--target): text columns are
+classes, numbers a regression. RUN_DIR gets model.keras (best weights), history.csv,
+metrics.json (slice- and subject-level), predictions.csv (one row per subject),
+config.json (settings, the target, library versions, the stores read), curves.png, and
+confusion.png (classes) or scatter.png (regression).
 Exit status: 0 when done, 2 for usage errors or an unusable store, 130 when interrupted
 (the folder then holds the best model and the history so far).
 """
