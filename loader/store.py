@@ -85,6 +85,7 @@ class Store:
         self._path = os.fspath(path)
         self._file = h5file
         self._identity = file_identity(os.fstat(h5file.id.get_vfd_handle()))
+        self._subjects_table = None
 
     def __repr__(self) -> str:
         return f"open_store({self._path!r})"
@@ -225,20 +226,31 @@ class Store:
         return [self.splits[name] for name in names]
 
     def subjects_table(self) -> dict[str, np.ndarray]:
-        """The subjects table (one row per scan), read whole: it is small.
+        """The subjects table (one row per scan), read whole once: it is small.
 
         Returns:
-            Column name -> array, strings decoded to ``str``.
+            Column name -> array, strings decoded to ``str`` (shared: do not change them).
         """
-        group = self._file[SUBJECTS]
-        table = {}
-        for name in SUBJECT_COLUMNS:
-            dataset = group[name]
-            if dataset.dtype.kind in "OS":
-                table[name] = dataset.asstr()[()].astype(object)
-            else:
-                table[name] = dataset[()]
-        return table
+        if self._subjects_table is None:
+            group = self._file[SUBJECTS]
+            table = {}
+            for name in SUBJECT_COLUMNS:
+                dataset = group[name]
+                if dataset.dtype.kind in "OS":
+                    table[name] = dataset.asstr()[()].astype(object)
+                else:
+                    table[name] = dataset[()]
+            self._subjects_table = table
+        return self._subjects_table
+
+    def scans_in(self, names=None) -> np.ndarray:
+        """Per scan (row of the subjects table), whether it lies in one of the splits ``names``.
+
+        Args:
+            names: split names; None for every scan.
+        """
+        split = self.subjects_table()[schema.SUBJECT_SPLIT]
+        return np.ones(len(split), dtype=bool) if names is None else np.isin(split, list(names))
 
     @property
     def version(self) -> int:

@@ -19,9 +19,9 @@ import numpy as np
 from loader import table
 from loader.plan import aligned_blocks
 from loader.rows import RowLayout, row_layout
-from loader.schema import SUBJECT_SPLIT, UNLABELLED_SPLIT
+from loader.schema import UNLABELLED_SPLIT
 from loader.store import Store, open_store
-from loader.target import Target, resolve_all
+from loader.target import resolve_all
 
 # Preprocessing settings (store `config`) that change what a pixel means.
 PIXEL_SETTINGS = ("axis", "size", "normalize", "suffix", "volume")
@@ -152,8 +152,9 @@ def open_parts(paths, split, target, task, labels, id_column):
         for store, selected, store_target in zip(stores, chosen, targets, strict=True):
             ranges = [(s.start, s.stop) for s in selected if len(s)]
             blocks.append(aligned_blocks(ranges, store.chunk_slices) + first_row)
-            if store_target is not None:
-                weighted |= not _all_present(store, selected, store_target)
+            if store_target is not None:  # some scan of the selected splits without a value?
+                names = None if target and split is None else [s.name for s in selected]
+                weighted |= not store_target.present[store.scans_in(names)].all()
             parts.append(
                 Part(
                     store.path, store.uuid, store.identity, first_row, store.slice_shape,
@@ -168,14 +169,6 @@ def open_parts(paths, split, target, task, labels, id_column):
         for store in stores:
             store.close()
     return parts, np.concatenate(blocks), targets[0], weighted
-
-
-def _all_present(store, selected, target: Target) -> bool:
-    """Whether every scan of the selected splits has a value for the target."""
-    names = {split.name for split in selected}
-    table = store.subjects_table()
-    scans = np.isin(table[SUBJECT_SPLIT], list(names)) if "all" not in names else slice(None)
-    return bool(target.present[scans].all())
 
 
 def _labelled_rows(store, split) -> list:

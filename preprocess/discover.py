@@ -215,11 +215,19 @@ def read_label_table(
     Raises:
         InputError: the file is missing, unreadable, or lacks a column.
     """
-    rows = read_subjects_table(path, id_column)
+    return column_of(read_subjects_table(path, id_column), column, path, id_column)
+
+
+def column_of(rows: dict[str, dict], column: str, where, id_column: str) -> dict:
+    """One column of a table from :func:`read_subjects_table`: subject id -> value or None.
+
+    Raises:
+        InputError: the table has no such column (its columns are listed).
+    """
     columns = table.columns_of(rows)
     if column not in columns:
         raise InputError(
-            f"{path}: no column {column!r}; the columns are {sorted([*columns, id_column])}"
+            f"{where}: no column {column!r}; the columns are {sorted([*columns, id_column])}"
         )
     return {subject_id: row[column] for subject_id, row in rows.items()}
 

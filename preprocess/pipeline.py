@@ -24,11 +24,12 @@ from tqdm import tqdm
 from loader import schema
 from loader.command import SettingError, check_settings, option
 from loader.store import open_store
-from loader.table import NUMERIC, column_kind, columns_of, numeric_values
+from loader.table import NUMERIC, class_indices, column_kind, numeric_values
 from preprocess.discover import (
     LAYOUTS,
     Scan,
     class_names,
+    column_of,
     discover,
     match_labels,
     read_subjects_table,
@@ -275,14 +276,9 @@ def find_scans(inputs: list[str], settings: Settings, report=print) -> Found:
             report(f"warning: {exc}; the store keeps no labels table")
     found = Found(scans, class_names(s.label for s in scans), rejected, participants)
     if settings.label_column:
-        column = settings.label_column
-        if column not in columns_of(participants):
-            raise PreprocessError(
-                f"{', '.join(map(str, paths))}: no column {column!r}; the columns are "
-                f"{columns_of(participants)}"
-            )
-        values = {subject_id: row[column] for subject_id, row in participants.items()}
-        where = f"{', '.join(map(str, paths))} (column {column!r})"
+        column, files = settings.label_column, ", ".join(map(str, paths))
+        values = column_of(participants, column, files, settings.id_column)
+        where = f"{files} (column {column!r})"
         labels, lines = match_labels([s.subject_id for s in scans], values, where)
         for line in lines:
             report(line)
@@ -308,8 +304,8 @@ def split_assignment(found: Found, settings: Settings) -> tuple[list[str], dict[
     """
     strata = found.strata
     if strata is None:
-        index = {name: position for position, name in enumerate(found.class_names)}
-        strata = {s.subject_id: index.get(s.label, -1) for s in found.scans}
+        labels = class_indices([s.label for s in found.scans], found.class_names)
+        strata = {s.subject_id: int(label) for s, label in zip(found.scans, labels, strict=True)}
     assignment = assign_splits(
         strata, settings.val_fraction, settings.test_fraction, settings.folds, settings.seed
     )

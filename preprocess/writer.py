@@ -222,8 +222,7 @@ class Partial:
         records = [record for _, record in sorted(self.done().items())]
         for leftover in [*self.path.glob("bucket-*"), self.path / STORE_NAME]:
             leftover.unlink(missing_ok=True)
-        label_index = {name: index for index, name in enumerate(class_names)}
-        scan_labels = np.array([label_index.get(r["label"], -1) for r in records], dtype=np.int32)
+        scan_labels = table.class_indices([r["label"] for r in records], class_names)
         subject_labels = {}
         for record, label in zip(records, scan_labels, strict=True):
             subject_labels.setdefault(record["subject_id"], int(label))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from loader import H5Sequence, Store
-from loader.schema import SUBJECT_ID, SUBJECT_SPLIT
+from loader.schema import SUBJECT_ID
 from loader.store import StoreChangedError
 from loader.target import CLASSIFICATION, REGRESSION, Target, resolve_all
 from training.errors import TrainingError
@@ -34,11 +34,6 @@ def choose_target(stores: list[Store], settings: Settings) -> list[Target]:
         return resolve_all(stores, name, settings.task, settings.labels, settings.id_column)
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc
-
-
-def in_splits(store: Store, names) -> np.ndarray:
-    """Per scan of ``store``, whether it lies in one of the splits ``names``."""
-    return np.isin(store.subjects_table()[SUBJECT_SPLIT], list(names))
 
 
 def check_store(
@@ -76,7 +71,7 @@ def check_store(
         if rows == 0:
             raise TrainingError(f"{where}: split {name!r} has no slices")
         if not any(
-            t.present[in_splits(s, [name])].any() for s, t in zip(stores, targets, strict=True)
+            t.present[s.scans_in([name])].any() for s, t in zip(stores, targets, strict=True)
         ):
             raise TrainingError(
                 f"{where}: split {name!r} has no subject with a value for {what}: "
@@ -88,7 +83,7 @@ def check_store(
         count = 0
         for store, store_target in zip(stores, targets, strict=True):
             ids = store.subjects_table()[SUBJECT_ID]
-            mine = in_splits(store, [settings.val_split]) & (store_target.values == index)
+            mine = store.scans_in([settings.val_split]) & (store_target.values == index)
             count += len(set(ids[mine]))
         if count < FEW_SUBJECTS:
             report(
@@ -102,7 +97,7 @@ def training_values(stores: list[Store], settings: Settings, targets: list[Targe
     """The target's values of the scans in the training splits that have one."""
     return np.concatenate(
         [
-            t.values[in_splits(store, settings.train_split) & t.present]
+            t.values[store.scans_in(settings.train_split) & t.present]
             for store, t in zip(stores, targets, strict=True)
         ]
     )
