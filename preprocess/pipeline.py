@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import threadpoolctl
 from tqdm import tqdm
 
 from loader import schema
@@ -38,7 +39,7 @@ from preprocess.errors import PreprocessError, ScanError
 from preprocess.shards import parse_shard, subjects_of_shard
 from preprocess.slices import cut_slices
 from preprocess.splits import UNLABELLED, assign_splits, quantile_strata, split_names
-from preprocess.volume import NORMALIZATIONS, foreground, load_volume, normalize
+from preprocess.volume import NORMALIZATIONS, foreground, load_volume, normalization
 from preprocess.writer import Partial, partial_path, scan_record
 
 FINDING = "finding scans and labels"
@@ -185,10 +186,16 @@ def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray]:
         ScanError: the scan cannot be used.
     """
     volume = load_volume(scan.path, settings.volume)
-    mask = foreground(volume.data)
-    data = normalize(volume.data, mask, settings.normalize)
+    mask = foreground(volume.voxels)
+    scale = normalization(volume.voxels, mask, settings.normalize, volume.slope, volume.inter)
     slices, positions = cut_slices(
-        data, mask, volume.voxel_size, settings.axis, settings.size, settings.min_foreground
+        volume.voxels,
+        mask,
+        volume.voxel_size,
+        settings.axis,
+        settings.size,
+        settings.min_foreground,
+        scale,
     )
     slices = schema.encode_intensities(slices, settings.dtype)
     with open(scan.path, "rb") as handle:
@@ -201,7 +208,7 @@ def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray]:
         label=scan.label,
         sha256=sha256,
         affine=volume.affine,
-        shape=volume.data.shape,
+        shape=volume.shape,
         voxel_size=volume.voxel_size,
         notes=volume.notes,
     )
@@ -444,7 +451,9 @@ def _compute(todo, settings, workers, partial, summary, report, progress) -> Non
         context.set_forkserver_preload(["preprocess.pipeline"])
         pending = {}
         queue = iter(todo)
-        with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_one_blas_thread
+        ) as pool:
             try:
                 while True:
                     while len(pending) < 2 * workers and (scan := next(queue, None)) is not None:
@@ -463,6 +472,11 @@ def _compute(todo, settings, workers, partial, summary, report, progress) -> Non
                 for future in pending:
                     future.cancel()
                 raise
+
+
+def _one_blas_thread() -> None:
+    """Workers already fill the cores: a multi-threaded BLAS in each would fight over them."""
+    threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 def _reject(summary: Summary, report, path: str, reason: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import ndimage
 
@@ -18,23 +20,31 @@ def cut_slices(
     axis: str = "axial",
     size: int = 64,
     min_foreground: float = 0.05,
+    scale: tuple[float, float, bool] = (1.0, 0.0, False),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut a volume into ``size`` x ``size`` slices, dropping near-empty ones.
 
     Each kept slice is turned to the usual viewing orientation (anterior or superior up,
     the patient's left on the left), padded with the volume's minimum to a square field
-    of view in millimetres, smoothed with a Gaussian where it is shrunk (anti-aliasing,
-    sigma = (factor - 1) / 2 pixels, as ``skimage.transform.resize``) and resampled
-    linearly. A sphere scanned with any voxel size comes out round.
+    of view in millimetres, averaged over blocks of half the shrink factor (area averaging),
+    smoothed with a Gaussian where it is still shrunk (anti-aliasing, sigma = (factor - 1) / 2
+    pixels, as ``skimage.transform.resize``) and resampled linearly. A sphere scanned with
+    any voxel size comes out round.
+
+    Only the kept slices are converted to float32 and scaled. Padding, averaging, smoothing
+    and resampling are linear and act on rows and columns separately, so they are applied
+    as one matrix per axis (:func:`axis_operator`): two matrix products per stack.
 
     Args:
-        data: a canonical volume ``(x, y, z)``.
+        data: a canonical volume ``(x, y, z)``, as stored or as float intensities.
         mask: its foreground.
         voxel_size: mm along x, y, z.
         axis: ``axial``, ``coronal`` or ``sagittal``. Defaults to ``axial``.
         size: the side of the output slices. Defaults to 64.
         min_foreground: keep slices with at least this fraction of foreground pixels.
             Defaults to 0.05.
+        scale: ``(a, b, clip)``: intensity = ``data * a + b``, clipped to [0, 1] when
+            ``clip`` (see ``preprocess.volume.normalization``). Defaults to the identity.
 
     Returns:
         ``(slices, positions)``: float32 ``(n, size, size)`` and the int16 index of each
@@ -45,69 +55,96 @@ def cut_slices(
     """
     along = AXES[axis]
     in_plane = tuple(a for a in range(3) if a != along)
-    fraction = mask.mean(axis=in_plane)
+    plane = mask.shape[in_plane[0]] * mask.shape[in_plane[1]]
+    fraction = np.count_nonzero(mask, axis=in_plane) / plane
     positions = np.flatnonzero(fraction >= min_foreground).astype(np.int16)
     if positions.size == 0:
         raise ScanError(
             f"empty: no {axis} slice has {min_foreground:.0%} foreground "
             f"(the most is {fraction.max():.1%}); lower --min-foreground"
         )
-    stack = np.take(data, positions, axis=along)
-    stack = np.moveaxis(stack, along, 0)  # (n, a, b), a < b in RAS axis order
+    first, last = int(positions[0]), int(positions[-1])
+    if last - first + 1 == positions.size:  # one run of slices (the usual case): a view
+        stack = np.moveaxis(data, along, 0)[first : last + 1]
+    else:
+        stack = np.moveaxis(np.take(data, positions, axis=along), along, 0)
     stack = np.rot90(stack, axes=(1, 2))  # (n, b, a): b decreasing downwards, a rightwards
+    values = np.empty(stack.shape, np.float32)
+    np.copyto(values, stack, casting="unsafe")  # the one conversion to float
+    fill = _scaled(values, scale, data.min())
     spacing = np.array([voxel_size[in_plane[1]], voxel_size[in_plane[0]]], dtype=np.float64)
-    stack, block = _pad_to_square(stack, spacing, float(data.min()), size)
-    return _resample(_block_mean(stack, block), size), positions
+    return _resample(values, spacing, fill, size), positions
 
 
-def _pad_to_square(
-    stack: np.ndarray, spacing: np.ndarray, fill: float, size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pad rows and columns so both span the same millimetres, centred.
+def _scaled(values: np.ndarray, scale: tuple[float, float, bool], lowest) -> float:
+    """Apply ``scale`` to ``values`` in place; returns the scaled ``lowest`` (the padding)."""
+    a, b, clip = scale
+    if a != 1:
+        np.multiply(values, np.float32(a), out=values)
+    if b != 0:
+        np.add(values, np.float32(b), out=values)
+    fill = float(np.float32(lowest) * np.float32(a) + np.float32(b))
+    if clip:
+        np.clip(values, 0, 1, out=values)
+        fill = min(max(fill, 0.0), 1.0)
+    return fill
+
+
+def square_geometry(
+    shape: tuple[int, int], spacing: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How a slice is padded to a square field of view in millimetres, centred.
 
     Each side is also padded to a multiple of its block: the integer factor (half the
-    shrink factor, at least 1) by which :func:`_block_mean` first averages, which changes
-    the field of view by less than one block (under 1% for a 1 mm scan to 64 pixels).
+    shrink factor, at least 1) by which the slice is first averaged, which changes the
+    field of view by less than one block (under 1% for a 1 mm scan to 64 pixels).
 
     Returns:
-        The padded stack and the block of each in-plane axis.
+        ``(target, before, block)`` per in-plane axis: the padded length, the padding
+        before the slice, the averaging block.
     """
-    extent = np.array(stack.shape[1:]) * spacing
-    target = np.maximum(np.round(extent.max() / spacing).astype(int), stack.shape[1:])
+    extent = np.array(shape) * spacing
+    target = np.maximum(np.round(extent.max() / spacing).astype(int), shape)
     block = np.maximum(1, target // size // 2)
     target = -(-target // block) * block
-    before = (target - stack.shape[1:]) // 2
-    after = target - stack.shape[1:] - before
-    widths = ((0, 0), (before[0], after[0]), (before[1], after[1]))
-    return np.pad(stack, widths, mode="constant", constant_values=fill), block
+    before = (target - np.array(shape)) // 2
+    return target, before, block
 
 
-def _block_mean(stack: np.ndarray, block: np.ndarray) -> np.ndarray:
-    """Average blocks of ``block`` pixels (area averaging): a cheap first shrink.
+@functools.lru_cache(maxsize=256)
+def axis_operator(length: int, target: int, before: int, block: int, size: int) -> np.ndarray:
+    """The ``(size, length)`` matrix that resamples one axis of a slice.
 
-    >>> _block_mean(np.arange(16.0).reshape(1, 4, 4), np.array([2, 2]))[0].tolist()
-    [[2.5, 4.5], [10.5, 12.5]]
+    It pads ``length`` pixels to ``target`` (``before`` of them first), averages blocks of
+    ``block``, smooths with a Gaussian of sigma ``(factor - 1) / 2`` where the rest still
+    shrinks by ``factor`` (mode ``nearest``) and resamples linearly to ``size``
+    (``scipy.ndimage.zoom``, ``grid_mode``): scipy's own filters run on an identity
+    matrix, once per geometry. The padding's value enters separately: every row of the
+    full operator sums to 1, so the pixels outside the slice weigh ``1 - rows' sums``.
+
+    >>> m = axis_operator(4, 4, 0, 2, 2)  # average pairs: no smoothing left
+    >>> m.tolist()
+    [[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]
     """
-    if (block == 1).all():
-        return stack
-    rows, columns = (int(b) for b in block)
-    total = np.zeros(
-        (stack.shape[0], stack.shape[1] // rows, stack.shape[2] // columns), np.float32
-    )
-    for row in range(rows):  # strided adds: several times faster than reshape(...).mean()
-        for column in range(columns):
-            total += stack[:, row::rows, column::columns]
-    total *= np.float32(1 / (rows * columns))
-    return total
+    signals = np.zeros((target, length))
+    signals[before : before + length] = np.eye(length)
+    signals = signals.reshape(target // block, block, length).mean(axis=1)
+    sigma = max(0.0, (signals.shape[0] / size - 1) / 2)
+    if sigma:
+        signals = ndimage.gaussian_filter1d(signals, sigma, axis=0, mode="nearest")
+    zoom = (size / signals.shape[0], 1)
+    signals = ndimage.zoom(signals, zoom, order=1, mode="nearest", grid_mode=True, prefilter=False)
+    return signals[:size].astype(np.float32)
 
 
-def _resample(stack: np.ndarray, size: int) -> np.ndarray:
-    """Resize each slice of ``(n, h, w)`` to ``(size, size)`` with anti-aliasing."""
-    factors = np.array(stack.shape[1:]) / size  # > 1 shrinks
-    sigma = np.maximum(0, (factors - 1) / 2)
-    stack = np.ascontiguousarray(stack, dtype=np.float32)
-    if sigma.any():
-        stack = ndimage.gaussian_filter(stack, sigma=(0, *sigma), mode="nearest")
-    zoom = (1, size / stack.shape[1], size / stack.shape[2])
-    out = ndimage.zoom(stack, zoom, order=1, mode="nearest", grid_mode=True, prefilter=False)
-    return out[:, :size, :size]
+def _resample(stack: np.ndarray, spacing: np.ndarray, fill: float, size: int) -> np.ndarray:
+    """Pad, average, smooth and resize each slice of ``(n, h, w)`` to ``(size, size)``."""
+    count, height, width = stack.shape
+    target, before, block = square_geometry((height, width), spacing, size)
+    rows = axis_operator(height, int(target[0]), int(before[0]), int(block[0]), size)
+    columns = axis_operator(width, int(target[1]), int(before[1]), int(block[1]), size)
+    out = (stack.reshape(count * height, width) @ columns.T).reshape(count, height, size)
+    out = np.matmul(rows, out)
+    padding = 1 - np.outer(rows.sum(axis=1), columns.sum(axis=1))
+    out += np.float32(fill) * padding.astype(np.float32)
+    return out

@@ -1,4 +1,4 @@
-"""One scan as a canonical float32 volume: load, pick a volume, reorient to RAS, check, normalise.
+"""One scan as a canonical volume: load, pick a volume, reorient to RAS, check, normalise.
 
 Nothing here writes: every problem with a file is a :class:`ScanError` whose message is
 the one line a user sees next to the file's path.
@@ -27,24 +27,46 @@ PERCENTILES = (0.5, 99.5)
 class Volume:
     """A 3-D scan in the closest canonical (RAS) voxel order.
 
+    The voxels stay as the file stores them (a reoriented view, no copy): the intensity of
+    a voxel is ``voxels * slope + inter``, with ``slope > 0``, so percentiles, thresholds and
+    the foreground can be taken on the stored values and only the slices that are kept are
+    ever converted to float.
+
     Attributes:
-        data: float32 intensities, ``(x, y, z)`` with x to the right, y anterior, z superior.
-        affine: voxel to world (mm) of ``data``.
-        voxel_size: mm along each axis of ``data``.
+        voxels: the stored values, ``(x, y, z)`` with x to the right, y anterior, z superior.
+        affine: voxel to world (mm) of ``voxels``.
+        voxel_size: mm along each axis.
         notes: things worth a warning that did not stop the scan.
+        slope: intensity per stored unit (> 0).
+        inter: intensity of a stored 0.
     """
 
-    data: np.ndarray
+    voxels: np.ndarray
     affine: np.ndarray
     voxel_size: np.ndarray
     notes: list[str] = field(default_factory=list)
+    slope: float = 1.0
+    inter: float = 0.0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.voxels.shape
+
+    @property
+    def data(self) -> np.ndarray:
+        """The intensities as a new float32 array."""
+        data = np.asarray(self.voxels, dtype=np.float32) * np.float32(self.slope)
+        data += np.float32(self.inter)
+        return data
 
 
 def load_volume(path: str | os.PathLike, volume: int | None = None) -> Volume:
-    """Load a NIfTI scan as a canonical float32 volume.
+    """Load a NIfTI scan as a canonical volume.
 
-    A 4-D file with one volume is squeezed; with several, ``volume`` picks one.
-    Non-finite voxels become 0 (with a note); nibabel's warnings become notes too.
+    A 4-D file with one volume is squeezed; with several, ``volume`` picks one. Integer
+    voxels stay as stored; floating-point ones (and the rare negative scaling) become a
+    float32 copy of the intensities, where non-finite voxels become 0 (with a note).
+    nibabel's warnings become notes too.
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
@@ -116,26 +138,29 @@ def _load(path: str | os.PathLike, volume: int | None) -> Volume:
     except Exception as exc:
         raise ScanError(f"truncated or unreadable data ({_reason(exc)})") from exc
     ornt = orientations.io_orientation(affine)
-    # one pass: reorient (a view), copy and convert to float32, then scale in place
-    data = np.ascontiguousarray(orientations.apply_orientation(stored, ornt), dtype=np.float32)
+    voxels = orientations.apply_orientation(stored, ornt)  # a view
     del stored
-    if slope != 1:
-        data *= np.float32(slope)
-    if inter != 0:
-        data += np.float32(inter)
     affine = affine @ orientations.inv_ornt_aff(ornt, image.shape)
     notes = []
-    if image.get_data_dtype().kind == "f":  # stored integers cannot be NaN or infinite
-        finite = np.isfinite(data)
+    if voxels.dtype.kind == "b":
+        voxels = voxels.view(np.uint8)
+    if voxels.dtype.kind == "f" or slope <= 0:  # intensities as float32, NaN set to 0
+        voxels = np.ascontiguousarray(voxels, dtype=np.float32)
+        if slope != 1:
+            voxels *= np.float32(slope)
+        if inter != 0:
+            voxels += np.float32(inter)
+        slope, inter = 1.0, 0.0
+        finite = np.isfinite(voxels)
         if not finite.all():
-            count = data.size - int(np.count_nonzero(finite))
-            data[~finite] = 0
+            count = voxels.size - int(np.count_nonzero(finite))
+            voxels[~finite] = 0
             notes.append(f"{count} NaN or infinite voxels set to 0")
-    low, high = float(data.min()), float(data.max())
+    low, high = voxels.min(), voxels.max()
     if low == high:
-        raise ScanError(f"constant: every voxel is {low:g}")
+        raise ScanError(f"constant: every voxel is {float(low) * slope + inter:g}")
     voxel_size = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    return Volume(data, affine, voxel_size, notes)
+    return Volume(voxels, affine, voxel_size, notes, slope, inter)
 
 
 def _gunzip(raw: bytes) -> bytes:
@@ -152,6 +177,8 @@ def _stored_voxels(image) -> tuple[np.ndarray, float, float]:
     if isinstance(proxy, ArrayProxy):
         slope = 1.0 if proxy.slope is None else float(proxy.slope)
         inter = 0.0 if proxy.inter is None else float(proxy.inter)
+        if not (np.isfinite(slope) and np.isfinite(inter)):
+            slope, inter = 1.0, 0.0  # as nibabel reads it
         return np.asanyarray(proxy.get_unscaled()), slope, inter
     return np.asanyarray(proxy), 1.0, 0.0  # already read (a volume of a 4-D file)
 
@@ -183,7 +210,8 @@ def foreground(data: np.ndarray) -> np.ndarray:
 
     The threshold is 10% of the way from the 2nd to the 98th percentile of the volume
     (FSL's "robust range" rule, percentiles taken on every other voxel along each axis),
-    so noise in the air around a head stays background.
+    so noise in the air around a head stays background. Stored values give the mask of
+    their intensities (the scaling is increasing).
 
     Args:
         data: a volume.
@@ -192,39 +220,77 @@ def foreground(data: np.ndarray) -> np.ndarray:
         A boolean mask, never empty for a volume that is not constant.
     """
     low, high = np.percentile(data[::2, ::2, ::2], [2, 98])  # an eighth of the voxels
-    mask = data > low + 0.1 * (high - low)
+    threshold = low + 0.1 * (high - low)
+    if data.dtype.kind in "iu":  # the same test on integers, without a float copy
+        threshold = data.dtype.type(np.floor(threshold))
+    mask = data > threshold
     if not mask.any():  # nearly all voxels share one value: take the rest
         mask = data > data.min()
     return mask
 
 
-def normalize(data: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
-    """Scale intensities, in place.
+def normalization(
+    data: np.ndarray, mask: np.ndarray, method: str, slope: float = 1.0, inter: float = 0.0
+) -> tuple[float, float, bool]:
+    """The linear map from stored values to normalised intensities: ``data * a + b``.
 
     Args:
-        data: a float32 volume.
+        data: a volume's stored values (intensity = ``data * slope + inter``, ``slope > 0``).
         mask: its foreground.
         method: ``percentile`` (clip to the 0.5 and 99.5 percentiles of the foreground,
             then scale to [0, 1]), ``zscore`` (zero mean, unit variance over the
             foreground) or ``none``.
+        slope: intensity per stored unit. Defaults to 1.
+        inter: intensity of a stored 0. Defaults to 0.
+
+    Returns:
+        ``(a, b, clip)``: the map, and whether its result is clipped to [0, 1].
+
+    >>> data = np.array([[[0, 10], [20, 30]]], dtype=np.int16)
+    >>> a, b, clip = normalization(data, data > 0, "zscore", slope=2.0)
+    >>> (data * a + b).round(3).tolist(), clip  # the slope cancels out
+    ([[[-2.449, -1.225], [0.0, 1.225]]], False)
+    """
+    if method == "none":
+        return slope, inter, False
+    values = _in_memory_order(data, mask)  # a contiguous read of the voxels
+    values = values[0][values[1]]
+    if method == "percentile":
+        low, high = np.percentile(values, PERCENTILES, overwrite_input=True)
+        if high <= low:  # a foreground of (almost) one value: use the whole range
+            low, high = float(data.min()), float(data.max())
+        return float(1 / (high - low)), float(-low / (high - low)), True
+    if method == "zscore":
+        mean, std = values.mean(dtype=np.float64), values.std(dtype=np.float64)
+        if std == 0:
+            std = data.std(dtype=np.float64)
+        return float(1 / std), float(-mean / std), False
+    raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}; received {method!r}")
+
+
+def normalize(data: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
+    """Scale a float32 volume's intensities in place, by :func:`normalization`.
 
     Returns:
         ``data``, changed.
     """
-    if method == "percentile":
-        low, high = np.percentile(data[mask], PERCENTILES, overwrite_input=True)  # a copy
-        if high <= low:  # a foreground of (almost) one value: use the whole range
-            low, high = data.min(), data.max()
-        np.subtract(data, np.float32(low), out=data)
-        np.multiply(data, np.float32(1 / (high - low)), out=data)
+    a, b, clip = normalization(data, mask, method)
+    np.multiply(data, np.float32(a), out=data)
+    np.add(data, np.float32(b), out=data)
+    if clip:
         np.clip(data, 0, 1, out=data)
-    elif method == "zscore":
-        values = data[mask]
-        mean, std = values.mean(dtype=np.float64), values.std(dtype=np.float64)
-        if std == 0:
-            std = data.std(dtype=np.float64)
-        np.subtract(data, np.float32(mean), out=data)
-        np.multiply(data, np.float32(1 / std), out=data)
-    elif method != "none":
-        raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}; received {method!r}")
     return data
+
+
+def _in_memory_order(data: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Views of ``data`` and ``others`` with their axes reordered as ``data`` lies in memory.
+
+    A reoriented view of a Fortran-ordered NIfTI array then reads contiguously; the same
+    reordering of the others keeps every element beside its partner.
+    """
+    views = [data, *others]
+    for axis in range(data.ndim):
+        if data.strides[axis] < 0:
+            views = [np.flip(view, axis) for view in views]
+    order = np.argsort(views[0].strides)[::-1]
+    return [view.transpose(order) for view in views]

@@ -26,7 +26,7 @@ from make_phantoms import GROUPS, head_phantom, save, write_bids
 from preprocess import RunOptions, Settings, run
 from preprocess.discover import discover
 from preprocess.slices import cut_slices
-from preprocess.volume import foreground, load_volume, normalize
+from preprocess.volume import foreground, load_volume, normalization
 
 
 def warm(paths) -> None:
@@ -63,8 +63,8 @@ def stages(paths, settings: Settings) -> dict[str, float]:
     spent = dict.fromkeys(
         (
             "load + reorient + checks",
-            "foreground + normalise",
-            "slice + resample",
+            "foreground + normalisation's percentiles",
+            "slice, scale + resample",
             "uint8 + sha256",
         ),
         0.0,
@@ -73,11 +73,17 @@ def stages(paths, settings: Settings) -> dict[str, float]:
         started = time.perf_counter()
         volume = load_volume(path)
         loaded = time.perf_counter()
-        mask = foreground(volume.data)
-        data = normalize(volume.data, mask, settings.normalize)
+        mask = foreground(volume.voxels)
+        scale = normalization(volume.voxels, mask, settings.normalize, volume.slope, volume.inter)
         normalised = time.perf_counter()
         slices, _ = cut_slices(
-            data, mask, volume.voxel_size, settings.axis, settings.size, settings.min_foreground
+            volume.voxels,
+            mask,
+            volume.voxel_size,
+            settings.axis,
+            settings.size,
+            settings.min_foreground,
+            scale,
         )
         sliced = time.perf_counter()
         np.rint(np.clip(slices, 0, 1) * 255).astype(np.uint8)

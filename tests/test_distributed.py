@@ -11,18 +11,28 @@ from pathlib import Path
 
 import numpy as np
 
+from loader.store import open_store
 from training.cli import main as training_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESS = """
 import sys, numpy as np, training
+from loader import H5Sequence
 index, port, store, run_dir, out = int(sys.argv[1]), sys.argv[2], *sys.argv[3:]
+served = []  # (epoch, row) of every training slice this process read
+read = H5Sequence.__getitem__
+def logged(self, i):
+    if self.shard is not None:  # the training data: validation is read whole
+        served.extend((self.epoch, int(row)) for row in self.rows(i))
+    return read(self, i)
+H5Sequence.__getitem__ = logged
 result = training.train(
     store, run_dir, epochs=2, batch_size=32, patience=5, seed=3, progress=False,
     distributed=True, coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=index,
 )
 assert result.process == (index, 2)
 np.save(out, np.concatenate([np.ravel(w) for w in result.model.get_weights()]))
+np.save(out.replace("weights", "rows"), np.array(served))
 """
 
 
@@ -60,6 +70,21 @@ def test_two_processes_train_one_model_on_their_own_shares(phantom_store, tmp_pa
         assert process.returncode == 0, err[-3000:]
     first, second = (np.load(tmp_path / f"weights{index}.npy") for index in range(2))
     np.testing.assert_array_equal(first, second)  # one model, kept in step
+    served = [np.load(tmp_path / f"rows{index}.npy") for index in range(2)]
+    with open_store(phantom_store) as store:
+        train = store.splits["train"]
+    # Keras reads one batch to learn the shapes, then two epochs: per epoch of the plan, each
+    # process read its own rows (disjoint), and together every row but < one batch a process
+    epochs = np.unique(np.concatenate([pairs[:, 0] for pairs in served]))
+    for epoch in epochs:
+        rows = [set(pairs[pairs[:, 0] == epoch, 1].tolist()) for pairs in served]
+        assert rows[0]
+        assert rows[1]
+        assert not rows[0] & rows[1]
+        assert rows[0] | rows[1] <= set(range(train.start, train.stop))
+    for epoch in epochs[-2:]:
+        both = {int(row) for pairs in served for e, row in pairs if e == epoch}
+        assert len(train) - 2 * 16 < len(both)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["processes"] == 2
     assert config["versions"]["keras_backend"] == "jax"

@@ -316,7 +316,7 @@ def test_a_second_run_on_a_store_being_written_touches_nothing(slow_bids, tmp_pa
             assert time.monotonic() < deadline
             time.sleep(0.01)
         for extra in ([], ["--overwrite"], ["--resume"]):
-            before = sorted(p.name for p in partial_path(target).iterdir())
+            before = sorted(p.name for p in partial_path(target).glob("*.json"))
             assert _run(slow_bids, "-o", target, "--workers", "1", *extra) == 2
             err = capsys.readouterr().err
             assert f"another preprocess run is writing this store (process {process.pid} " in err

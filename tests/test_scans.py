@@ -243,14 +243,58 @@ def test_area_averaging_first_keeps_the_slices_of_gaussian_resampling(monkeypatc
     volume += rng.normal(0, 0.05, volume.shape).astype(np.float32)
     mask = volume > 0.5
     fast, _ = cut_slices(volume, mask, np.ones(3), "axial", 64, 0.05)
-    original = slices._pad_to_square
+    original = slices.square_geometry
 
-    def gaussian_only(stack, spacing, fill, size):
-        padded, _ = original(stack, spacing, fill, 10**9)  # a block of 1: no averaging
-        return padded, np.array([1, 1])
+    def gaussian_only(shape, spacing, size):
+        return original(shape, spacing, 10**9)  # the same padding, a block of 1: no averaging
 
-    monkeypatch.setattr(slices, "_pad_to_square", gaussian_only)
+    monkeypatch.setattr(slices, "square_geometry", gaussian_only)
     reference, _ = cut_slices(volume, mask, np.ones(3), "axial", 64, 0.05)
     assert fast.shape == reference.shape
     assert np.mean(np.abs(fast - reference)) < 0.01  # under the uint8 step of 1/255 x 3
     assert np.corrcoef(fast.ravel(), reference.ravel())[0, 1] > 0.999
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "size"),
+    [((180, 256), (1.0, 1.0), 64), ((37, 50), (3.0, 1.2), 64), ((90, 77), (1.0, 1.0), 16)],
+)
+def test_resampling_by_matrices_equals_pad_average_smooth_and_zoom(shape, spacing, size):
+    from scipy import ndimage
+
+    from preprocess.slices import _resample, square_geometry
+
+    rng = np.random.default_rng(1)
+    stack = rng.random((3, *shape), dtype=np.float32)
+    fill = 0.25
+    target, before, block = square_geometry(shape, np.array(spacing), size)
+    after = target - np.array(shape) - before
+    padded = np.pad(
+        stack, ((0, 0), (before[0], after[0]), (before[1], after[1])), constant_values=fill
+    )
+    rows, columns = (int(b) for b in block)
+    averaged = padded.reshape(3, target[0] // rows, rows, target[1] // columns, columns)
+    averaged = averaged.mean(axis=(2, 4))
+    sigma = np.maximum(0, (np.array(averaged.shape[1:]) / size - 1) / 2)
+    smoothed = ndimage.gaussian_filter(averaged, (0, *sigma), mode="nearest")
+    zoom = (1, size / smoothed.shape[1], size / smoothed.shape[2])
+    expected = ndimage.zoom(
+        smoothed, zoom, order=1, mode="nearest", grid_mode=True, prefilter=False
+    )
+    out = _resample(stack, np.array(spacing), fill, size)
+    assert out.shape == (3, size, size)
+    np.testing.assert_allclose(out, expected[:, :size, :size], atol=1e-5)
+
+
+def test_only_the_kept_slices_are_scaled_and_the_padding_is_the_scaled_minimum():
+    data = np.zeros((20, 30, 10), np.int16)
+    data[5:15, 5:25, 2:8] = 1000  # slices 2..7 have foreground
+    data[8:12, 10:20, 2:8] = 3000
+    slices, positions = cut_slices(
+        data, data > 0, np.ones(3), "axial", 30, 0.05, (0.001, -1.0, True)
+    )
+    assert positions.tolist() == [2, 3, 4, 5, 6, 7]
+    image = slices[0]  # 30 x 30: padded 20 -> 30 rows of 0, scaled to -1, clipped to 0
+    assert image.min() == 0
+    assert image.max() == pytest.approx(1.0, abs=1e-6)
+    assert image[15, 15] == pytest.approx(1.0, abs=1e-6)  # the bright block, clipped from 2
