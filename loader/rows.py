@@ -123,7 +123,8 @@ def read_rows(
         layout: the dataset's layout.
         start: first row.
         stop: one past the last row.
-        out: a C-contiguous array of ``stop - start`` rows of the dataset's dtype and row shape.
+        out: a C-contiguous array of ``stop - start`` rows of the dataset's dtype and row size
+            (a row of ``(h, w)`` may be read into ``(h, w, 1)``).
         fd: a descriptor of the file opened for reading, used when ``layout.raw``.
         dataset: the open dataset, used when not ``layout.raw``.
 
@@ -131,7 +132,8 @@ def read_rows(
         OSError: the file ended before the rows (a truncated file).
     """
     if not layout.raw:
-        dataset.read_direct(out, np.s_[start:stop], np.s_[0 : stop - start])
+        rows = out.reshape((stop - start, *dataset.shape[1:]))  # a view
+        dataset.read_direct(rows, np.s_[start:stop], np.s_[0 : stop - start])
         return
     buffer = memoryview(out.reshape(-1).view(np.uint8))
     for row, piece_stop, offset in _pieces(layout, start, stop):

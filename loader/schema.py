@@ -8,8 +8,9 @@ an older store lacks (:func:`read_attribute`); the README's schema table is
 :func:`markdown_table` (a test compares them). Only numpy and h5py are imported, so
 ``preprocess`` can use it.
 
-Shape rules use ``N`` (rows, one per slice), ``M`` (scans, rows of the subjects table) and
-``S`` (the side of a slice).
+Shape rules use ``N`` (rows, one per slice), ``M`` (scans, rows of the subjects table),
+``S`` (the side of a slice) and ``C`` (channels per slice); a last size written ``C?`` is
+there only when it is more than one.
 
 Growing the schema: add entries with ``since=SCHEMA_VERSION + 1`` and a ``default`` for
 stores written before, then raise :data:`SCHEMA_VERSION`. A reader accepts every version
@@ -26,11 +27,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Datasets of N rows, one per slice.
 IMAGES = "images"
 LABELS = "labels"
+MASKS = "masks"
 SUBJECT = "subject"
 SLICE = "slice"
 
@@ -63,6 +65,10 @@ ATTR_PARTICIPANT_COLUMNS = "participant_columns"
 # Attributes of IMAGES: a stored value v means the intensity v * scale + offset.
 ATTR_SCALE = "scale"
 ATTR_OFFSET = "offset"
+# Attribute of IMAGES (schema 3): the name of each channel, in order.
+ATTR_CHANNELS = "channels"
+# Attribute of MASKS (schema 3): the labels that occur in the masks.
+ATTR_MASK_LABELS = "labels"
 
 # How the slices may be stored: the types, and the HDF5 compressions of /images.
 STORED_DTYPES = ("uint8", "float16", "float32")
@@ -97,6 +103,7 @@ class Entry:
         meaning: one line for the README.
         since: the schema version that added it.
         default: what a store of an older version reads for it.
+        optional: a dataset that only some stores have (``/masks``).
     """
 
     name: str
@@ -106,6 +113,7 @@ class Entry:
     meaning: str
     since: int = 1
     default: Any = None
+    optional: bool = False
 
     @property
     def is_dataset(self) -> bool:
@@ -129,9 +137,28 @@ def _attribute(owner, name, dtype, meaning, **kwargs) -> Entry:
 
 
 ENTRIES = (
-    _dataset(IMAGES, STORED_DTYPES, ("N", "S", "S"), "the slices, chunks of (C, S, S)"),
+    _dataset(
+        IMAGES, STORED_DTYPES, ("N", "S", "S", "C?"), "the slices, chunks of (K, S, S[, C]) rows"
+    ),
     _attribute(IMAGES, ATTR_SCALE, "float", "intensity = stored * scale + offset (uint8: 1/255)"),
     _attribute(IMAGES, ATTR_OFFSET, "float", "see `scale`"),
+    _attribute(
+        IMAGES,
+        ATTR_CHANNELS,
+        "json",
+        "channel names: modality-major, `T1w-1`, `T1w+0`, `T1w+1` with --context 1",
+        since=3,
+        default=[],
+    ),
+    _dataset(
+        MASKS,
+        ["uint8"],
+        ("N", "S", "S"),
+        "label mask per slice (0 background), chunked as /images; with --masks only",
+        since=3,
+        optional=True,
+    ),
+    _attribute(MASKS, ATTR_MASK_LABELS, "json", "the labels found in the masks, sorted", since=3),
     _dataset(LABELS, ["int32"], ["N"], "class index per slice, -1 where unlabelled"),
     _dataset(SUBJECT, ["int32"], ["N"], "row in the subjects table (one row per scan)"),
     _dataset(SLICE, ["int16"], ["N"], "position of the slice along the canonical volume's axis"),
@@ -208,6 +235,20 @@ def entry(name: str, owner: str | None = None) -> Entry:
     raise KeyError(f"the schema declares no {'dataset' if owner is None else 'attribute'} {name!r}")
 
 
+def channel_names(suffixes, context: int = 0) -> list[str]:
+    """The channels of a slice: modality-major, each with its neighbours (``--context``).
+
+    >>> channel_names(["T1w", "FLAIR"], 1)
+    ['T1w-1', 'T1w+0', 'T1w+1', 'FLAIR-1', 'FLAIR+0', 'FLAIR+1']
+    >>> channel_names("T1w")
+    ['T1w']
+    """
+    suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
+    if context == 0:
+        return suffixes
+    return [f"{name}{offset:+d}" for name in suffixes for offset in range(-context, context + 1)]
+
+
 def intensity_scale(dtype: str) -> float:
     """The ``scale`` of a stored type: intensity = stored value * scale.
 
@@ -265,7 +306,11 @@ def create_dataset(h5: h5py.File | h5py.Group, name: str, data=None, **options) 
         shape = options["shape"]
         if np.dtype(options["dtype"]).name not in declared.dtypes:
             raise _type_error(declared, options["dtype"])
-    if len(shape) != len(declared.shape):
+    if declared.shape[-1:] == ("C?",):
+        ranks = {len(declared.shape) - 1, len(declared.shape)}
+    else:
+        ranks = {len(declared.shape)}
+    if len(shape) not in ranks:
         raise SchemaError(f"{declared.where}: shape must be {_rule(declared)}; received {shape}")
     return h5.create_dataset(name, data=data, **options)
 
@@ -328,7 +373,8 @@ def problems(h5: h5py.File) -> list[str]:
             "finish; rerun preprocess"
         ]
     found = []
-    sizes = {"N": h5[IMAGES].shape[0], "S": h5[IMAGES].shape[1]}
+    images = h5[IMAGES].shape
+    sizes = {"N": images[0], "S": images[1], "C?": images[3] if len(images) == 4 else None}
     if f"{SUBJECTS}/{SUBJECT_ID}" in h5:
         sizes["M"] = h5[f"{SUBJECTS}/{SUBJECT_ID}"].shape[0]
     for declared in ENTRIES:
@@ -340,12 +386,16 @@ def problems(h5: h5py.File) -> list[str]:
                 names = [f"{group}/{key}" for key in h5.get(group, {})]
             elif declared.name in h5:
                 names = [declared.name]
+            elif declared.optional:
+                continue
             else:
                 found.append(f"missing {declared.where}")
                 continue
             for path in names:
                 found += _dataset_problems(h5[path], declared, sizes)
         else:
+            if declared.owner and declared.owner not in h5:  # an optional dataset's
+                continue
             owner = h5[declared.owner] if declared.owner else h5
             if declared.name not in owner.attrs:
                 found.append(f"missing {declared.where}")
@@ -360,7 +410,9 @@ def _dataset_problems(dataset: h5py.Dataset, declared: Entry, sizes: dict) -> li
     if kind not in declared.dtypes:
         found.append(f"{dataset.name} is {kind}, not {' or '.join(declared.dtypes)}")
     expected = tuple(sizes.get(n, n) if isinstance(n, str) else n for n in declared.shape)
-    if dataset.shape != expected:
+    if expected and expected[-1] is None:  # one channel: no channel axis
+        expected = expected[:-1]
+    if dataset.shape != expected or 1 in expected[3:]:
         found.append(f"{dataset.name} has shape {dataset.shape}, not {expected}")
     return found
 

@@ -13,7 +13,7 @@ from loader.plan import EpochPlan
 from loader.rows import prefetch_rows, read_rows
 from loader.store import StoreChangedError, file_identity, open_h5
 from loader.stores import open_parts, store_paths
-from loader.target import Target
+from loader.target import SEGMENTATION, Target
 
 # How many batches ahead to ask the kernel for (prefetch=True): cold shuffled reads,
 # slices/s on a 0.25 GiB store: 1 ahead 348 k, 2 ahead 435 k, 4 ahead 443 k (warm unchanged).
@@ -37,7 +37,12 @@ class H5Sequence(keras.utils.PyDataset):
     table kept in the store: float32 for numbers (regression), an int32 class index for
     text. Where some rows' subjects have no value for the target, batches are
     ``(x, y, sample_weight)`` with weight 0 for those rows (Keras leaves them out of the
-    loss and of weighted metrics); else ``(x, y)``.
+    loss and of weighted metrics); else ``(x, y)``. With ``target="mask"`` (segmentation,
+    a store written with ``--masks``) ``y`` is each slice's uint8 label mask,
+    ``(b, h, w, 1)``.
+
+    A store of several channels per slice (modalities, neighbouring slices) gives ``x``
+    of ``(b, h, w, C)``; ``channel_names`` names them.
 
     Several stores read as one (cohorts, or the shards of one preprocessing run): every
     row of each once per epoch, the chunk-aligned blocks of all stores permuted together
@@ -54,15 +59,16 @@ class H5Sequence(keras.utils.PyDataset):
         batch_size: rows per batch; the last batch may be shorter. Defaults to 32.
         shuffle: permute the runs each epoch. Defaults to False.
         seed: the seed of the permutation. Defaults to 0.
-        channels: ``"last"`` gives ``x`` of shape ``(b, h, w, 1)``, ``"first"``
-            ``(b, 1, h, w)``. Defaults to ``"last"``.
+        channels: ``"last"`` gives ``x`` of shape ``(b, h, w, C)``, ``"first"``
+            ``(b, C, h, w)``; ``C`` is 1 but for stores of several channels. Defaults to
+            ``"last"``.
         prefetch: after each batch, ask the kernel to start reading a batch ahead
             (``posix_fadvise(WILLNEED)``), which a shuffled order otherwise defeats.
             Defaults to True.
-        target: a column of the store's labels table (or of ``labels``) as ``y``; None
-            for the store's class labels. Defaults to None.
-        task: ``classification`` or ``regression``; None follows the column (numbers are
-            regression). Defaults to None.
+        target: a column of the store's labels table (or of ``labels``) as ``y``, or
+            ``"mask"``; None for the store's class labels. Defaults to None.
+        task: ``classification``, ``regression`` or ``segmentation``; None follows the
+            target (numbers are regression, ``mask`` is segmentation). Defaults to None.
         labels: a ``.tsv``/``.csv`` table joined by subject id at load time, for labels
             that arrived after preprocessing. Defaults to None (the store's table).
         id_column: the subject-id column of ``labels``. Defaults to ``participant_id``.
@@ -136,6 +142,7 @@ class H5Sequence(keras.utils.PyDataset):
         self._blocks = blocks
         first = self._parts[0]
         self._slice_shape, self._dtype = first.slice_shape, first.dtype
+        self._num_channels = first.channels
         self._scale, self._offset = first.scale, first.offset
         self._first_rows = np.array([part.first_row for part in self._parts], dtype=np.int64)
         self._plan = EpochPlan(self._blocks, batch_size, shuffle, seed, self._epoch)
@@ -164,7 +171,7 @@ class H5Sequence(keras.utils.PyDataset):
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid() and self._open_files:
-            for fd, _, _ in self._open_files:
+            for fd, _ in self._open_files:
                 os.close(fd)
 
     def __repr__(self) -> str:
@@ -204,6 +211,11 @@ class H5Sequence(keras.utils.PyDataset):
     def num_slices(self) -> int:
         """Rows in the selected splits of every store: slices per epoch (over all hosts)."""
         return self._plan.num_rows
+
+    @property
+    def channel_names(self) -> list[str]:
+        """The name of each channel of ``x`` (modalities, neighbouring slices)."""
+        return list(self._parts[0].channel_names)
 
     @property
     def class_names(self) -> list[str]:
@@ -277,23 +289,22 @@ class H5Sequence(keras.utils.PyDataset):
         num_rows = sum(stop - start for _, start, stop in runs)
         files = self._open()
         height, width = self._slice_shape
-        shape = (
-            (num_rows, height, width, 1)
-            if self._channels == "last"
-            else (num_rows, 1, height, width)
-        )
-        x = np.empty(shape, dtype=np.float32)
-        x_rows = x.reshape(num_rows, height, width)  # a view: both layouts have one channel
-        stored = x_rows if self._dtype == np.float32 else np.empty(x_rows.shape, self._dtype)
+        count = self._num_channels
+        x = np.empty((num_rows, height, width, count), dtype=np.float32)
+        stored = x if self._dtype == np.float32 else np.empty(x.shape, self._dtype)
         target = self._target is not None
-        scans = np.empty(num_rows, dtype=np.int32) if target else None
+        segmentation = target and self._target.task == SEGMENTATION
+        scans = np.empty(num_rows, dtype=np.int32) if target and not segmentation else None
+        masks = np.empty((num_rows, height, width, 1), np.uint8) if segmentation else None
         position = 0
         for part_index, start, stop in runs:
-            part, (fd, images, subjects) = self._parts[part_index], files[part_index]
+            part, (fd, h5) = self._parts[part_index], files[part_index]
             end = position + stop - start
-            read_rows(part.images, start, stop, stored[position:end], fd, images)
-            if target:
-                read_rows(part.subjects, start, stop, scans[position:end], fd, subjects)
+            read_rows(part.images, start, stop, stored[position:end], fd, h5 and h5[0])
+            if segmentation:
+                read_rows(part.masks, start, stop, masks[position:end], fd, h5 and h5[2])
+            elif target:
+                read_rows(part.subjects, start, stop, scans[position:end], fd, h5 and h5[1])
             position = end
         if self._prefetch:  # hint the batch PREFETCH_AHEAD on (all of them up to it at first)
             first = index + 1 if index == 0 else index + PREFETCH_AHEAD
@@ -301,12 +312,18 @@ class H5Sequence(keras.utils.PyDataset):
                 for part_index, start, stop in self._local_runs(self._plan_batch(ahead)):
                     fd = files[part_index][0]
                     prefetch_rows(self._parts[part_index].images, start, stop, fd)
-        if stored is not x_rows or self._scale != 1:
-            np.multiply(stored, self._scale, out=x_rows, casting="unsafe")
+        if stored is not x or self._scale != 1:
+            np.multiply(stored, self._scale, out=x, casting="unsafe")
         if self._offset != 0:
-            x_rows += self._offset
+            x += self._offset
+        if self._channels == "first":
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if count > 1 else x.reshape(
+                num_rows, 1, height, width
+            )  # fmt: skip
         if not target:
             return x
+        if segmentation:
+            return x, masks
         y, present = self._values(runs, scans)
         if not self._weighted:
             return x, y
@@ -329,8 +346,8 @@ class H5Sequence(keras.utils.PyDataset):
         return y, present
 
     def _open(self) -> list[tuple]:
-        """This process's ``(fd, images, subjects)`` per store (h5py datasets where rows are
-        not plain bytes, else None)."""
+        """This process's ``(fd, h5)`` per store: ``h5`` is None where rows are plain bytes,
+        else the h5py datasets ``(images, subjects, masks)``."""
         pid = os.getpid()
         if self._pid == pid:
             return self._open_files
@@ -345,12 +362,14 @@ class H5Sequence(keras.utils.PyDataset):
                             f"{part.path}: the store changed since this H5Sequence was "
                             "created (another store was written at its path); create a new one"
                         )
-                    if part.images.raw and part.subjects.raw:
-                        files.append((fd, None, None))
+                    layouts = [part.images, part.subjects, part.masks]
+                    if all(layout.raw for layout in layouts if layout is not None):
+                        files.append((fd, None))
                     else:
                         h5 = open_h5(part.path)
                         self._h5.append(h5)
-                        files.append((fd, h5[part.images.name], h5[part.subjects.name]))
+                        names = [layout and layout.name for layout in layouts]
+                        files.append((fd, tuple(name and h5[name] for name in names)))
                 self._open_files = files
                 self._pid = pid
         return self._open_files

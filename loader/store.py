@@ -124,8 +124,26 @@ class Store:
 
     @property
     def images(self) -> h5py.Dataset:
-        """The slices, ``(num_slices, size, size)``."""
+        """The slices, ``(num_slices, size, size)`` or ``(num_slices, size, size, channels)``."""
         return self._file[IMAGES]
+
+    @property
+    def masks(self) -> h5py.Dataset | None:
+        """The label mask of each slice, ``(num_slices, size, size)`` uint8; None without."""
+        return self._file.get(schema.MASKS)
+
+    @property
+    def mask_labels(self) -> list[int]:
+        """The labels that occur in the masks (0 is background); empty without masks."""
+        if self.masks is None:
+            return []
+        return list(schema.read_attribute(self._file, schema.ATTR_MASK_LABELS, schema.MASKS))
+
+    @property
+    def channel_names(self) -> list[str]:
+        """The name of each channel of a slice (one for stores before schema 3)."""
+        names = schema.read_attribute(self._file, schema.ATTR_CHANNELS, IMAGES)
+        return names or schema.channel_names(self.config.get("suffix", "image"))
 
     @property
     def labels(self) -> h5py.Dataset:
@@ -149,8 +167,13 @@ class Store:
 
     @property
     def slice_shape(self) -> tuple[int, int]:
-        """Shape of one slice."""
-        return tuple(int(n) for n in self.images.shape[1:])
+        """Height and width of one slice."""
+        return tuple(int(n) for n in self.images.shape[1:3])
+
+    @property
+    def num_channels(self) -> int:
+        """Channels per slice."""
+        return int(self.images.shape[3]) if self.images.ndim == 4 else 1
 
     @property
     def chunk_slices(self) -> int:

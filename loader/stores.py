@@ -21,10 +21,10 @@ from loader.plan import aligned_blocks
 from loader.rows import RowLayout, row_layout
 from loader.schema import UNLABELLED_SPLIT
 from loader.store import Store, open_store
-from loader.target import resolve_all
+from loader.target import MASK, resolve_all
 
 # Preprocessing settings (store `config`) that change what a pixel means.
-PIXEL_SETTINGS = ("axis", "size", "normalize", "suffix", "volume")
+PIXEL_SETTINGS = ("axis", "size", "normalize", "volume")  # and the channels' names
 STORE_SUFFIXES = (".h5", ".hdf5")
 
 
@@ -58,6 +58,7 @@ def first_difference(a: Store, b: Store) -> str | None:
     """What two stores disagree on that changes what a slice means; None when they agree."""
     facts = [
         ("slice shape", a.slice_shape, b.slice_shape),
+        ("channels", a.channel_names, b.channel_names),
         ("stored type", str(a.dtype), str(b.dtype)),
         ("intensity scale", (a.scale, a.offset), (b.scale, b.offset)),
     ]
@@ -122,6 +123,9 @@ class Part:
     subjects: RowLayout
     values: np.ndarray | None  # target value per scan
     present: np.ndarray | None
+    channels: int = 1
+    masks: RowLayout | None = None  # read as the target of segmentation
+    channel_names: tuple[str, ...] = ()
 
 
 def open_parts(paths, split, target, task, labels, id_column):
@@ -162,6 +166,9 @@ def open_parts(paths, split, target, task, labels, id_column):
                     row_layout(store.images), row_layout(store.subject),
                     None if store_target is None else store_target.values,
                     None if store_target is None else store_target.present,
+                    store.num_channels,
+                    row_layout(store.masks) if target == MASK else None,
+                    tuple(store.channel_names),
                 )
             )  # fmt: skip
             first_row += store.num_slices

@@ -20,7 +20,9 @@ from loader.store import Store
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
-TASKS = (CLASSIFICATION, REGRESSION)
+SEGMENTATION = "segmentation"
+TASKS = (CLASSIFICATION, REGRESSION, SEGMENTATION)
+MASK = "mask"  # the target of segmentation: each slice's label mask
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ def resolve(
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"`task` must be one of {', '.join(TASKS)}; received task={task!r}")
+    if target == MASK or task == SEGMENTATION:
+        return _masks(store, target, task)
     if target is None:
         if labels is not None:
             raise ValueError("`labels` needs `target`: the column of the table to read")
@@ -101,6 +105,23 @@ def resolve(
         raw = np.array([None if np.isnan(v) else f"{v:g}" for v in raw], dtype=object)
     names = table.class_names(raw)
     return Target(target, CLASSIFICATION, names, table.class_indices(raw, names))
+
+
+def _masks(store: Store, target, task) -> Target:
+    """The segmentation target: every scan has its masks; the classes are the labels 0..max."""
+    if target != MASK or task not in (None, SEGMENTATION):
+        raise ValueError(
+            f"segmentation reads target='mask', and target='mask' is segmentation; received "
+            f"target={target!r}, task={task!r}"
+        )
+    if store.masks is None:
+        raise ValueError(
+            f"{store.path}: the store has no masks: preprocess with --masks DESC (BIDS) or "
+            "--masks-suffix SUFFIX"
+        )
+    names = ["background", *(str(n) for n in range(1, max(store.mask_labels) + 1))]
+    scans = len(store.subjects_table()[SUBJECT_ID])
+    return Target(MASK, SEGMENTATION, names, np.zeros(scans, dtype=np.int32))
 
 
 def _column(store: Store, target: str, labels, id_column: str) -> tuple[str, np.ndarray]:
@@ -144,6 +165,9 @@ def resolve_all(stores: list[Store], target: str | None = None, task: str | None
         raise ValueError(
             f"column {target!r} is numbers in some stores and text in others: give `task`"
         )
+    if targets[0].task == SEGMENTATION:  # as many classes as the most labels of one store
+        names = max((t.class_names for t in targets), key=len)
+        return [Target(t.name, t.task, names, t.values) for t in targets]
     if targets[0].task == CLASSIFICATION and len(targets) > 1:
         names, values = merge_classes([(t.class_names, t.values) for t in targets])
         targets = [Target(t.name, t.task, names, v) for t, v in zip(targets, values, strict=True)]

@@ -9,12 +9,18 @@ Three layouts of an input folder, told apart by ``auto`` (or named with ``--layo
   like ``keras.utils.image_dataset_from_directory``: the sub-folder names are the classes.
 * ``plain``: every NIfTI file below the folder.
 
+Several BIDS suffixes (``--suffix T1w FLAIR``) pair each scan of the first with the
+files of the others beside it (same name but the suffix); ``--masks DESC`` pairs it with
+``derivatives/*/sub-<id>/[ses-<id>/]anat/*_desc-DESC_mask|dseg.nii[.gz]`` of the same
+entities, ``--masks-suffix _mask`` with ``NAME_mask.nii[.gz]`` beside ``NAME.nii[.gz]``.
+
 A scan's subject is the ``sub-<id>`` entity of its file name where it has one (so every
 scan of one person lands in one split), else its path inside the input without extension.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -39,6 +45,8 @@ class Scan:
         subject_id: the subject, without ``sub-``.
         session: the session, without ``ses-``; "" when none.
         label: the class name, or None when unlabelled.
+        others: the files of the further modalities (channels), in ``--suffix`` order.
+        mask: the file of its label mask, or None.
     """
 
     path: Path
@@ -46,6 +54,8 @@ class Scan:
     subject_id: str
     session: str
     label: str | None = None
+    others: tuple[Path, ...] = ()
+    mask: Path | None = None
 
 
 def is_nifti(path: Path) -> bool:
@@ -78,6 +88,16 @@ def bids_entities(name: str) -> dict[str, str]:
     return {key: value for key, value in _ENTITY.findall(name)}
 
 
+def all_entities(name: str) -> dict[str, str]:
+    """Every ``key-value`` entity of a BIDS file name.
+
+    >>> all_entities("sub-07_ses-pre_acq-fast_desc-lesion_mask.nii.gz")
+    {'sub': '07', 'ses': 'pre', 'acq': 'fast', 'desc': 'lesion'}
+    """
+    parts = strip_nifti_suffix(name).split("_")
+    return dict(part.split("-", 1) for part in parts if re.fullmatch(r"[a-zA-Z]+-[^-]+", part))
+
+
 def find_layout(folder: Path) -> str:
     """Guess the layout of an input folder: ``bids``, ``classes`` or ``plain``."""
     names = {entry.name for entry in folder.iterdir()}
@@ -107,7 +127,10 @@ def _walk(folder: Path, skip: set[str] = frozenset()):
 
 
 def discover(
-    inputs: list[str | os.PathLike], layout: str = "auto", suffix: str = "T1w"
+    inputs: list[str | os.PathLike],
+    layout: str = "auto",
+    suffix: str = "T1w",
+    masks_suffix: str | None = None,
 ) -> tuple[list[Scan], list[tuple[str, str]]]:
     """Find the scans of the inputs.
 
@@ -115,6 +138,8 @@ def discover(
         inputs: NIfTI files or folders.
         layout: ``auto``, ``bids``, ``classes`` or ``plain``. Defaults to ``auto``.
         suffix: the BIDS suffix (modality) taken from BIDS trees. Defaults to ``T1w``.
+        masks_suffix: files whose name ends in it (before the extension) are masks, not
+            scans. Defaults to None.
 
     Returns:
         The scans sorted by ``source``, and ``(path, reason)`` for inputs that are files
@@ -141,6 +166,8 @@ def discover(
             found = [_plain_scan(path, path.name)]
         else:
             found = _scan_folder(path, layout, suffix)
+        if masks_suffix:
+            found = [s for s in found if not strip_nifti_suffix(s.path.name).endswith(masks_suffix)]
         for scan in found:
             real = os.path.realpath(scan.path)
             if real in seen:
@@ -299,3 +326,76 @@ def match_labels(
 
 
 class_names = table.class_names
+
+
+def pair_files(
+    scans: list[Scan], suffixes: tuple[str, ...], masks: str | None, masks_suffix: str | None
+) -> tuple[list[Scan], list[tuple[str, str]]]:
+    """Give each scan the files of its further modalities and its mask.
+
+    Args:
+        scans: scans of the first suffix.
+        suffixes: every modality, the first being the scans'.
+        masks: the ``desc`` of BIDS-derivatives masks, or None.
+        masks_suffix: the name ending of masks beside plain scans, or None.
+
+    Returns:
+        The scans that have every file, and ``(path, reason)`` for those that do not.
+    """
+    paired, rejected = [], []
+    derivatives: dict[Path, list[Path]] = {}
+    for scan in scans:
+        stem = strip_nifti_suffix(scan.path.name)
+        others, missing = [], []
+        for other in suffixes[1:]:
+            base = stem[: -len(suffixes[0])] if stem.endswith(suffixes[0]) else stem + "_"
+            found = _existing(scan.path.parent, base + other)
+            if found is None:
+                missing.append(f"no {other} of this session ({base}{other}.nii.gz)")
+            others.append(found)
+        mask = None
+        if masks:
+            root = _bids_root(scan.path)
+            if root not in derivatives:
+                derivatives[root] = [
+                    p for p in _walk(root / "derivatives") if is_nifti(p)
+                ] if (root / "derivatives").is_dir() else []  # fmt: skip
+            wanted = {k: v for k, v in all_entities(scan.path.name).items()}
+            matches = [
+                p
+                for p in derivatives[root]
+                if strip_nifti_suffix(p.name).rsplit("_", 1)[-1] in ("mask", "dseg")
+                and all_entities(p.name).get("desc") == masks
+                and all(all_entities(p.name).get(k) == v for k, v in wanted.items())
+            ]
+            if len(matches) > 1:
+                names = ", ".join(p.name for p in matches)
+                missing.append(f"several masks with desc-{masks}: {names}")
+            elif not matches:
+                missing.append(f"no mask with desc-{masks} under {root / 'derivatives'}")
+            else:
+                mask = matches[0]
+        elif masks_suffix:
+            mask = _existing(scan.path.parent, stem + masks_suffix)
+            if mask is None:
+                missing.append(f"no mask {stem}{masks_suffix}.nii.gz beside it")
+        if missing:
+            rejected.append((str(scan.path), "; ".join(missing)))
+        else:
+            paired.append(dataclasses.replace(scan, others=tuple(others), mask=mask))
+    return paired, rejected
+
+
+def _existing(folder: Path, stem: str) -> Path | None:
+    for extension in (".nii.gz", ".nii"):
+        if (folder / (stem + extension)).is_file():
+            return folder / (stem + extension)
+    return None
+
+
+def _bids_root(path: Path) -> Path:
+    """The BIDS tree a scan lies in: the parent of its ``sub-*`` folder."""
+    for parent in path.parents:
+        if parent.name.startswith("sub-"):
+            return parent.parent
+    return path.parent

@@ -8,6 +8,7 @@ reported with its reason) and keeps ``<store>.partial/`` when it stops early, so
 from __future__ import annotations
 
 import concurrent.futures as futures
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -15,7 +16,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +34,14 @@ from preprocess.discover import (
     column_of,
     discover,
     match_labels,
+    pair_files,
     read_subjects_table,
 )
 from preprocess.errors import PreprocessError, ScanError
 from preprocess.shards import parse_shard, subjects_of_shard
-from preprocess.slices import cut_slices
+from preprocess.slices import AXES, kept_positions, label_slices, slices_at
 from preprocess.splits import UNLABELLED, assign_splits, quantile_strata, split_names
-from preprocess.volume import NORMALIZATIONS, foreground, load_volume, normalization
+from preprocess.volume import NORMALIZATIONS, foreground, load_volume, normalization, on_grid
 from preprocess.writer import Partial, partial_path, scan_record
 
 FINDING = "finding scans and labels"
@@ -63,7 +65,19 @@ class Settings:
     """
 
     layout: str = option("auto", "how input folders are laid out", choices=LAYOUTS, group=FINDING)
-    suffix: str = option("T1w", "BIDS suffix (modality) taken from BIDS trees", group=FINDING)
+    suffix: tuple[str, ...] = option(
+        ("T1w",), "BIDS suffixes (modalities) taken from BIDS trees; several become the "
+        "channels of each slice, resampled onto the first's grid", metavar="SUFFIX",
+        group=FINDING,
+    )  # fmt: skip
+    masks: str | None = option(
+        None, "pair each scan with its BIDS-derivatives mask *_desc-DESC_mask (or _dseg)",
+        metavar="DESC", kind=str, group=FINDING,
+    )  # fmt: skip
+    masks_suffix: str | None = option(
+        None, "pair NAME.nii[.gz] with the mask NAME<SUFFIX>.nii[.gz] beside it (plain "
+        "folders), e.g. _mask", metavar="SUFFIX", kind=str, group=FINDING,
+    )  # fmt: skip
     labels: str | None = option(
         None, "a .tsv or .csv of subject labels", metavar="FILE", kind=str,
         default_text="participants.tsv of BIDS inputs", group=FINDING,
@@ -89,6 +103,10 @@ class Settings:
         0.05, "drop slices with less foreground", metavar="F", at_least=0, below=1, group=SLICES
     )
     size: int = option(64, "side of the square slices", metavar="N", at_least=8, group=SLICES)
+    context: int = option(
+        0, "store K neighbouring slices on each side as channels (2.5-D)", metavar="K",
+        at_least=0, group=SLICES,
+    )  # fmt: skip
     dtype: str = option(
         "uint8", "stored type (uint8 needs percentile)", choices=schema.STORED_DTYPES,
         group=STORAGE,
@@ -119,7 +137,16 @@ class Settings:
     )  # fmt: skip
 
     def __post_init__(self):
+        if isinstance(self.suffix, str):
+            object.__setattr__(self, "suffix", (self.suffix,))
         check_settings(self)
+        if len(set(self.suffix)) != len(self.suffix):
+            raise SettingError("{suffix} names a modality twice", suffix=" ".join(self.suffix))
+        if self.masks and self.masks_suffix:
+            raise SettingError(
+                "{masks} (BIDS derivatives) and {masks_suffix} (plain folders) exclude each "
+                "other", masks=self.masks, masks_suffix=self.masks_suffix,
+            )  # fmt: skip
         if self.folds == 1:
             raise SettingError("{folds} must be 0 (none) or at least 2", folds=self.folds)
         if self.val_fraction + self.test_fraction >= 1:
@@ -176,28 +203,52 @@ class Summary:
     seconds: float = 0.0
 
 
-def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray]:
+def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray, np.ndarray | None]:
     """Load, check, normalise and slice one scan (runs in a worker process).
 
+    The first modality's foreground chooses the slices; every further modality is
+    resampled onto its grid and normalised on its own; the mask is resampled by label.
+
     Returns:
-        ``(record, slices)``: the JSON-able facts of the scan and its slices in the stored dtype.
+        ``(record, slices, masks)``: the JSON-able facts of the scan, its slices in the stored
+        dtype (``(n, S, S)``, or ``(n, S, S, C)`` for several channels) and its uint8 masks
+        ``(n, S, S)`` (None without ``--masks``).
 
     Raises:
         ScanError: the scan cannot be used.
     """
     volume = load_volume(scan.path, settings.volume)
     mask = foreground(volume.voxels)
-    scale = normalization(volume.voxels, mask, settings.normalize, volume.slope, volume.inter)
-    slices, positions = cut_slices(
-        volume.voxels,
-        mask,
-        volume.voxel_size,
-        settings.axis,
-        settings.size,
-        settings.min_foreground,
-        scale,
+    positions = kept_positions(mask, settings.axis, settings.min_foreground)
+    cut = functools.partial(
+        slices_at,
+        positions=positions,
+        voxel_size=volume.voxel_size,
+        axis=settings.axis,
+        size=settings.size,
+        context=settings.context,
     )
+    if settings.context and settings.context >= volume.shape[AXES[settings.axis]]:
+        raise ScanError(
+            f"--context {settings.context} but the volume has only "
+            f"{volume.shape[AXES[settings.axis]]} {settings.axis} slices"
+        )
+    scale = normalization(volume.voxels, mask, settings.normalize, volume.slope, volume.inter)
+    channels = [cut(volume.voxels, scale=scale)]
+    notes = list(volume.notes)
+    for suffix, path in zip(settings.suffix[1:], scan.others, strict=True):
+        other = _named(path, load_volume, path, settings.volume)
+        data, coverage = on_grid(other, volume)
+        if coverage < MIN_COVERAGE:
+            notes.append(f"{suffix} {path.name} covers only {coverage:.0%} of the reference grid")
+        notes += [f"{path.name}: {note}" for note in other.notes]
+        own = foreground(data)
+        channels.append(cut(data, scale=normalization(data, own, settings.normalize)))
+    slices = channels[0] if len(channels) == 1 else _channels_last(channels)
     slices = schema.encode_intensities(slices, settings.dtype)
+    masks = None
+    if scan.mask is not None:
+        masks = _named(scan.mask, _mask_slices, scan.mask, volume, positions, settings)
     with open(scan.path, "rb") as handle:
         sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
     record = scan_record(
@@ -210,9 +261,43 @@ def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray]:
         affine=volume.affine,
         shape=volume.shape,
         voxel_size=volume.voxel_size,
-        notes=volume.notes,
+        notes=notes,
     )
-    return record, slices
+    if masks is not None:
+        record["mask_labels"] = np.unique(masks).tolist()
+    return record, slices, masks
+
+
+MIN_COVERAGE = 0.5  # a further modality covering less of the reference grid gets a warning
+
+
+def _channels_last(channels: list[np.ndarray]) -> np.ndarray:
+    """``(n, S, S[, K])`` stacks of each modality as ``(n, S, S, C)``, modality-major."""
+    return np.concatenate([c if c.ndim == 4 else c[..., None] for c in channels], axis=-1)
+
+
+def _named(path: Path, function, *args):
+    """``function(*args)``, a :class:`ScanError` naming the file ``path`` (not the scan's)."""
+    try:
+        return function(*args)
+    except ScanError as exc:
+        raise ScanError(f"{path.name}: {exc}") from exc
+
+
+def _mask_slices(path: Path, reference, positions: np.ndarray, settings: Settings) -> np.ndarray:
+    """The label mask of a scan, resampled onto its grid (nearest voxel) and cut by label."""
+    labels = load_volume(path, settings.volume, allow_constant=True)
+    values = labels.data
+    if not np.array_equal(values, np.round(values)):
+        raise ScanError("the mask is not integer-valued (labels 0, 1, ...)")
+    if values.min() < 0 or values.max() > 255:
+        raise ScanError(f"mask labels must be 0 to 255; found {values.min():g} to {values.max():g}")
+    on_reference, coverage = on_grid(labels, reference, order=0)
+    if coverage < 0.999:
+        raise ScanError(f"the mask covers only {coverage:.0%} of the scan's field of view")
+    return label_slices(
+        on_reference.astype(np.uint8), positions, reference.voxel_size, settings.axis, settings.size
+    )
 
 
 def _process_or_reason(scan: Scan, settings: Settings):
@@ -261,9 +346,14 @@ def find_scans(inputs: list[str], settings: Settings, report=print) -> Found:
     Raises:
         PreprocessError: no scans, or a problem with the inputs or the label file.
     """
-    scans, rejected = discover(inputs, settings.layout, settings.suffix)
+    scans, rejected = discover(inputs, settings.layout, settings.suffix[0], settings.masks_suffix)
     if not scans:
         raise PreprocessError(f"no NIfTI scans found in {', '.join(map(str, inputs))}")
+    if len(settings.suffix) > 1 or settings.masks or settings.masks_suffix:
+        scans, unpaired = pair_files(scans, settings.suffix, settings.masks, settings.masks_suffix)
+        rejected += unpaired
+        if not scans:
+            raise PreprocessError(f"no scan has all its files: {unpaired[0][0]}: {unpaired[0][1]}")
     paths = [settings.labels] if settings.labels else [
         Path(item) / "participants.tsv"
         for item in inputs
@@ -289,9 +379,7 @@ def find_scans(inputs: list[str], settings: Settings, report=print) -> Found:
         labels, lines = match_labels([s.subject_id for s in scans], values, where)
         for line in lines:
             report(line)
-        found.scans = [
-            Scan(s.path, s.source, s.subject_id, s.session, labels[s.subject_id]) for s in scans
-        ]
+        found.scans = [replace(s, label=labels[s.subject_id]) for s in scans]
         distinct = {value for value in labels.values() if value is not None}
         if column_kind(labels.values()) == NUMERIC and len(distinct) > MAX_CLASSES:
             found.class_names = []
@@ -378,6 +466,7 @@ def run(
     for path, reason in found.rejected:
         _reject(summary, report, path, reason)
     config = {**asdict(settings), "inputs": [os.path.abspath(item) for item in inputs]}
+    config["suffix"] = list(settings.suffix)  # as JSON gives it back
     config["labels"] = settings.labels and os.path.abspath(settings.labels)
     config["shard"] = shard and f"{shard[0]}/{shard[1]}"
     with Partial(output, config, resume=resume, overwrite=overwrite) as partial:
@@ -435,8 +524,8 @@ def _compute(todo, settings, workers, partial, summary, report, progress) -> Non
             if isinstance(result, str):
                 _reject(summary, bar.write if show else report, str(scan.path), result)
             else:
-                record, slices = result
-                partial.add(record, slices)
+                record, slices, masks = result
+                partial.add(record, slices, masks)
                 summary.written += 1
                 for note in record["notes"]:
                     summary.warnings.append(f"{scan.path}: {note}")

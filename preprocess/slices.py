@@ -53,6 +53,16 @@ def cut_slices(
     Raises:
         ScanError: no slice has enough foreground.
     """
+    positions = kept_positions(mask, axis, min_foreground)
+    return slices_at(data, positions, voxel_size, axis, size, scale), positions
+
+
+def kept_positions(mask: np.ndarray, axis: str, min_foreground: float) -> np.ndarray:
+    """The int16 positions along ``axis`` of the slices with enough foreground.
+
+    Raises:
+        ScanError: no slice has enough foreground.
+    """
     along = AXES[axis]
     in_plane = tuple(a for a in range(3) if a != along)
     plane = mask.shape[in_plane[0]] * mask.shape[in_plane[1]]
@@ -63,17 +73,93 @@ def cut_slices(
             f"empty: no {axis} slice has {min_foreground:.0%} foreground "
             f"(the most is {fraction.max():.1%}); lower --min-foreground"
         )
+    return positions
+
+
+def slices_at(
+    data: np.ndarray,
+    positions: np.ndarray,
+    voxel_size: np.ndarray,
+    axis: str = "axial",
+    size: int = 64,
+    scale: tuple[float, float, bool] = (1.0, 0.0, False),
+    context: int = 0,
+) -> np.ndarray:
+    """The slices at ``positions``, as :func:`cut_slices` makes them.
+
+    Args:
+        context: with K > 0, each slice comes with its K neighbours on each side as
+            channels, ``(n, size, size, 2K + 1)`` from the lowest position up; past the
+            volume's edge a channel is 0.
+
+    Returns:
+        float32 ``(n, size, size)``, or ``(n, size, size, 2K + 1)`` with a context.
+    """
+    if context == 0:
+        return _slices(data, positions, voxel_size, axis, size, scale)
+    depth = data.shape[AXES[axis]]
+    offsets = np.arange(-context, context + 1)
+    wanted = positions[:, None].astype(np.int64) + offsets
+    needed = np.unique(wanted[(wanted >= 0) & (wanted < depth)])
+    made = _slices(data, needed, voxel_size, axis, size, scale)
+    out = np.zeros((len(positions), size, size, len(offsets)), np.float32)
+    for channel in range(len(offsets)):
+        inside = (wanted[:, channel] >= 0) & (wanted[:, channel] < depth)
+        out[inside, :, :, channel] = made[np.searchsorted(needed, wanted[inside, channel])]
+    return out
+
+
+def label_slices(
+    labels: np.ndarray, positions: np.ndarray, voxel_size: np.ndarray, axis: str, size: int
+) -> np.ndarray:
+    """A label volume's slices at ``positions``, resampled by label, never blurred.
+
+    Each label's share of every output pixel is resampled as the images are (padding with
+    background, averaging, smoothing, zooming), and the pixel takes the label with the
+    largest share: a majority vote weighted like the image's pixels.
+
+    Returns:
+        uint8 ``(n, size, size)``.
+    """
+    cut = _kept_stack(labels, positions, AXES[axis])
+    values = np.unique(cut)
+    if values.size == 1:
+        return np.full((len(positions), size, size), values[0], np.uint8)
+    spacing = _spacing(voxel_size, axis)
+    best = np.full((len(positions), size, size), -1.0, np.float32)
+    out = np.zeros((len(positions), size, size), np.uint8)
+    for value in values:
+        share = _resample((cut == value).astype(np.float32), spacing, float(value == 0), size)
+        better = share > best
+        out[better], best[better] = value, share[better]
+    if 0 not in values:  # the padding is background too
+        share = _resample(np.zeros(cut.shape, np.float32), spacing, 1.0, size)
+        out[share > best] = 0
+    return out
+
+
+def _kept_stack(data: np.ndarray, positions: np.ndarray, along: int) -> np.ndarray:
+    """The slices at ``positions`` as ``(n, rows, columns)`` in viewing orientation (a view
+    where the positions are one run)."""
     first, last = int(positions[0]), int(positions[-1])
     if last - first + 1 == positions.size:  # one run of slices (the usual case): a view
         stack = np.moveaxis(data, along, 0)[first : last + 1]
     else:
         stack = np.moveaxis(np.take(data, positions, axis=along), along, 0)
-    stack = np.rot90(stack, axes=(1, 2))  # (n, b, a): b decreasing downwards, a rightwards
+    return np.rot90(stack, axes=(1, 2))  # (n, b, a): b decreasing downwards, a rightwards
+
+
+def _spacing(voxel_size: np.ndarray, axis: str) -> np.ndarray:
+    in_plane = [a for a in range(3) if a != AXES[axis]]
+    return np.array([voxel_size[in_plane[1]], voxel_size[in_plane[0]]], dtype=np.float64)
+
+
+def _slices(data, positions, voxel_size, axis, size, scale) -> np.ndarray:
+    stack = _kept_stack(data, positions, AXES[axis])
     values = np.empty(stack.shape, np.float32)
     np.copyto(values, stack, casting="unsafe")  # the one conversion to float
     fill = _scaled(values, scale, data.min())
-    spacing = np.array([voxel_size[in_plane[1]], voxel_size[in_plane[0]]], dtype=np.float64)
-    return _resample(values, spacing, fill, size), positions
+    return _resample(values, _spacing(voxel_size, axis), fill, size)
 
 
 def _scaled(values: np.ndarray, scale: tuple[float, float, bool], lowest) -> float:

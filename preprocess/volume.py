@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 from nibabel.arrayproxy import ArrayProxy
+from scipy import ndimage
 
 from preprocess.errors import ScanError
 
@@ -60,7 +61,9 @@ class Volume:
         return data
 
 
-def load_volume(path: str | os.PathLike, volume: int | None = None) -> Volume:
+def load_volume(
+    path: str | os.PathLike, volume: int | None = None, allow_constant: bool = False
+) -> Volume:
     """Load a NIfTI scan as a canonical volume.
 
     A 4-D file with one volume is squeezed; with several, ``volume`` picks one. Integer
@@ -71,16 +74,14 @@ def load_volume(path: str | os.PathLike, volume: int | None = None) -> Volume:
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
         volume: which volume of a 4-D file to take. Defaults to None (3-D files only).
-
-    Returns:
-        The volume.
+        allow_constant: accept a volume of one value (a mask without a lesion).
 
     Raises:
         ScanError: not NIfTI, unreadable or truncated, not 3-D, empty, a bad affine, or constant.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        volume = _load(path, volume)
+        volume = _load(path, volume, allow_constant)
     volume.notes += [str(w.message).splitlines()[0] for w in caught]
     return volume
 
@@ -116,7 +117,7 @@ def read_image(path: str | os.PathLike):
         raise ScanError(f"not NIfTI or unreadable header ({_reason(exc)})") from exc
 
 
-def _load(path: str | os.PathLike, volume: int | None) -> Volume:
+def _load(path: str | os.PathLike, volume: int | None, allow_constant: bool) -> Volume:
     image = read_image(path)
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise ScanError(f"not NIfTI: nibabel reads it as {type(image).__name__}")
@@ -157,7 +158,7 @@ def _load(path: str | os.PathLike, volume: int | None) -> Volume:
             voxels[~finite] = 0
             notes.append(f"{count} NaN or infinite voxels set to 0")
     low, high = voxels.min(), voxels.max()
-    if low == high:
+    if low == high and not allow_constant:
         raise ScanError(f"constant: every voxel is {float(low) * slope + inter:g}")
     voxel_size = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     return Volume(voxels, affine, voxel_size, notes, slope, inter)
@@ -203,6 +204,39 @@ def _pick_volume(image, volume: int | None):
     if not extra:
         return image
     return image.slicer[(slice(None),) * 3 + (volume,) + (0,) * (len(extra) - 1)]
+
+
+def on_grid(source: Volume, reference: Volume, order: int = 1) -> tuple[np.ndarray, float]:
+    """A volume's intensities resampled onto another's voxel grid through their affines.
+
+    Scans of one session share the scanner's space, so this aligns them without any
+    registration. Outside the source, the value is its minimum.
+
+    Args:
+        source: the volume to resample.
+        reference: the volume whose grid it lands on.
+        order: 1 for linear interpolation (images), 0 for the nearest voxel (labels).
+
+    Returns:
+        ``(data, coverage)``: float32 on the reference's grid, and the share of the
+        reference's voxels that lie inside the source's field of view.
+    """
+    data = source.data
+    to_source = np.linalg.inv(source.affine) @ reference.affine
+    # the reference's voxel centres, every 4th along each axis, in the source's voxels
+    grid = np.stack(
+        np.meshgrid(*[np.arange(0, n, 4) for n in reference.shape], indexing="ij"), -1
+    ).reshape(-1, 3)
+    points = grid @ to_source[:3, :3].T + to_source[:3, 3]
+    inside = np.all((points > -0.5) & (points < np.array(source.shape) - 0.5), axis=1)
+    coverage = float(inside.mean())
+    if reference.shape == source.shape and np.allclose(to_source, np.eye(4), atol=1e-4):
+        return data, coverage  # the same grid
+    out = ndimage.affine_transform(
+        data, to_source, output_shape=reference.shape, order=order, mode="constant",
+        cval=float(data.min()), prefilter=False,
+    )  # fmt: skip
+    return out.astype(np.float32, copy=False), coverage
 
 
 def foreground(data: np.ndarray) -> np.ndarray:

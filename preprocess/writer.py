@@ -36,6 +36,7 @@ from preprocess.splits import UNLABELLED, assign_splits, row_order, split_names
 MANIFEST = "manifest.json"
 OWNER = "owner"  # the live run's pid, host and start time, beside its lock
 STORE_NAME = "store.h5"
+MASK_ENDING = ".mask.npy"  # beside a scan's slices: its label masks
 
 
 def partial_path(target: str | os.PathLike) -> Path:
@@ -179,17 +180,20 @@ class Partial:
                 records[record["source"]] = record
         return records
 
-    def add(self, record: dict, slices: np.ndarray) -> None:
-        """Write one finished scan: its slices, then its record.
+    def add(self, record: dict, slices: np.ndarray, masks: np.ndarray | None = None) -> None:
+        """Write one finished scan: its slices (and masks), then its record.
 
         Args:
             record: JSON-able facts of the scan; ``source`` names it.
-            slices: ``(n, size, size)`` in the stored dtype.
+            slices: ``(n, size, size[, channels])`` in the stored dtype.
+            masks: ``(n, size, size)`` uint8 labels, or None.
         """
         key = scan_key(record["source"])
-        with open(self.path / f"{key}.npy.tmp", "wb") as handle:
-            np.save(handle, slices)
-        os.replace(self.path / f"{key}.npy.tmp", self.path / f"{key}.npy")
+        for ending, rows in ((".npy", slices), (MASK_ENDING, masks)):
+            if rows is not None:
+                with open(self.path / f"{key}{ending}.tmp", "wb") as handle:
+                    np.save(handle, rows)
+                os.replace(self.path / f"{key}{ending}.tmp", self.path / f"{key}{ending}")
         _write_atomic(self.path / f"{key}.json", json.dumps(record).encode())
 
     def remove(self) -> None:
@@ -250,14 +254,25 @@ class Partial:
             size = config["size"]
             chunk = min(config["chunk_slices"], max(num_rows, 1))
             compression = None if config["compression"] == "none" else config["compression"]
+            channels = schema.channel_names(config["suffix"], config.get("context", 0))
+            row = (size, size) if len(channels) == 1 else (size, size, len(channels))
             images = schema.create_dataset(
-                h5, schema.IMAGES, shape=(num_rows, size, size), dtype=config["dtype"],
-                chunks=(chunk, size, size), compression=compression,
+                h5, schema.IMAGES, shape=(num_rows, *row), dtype=config["dtype"],
+                chunks=(chunk, *row), compression=compression,
             )  # fmt: skip
             set_attribute = functools.partial(schema.set_attribute, h5)
             set_attribute(schema.ATTR_SCALE, schema.intensity_scale(config["dtype"]), schema.IMAGES)
             set_attribute(schema.ATTR_OFFSET, 0.0, schema.IMAGES)
-            self._write_images(images, records, first_row, destination, buffer_bytes)
+            set_attribute(schema.ATTR_CHANNELS, channels, schema.IMAGES)
+            self._write_rows(images, records, first_row, destination, buffer_bytes, ".npy")
+            if config.get("masks") or config.get("masks_suffix"):
+                masks = schema.create_dataset(
+                    h5, schema.MASKS, shape=(num_rows, size, size), dtype="uint8",
+                    chunks=(chunk, size, size), compression=compression,
+                )  # fmt: skip
+                self._write_rows(masks, records, first_row, destination, buffer_bytes, MASK_ENDING)
+                found = sorted({label for r in records for label in r.get("mask_labels", [])})
+                set_attribute(schema.ATTR_MASK_LABELS, found or [0], schema.MASKS)
             order = np.argsort(destination)  # canonical row of each store row
             schema.create_dataset(h5, schema.LABELS, np.repeat(scan_labels, counts)[order])
             scans = np.repeat(np.arange(len(records)), counts)
@@ -283,10 +298,11 @@ class Partial:
         self.remove()
         return ranges
 
-    def _write_images(self, images, records, first_row, destination, buffer_bytes) -> None:
-        """Fill ``images`` so that canonical row r lands at ``destination[r]``."""
-        num_rows, size = images.shape[0], images.shape[1]
-        row_bytes = size * size * images.dtype.itemsize
+    def _write_rows(self, images, records, first_row, destination, buffer_bytes, ending) -> None:
+        """Fill ``images`` (or masks: the files ending in ``ending``) so that canonical row r
+        lands at ``destination[r]``."""
+        num_rows, row = images.shape[0], images.shape[1:]
+        row_bytes = int(np.prod(row)) * images.dtype.itemsize
         chunk = images.chunks[0]
         window = max(chunk, buffer_bytes // row_bytes // chunk * chunk)  # chunk-aligned writes
         num_windows = -(-num_rows // window)
@@ -295,7 +311,7 @@ class Partial:
             buckets = [open(self.path / f"bucket-{k:05d}", "wb") for k in range(num_windows)]  # noqa: SIM115
             try:
                 for index, record in enumerate(records):
-                    slices = self._slices(record)
+                    slices = self._slices(record, ending)
                     mine = bucket_of[first_row[index] : first_row[index + 1]]
                     for k in np.unique(mine):
                         buckets[k].write(np.ascontiguousarray(slices[mine == k]).tobytes())
@@ -304,23 +320,23 @@ class Partial:
                     handle.close()
         for k in range(num_windows):
             start, stop = k * window, min((k + 1) * window, num_rows)
-            block = np.empty((stop - start, size, size), dtype=images.dtype)
+            block = np.empty((stop - start, *row), dtype=images.dtype)
             if num_windows > 1:
                 rows = np.flatnonzero(bucket_of == k)  # ascending: the order they were dealt in
                 bucket = self.path / f"bucket-{k:05d}"
                 block[destination[rows] - start] = np.fromfile(bucket, dtype=images.dtype).reshape(
-                    -1, size, size
+                    -1, *row
                 )
                 bucket.unlink()
             else:
                 for index, record in enumerate(records):
                     block[destination[first_row[index] : first_row[index + 1]]] = self._slices(
-                        record
+                        record, ending
                     )
             images[start:stop] = block
 
-    def _slices(self, record: dict) -> np.ndarray:
-        return np.load(self.path / f"{scan_key(record['source'])}.npy", mmap_mode="r")
+    def _slices(self, record: dict, ending: str = ".npy") -> np.ndarray:
+        return np.load(self.path / f"{scan_key(record['source'])}{ending}", mmap_mode="r")
 
 
 def _write_subjects(

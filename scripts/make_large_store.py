@@ -37,7 +37,7 @@ def slice_bank(settings: Settings, heads: int = 8, seed: int = 0) -> tuple[np.nd
             data, affine = head_phantom(rng, group)
             path = Path(folder) / f"head{index}.nii"
             save(path, data, affine, "int16")
-            _, slices = process_scan(Scan(path, path.name, str(index), "", group), settings)
+            _, slices, _ = process_scan(Scan(path, path.name, str(index), "", group), settings)
             banks.append(slices)
             labels.append(np.full(len(slices), index % 2))
     return np.concatenate(banks), np.concatenate(labels)
