@@ -7,9 +7,11 @@ skull (atrophy), enlarged ventricles and dark white-matter lesions; "control" he
 Age (20 to 80, in participants.tsv) drives the anatomy too: older heads have larger
 ventricles and a smaller brain, so age can be learnt from the slices (brain-age
 regression). participants.tsv also has `sex` (F/M, not in the anatomy) and an `iq` column
-left `n/a` for every fifth subject. Every third subject has two sessions.
+left `n/a` for every fifth subject. Every third subject has two sessions. With `--flair`,
+each session also gets a FLAIR image (on another voxel grid and order: the modalities are
+aligned only through their affines) and its lesion mask as a BIDS derivative.
 
-    python scripts/make_phantoms.py OUT --subjects 48 --seed 0
+    python scripts/make_phantoms.py OUT --subjects 48 --seed 0 [--flair]
 
 Import it for tests: ``head_phantom`` and ``write_bids`` are pure functions of their seeds.
 """
@@ -17,6 +19,7 @@ Import it for tests: ``head_phantom`` and ``write_bids`` are pure functions of t
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import shutil
@@ -42,6 +45,7 @@ def head_phantom(
     voxel_size=(2.0, 2.0, 2.0),
     fov_mm: float = 200.0,
     age: float = 50.0,
+    extras: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A T1-like head in RAS voxel order.
 
@@ -51,6 +55,9 @@ def head_phantom(
         voxel_size: mm along x, y, z.
         fov_mm: side of the field of view.
         age: years; from 20 to 80 the ventricles triple in size and the brain shrinks by 10%.
+        extras: a dict to receive ``flair`` (a FLAIR-like image of the same head: dark
+            CSF, bright lesions) and ``lesions`` (uint8, 1 on the white-matter lesions).
+            The T1 image is the same with or without it.
 
     Returns:
         ``(data, affine)``: float32 intensities around 0..1000 and the RAS affine.
@@ -69,27 +76,38 @@ def head_phantom(
         ) ** 2 <= 1
 
     data = np.zeros(shape, dtype=np.float32)
-    data[inside(1.0)] = 800  # scalp and fat
-    data[inside(0.94)] = 150  # skull
-    data[inside(0.88)] = 250  # CSF
+    flair = np.zeros(shape, dtype=np.float32)  # the same tissues, FLAIR-like contrast
+    for scale, t1, value in ((1.0, 800, 500), (0.94, 150, 100), (0.88, 250, 80)):
+        region = inside(scale)  # scalp and fat, skull, CSF
+        data[region], flair[region] = t1, value
     patient = group == "patient"
     ageing = (age - 50.0) / 60.0  # -0.5 at 20, +0.5 at 80
     brain = rng.uniform(0.88, 0.92) if patient else rng.uniform(0.98, 1.02)  # atrophy
     brain *= 1 - 0.1 * ageing
-    data[inside(0.84 * brain)] = 620  # grey matter
-    data[inside(0.74 * brain)] = 900  # white matter
+    for scale, t1, value in ((0.84, 620, 600), (0.74, 900, 450)):
+        region = inside(scale * brain)  # grey matter, white matter
+        data[region], flair[region] = t1, value
     size = rng.uniform(1.6, 2.0) if patient else rng.uniform(0.8, 1.1)
     size *= 1 + ageing
     for side in (-1, 1):
-        data[inside(1.0, np.array([9, 24, 14]) * size, (side * 7, 4, 8))] = 250  # ventricles
+        region = inside(1.0, np.array([9, 24, 14]) * size, (side * 7, 4, 8))  # ventricles
+        data[region], flair[region] = 250, 80
+    lesions = np.zeros(shape, dtype=bool)
     if patient:
-        for _ in range(30):  # dark white-matter lesions
+        for _ in range(30):  # white-matter lesions: dark in T1, bright in FLAIR
             spot = rng.uniform(-1, 1, 3) * radii * 0.55
-            data[inside(1.0, np.full(3, rng.uniform(4, 8)), spot) & (data == 900)] = 420
-    bias = 1 + 0.15 * (x / radii[0] + 0.5 * y / radii[1] - 0.5 * z / radii[2])
-    data *= bias.astype(np.float32)
+            region = inside(1.0, np.full(3, rng.uniform(4, 8)), spot) & (data == 900)
+            data[region], flair[region] = 420, 950
+            lesions |= region
+    bias = (1 + 0.15 * (x / radii[0] + 0.5 * y / radii[1] - 0.5 * z / radii[2])).astype(np.float32)
+    data *= bias
     data += rng.normal(0, 25, shape).astype(np.float32)
     np.abs(data, out=data)
+    if extras is not None:  # drawn after the T1's noise: the T1 stays the same
+        flair *= bias
+        flair += rng.normal(0, 25, shape).astype(np.float32)
+        extras["flair"] = np.abs(flair)
+        extras["lesions"] = lesions.astype(np.uint8)
     affine = np.diag([*voxel_size, 1.0])
     affine[:3, 3] = -(shape - 1) / 2 * voxel_size
     return data, affine
@@ -114,7 +132,9 @@ def save(path: Path, data: np.ndarray, affine: np.ndarray, dtype: str) -> None:
     nib.save(image, path)
 
 
-def write_bids(out: Path, subjects: int, seed: int, voxel_sizes=VOXEL_SIZES) -> list[dict]:
+def write_bids(
+    out: Path, subjects: int, seed: int, voxel_sizes=VOXEL_SIZES, flair: bool = False
+) -> list[dict]:
     """Write the BIDS tree; returns the participants' rows.
 
     Args:
@@ -122,8 +142,13 @@ def write_bids(out: Path, subjects: int, seed: int, voxel_sizes=VOXEL_SIZES) -> 
         subjects: how many; groups alternate, every third subject has two sessions.
         seed: the seed of everything random.
         voxel_sizes: the voxel sizes (mm) to draw from. Defaults to ``VOXEL_SIZES``.
+        flair: also write each session's FLAIR (``*_FLAIR.nii.gz``, another voxel grid and
+            order of the same space) and its lesion mask as a BIDS derivative
+            (``derivatives/lesions/sub-*/[ses-*/]anat/*_desc-lesion_mask.nii.gz``, in the
+            T1's space, another voxel order). The T1 scans are the same either way.
     """
     rng = np.random.default_rng(seed)
+    other = np.random.default_rng(seed + 1_000_003)  # FLAIR grids and orders
     rows = []
     for index in range(subjects):
         subject = f"{index + 1:03d}"
@@ -132,12 +157,15 @@ def write_bids(out: Path, subjects: int, seed: int, voxel_sizes=VOXEL_SIZES) -> 
         sessions = ["01", "02"] if index % 3 == 2 else [""]
         for session in sessions:
             voxel_size = voxel_sizes[rng.integers(len(voxel_sizes))]
+            same_head = copy.deepcopy(rng)  # the same draws: the same head on other grids
             data, affine = head_phantom(rng, group, voxel_size, age=age)
             data, affine = reorder(data, affine, AXCODES[rng.integers(len(AXCODES))])
-            folder = out / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
-            name = "_".join(filter(None, [f"sub-{subject}", session and f"ses-{session}", "T1w"]))
+            where = Path(f"sub-{subject}") / (f"ses-{session}" if session else "") / "anat"
+            name = "_".join(filter(None, [f"sub-{subject}", session and f"ses-{session}"]))
             dtype = ("int16", "float32", "uint16")[rng.integers(3)]
-            save(folder / f"{name}.nii.gz", data, affine, dtype)
+            save(out / where / f"{name}_T1w.nii.gz", data, affine, dtype)
+            if flair:
+                _write_flair(out, where, name, (same_head, group, voxel_size, age), other)
         rows.append(
             {
                 "participant_id": f"sub-{subject}",
@@ -159,6 +187,21 @@ def write_bids(out: Path, subjects: int, seed: int, voxel_sizes=VOXEL_SIZES) -> 
     return rows
 
 
+def _write_flair(out: Path, where: Path, name: str, head: tuple, other) -> None:
+    """A session's FLAIR on another grid and its lesion mask on the T1's grid."""
+    rng, group, voxel_size, age = head
+    extras: dict = {}
+    _, affine = head_phantom(copy.deepcopy(rng), group, voxel_size, age=age, extras=extras)
+    mask, affine = reorder(extras["lesions"], affine, AXCODES[other.integers(len(AXCODES))])
+    save(out / "derivatives" / "lesions" / where / f"{name}_desc-lesion_mask.nii.gz", mask,
+         affine, "uint8")  # fmt: skip
+    grid = VOXEL_SIZES[other.integers(len(VOXEL_SIZES))]
+    extras = {}
+    _, affine = head_phantom(rng, group, grid, age=age, extras=extras)
+    data, affine = reorder(extras["flair"], affine, AXCODES[other.integers(len(AXCODES))])
+    save(out / where / f"{name}_FLAIR.nii.gz", data, affine, "int16")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subjects", type=int, default=48, help="number of subjects (default: 48)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    parser.add_argument(
+        "--flair", action="store_true",
+        help="also a FLAIR per session and lesion masks under derivatives/lesions",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.subjects < 1:
         print("error: --subjects must be at least 1", file=sys.stderr)
@@ -177,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
-    rows = write_bids(args.out, args.subjects, args.seed)
+    rows = write_bids(args.out, args.subjects, args.seed, flair=args.flair)
     print(f"wrote {len(rows)} subjects to {args.out}")
     return 0
 

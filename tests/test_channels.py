@@ -1,0 +1,193 @@
+"""Several images per slice: modalities as channels, label masks, neighbouring slices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import blob_volume, write_nifti
+from make_phantoms import reorder, write_bids
+
+from loader import H5Sequence
+from loader.store import open_store
+from preprocess.cli import main
+from preprocess.slices import label_slices
+
+CENTRE = np.array([10.0, -8.0, 5.0])  # mm: a sphere seen by every modality and the mask
+
+
+def _run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def _scene(voxel_size, axcodes: str, head: float, sphere: float, radius: float = 9.0):
+    """A head with a sphere at CENTRE, sampled on a grid of ``voxel_size`` in ``axcodes`` order."""
+    voxel_size = np.asarray(voxel_size, dtype=float)
+    shape = np.round(90 / voxel_size).astype(int)
+    affine = np.diag([*voxel_size, 1.0])
+    affine[:3, 3] = -(shape - 1) / 2 * voxel_size + np.array([1.3, -0.7, 2.1])
+    world = np.meshgrid(
+        *[np.arange(n) * v + o for n, v, o in zip(shape, voxel_size, affine[:3, 3], strict=True)],
+        indexing="ij",
+    )
+    data = np.zeros(shape, np.float32)
+    data[sum((w / 36) ** 2 for w in world) <= 1] = head
+    data[sum((w - c) ** 2 for w, c in zip(world, CENTRE, strict=True)) <= radius**2] = sphere
+    if head:  # an image: noise (a mask has none)
+        data = np.abs(data + np.random.default_rng(0).normal(0, 2, shape).astype(np.float32))
+    return reorder(data, affine, axcodes)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def _rows(path: Path, name: str) -> np.ndarray:
+    """A small test store's dataset, in the order of the slices' positions."""
+    with h5py.File(path, "r", locking=False) as h5:
+        order = np.argsort(h5["slice"][()], kind="stable")
+        return h5[name][()][order]
+
+
+@pytest.fixture(scope="module")
+def two_modalities(tmp_path_factory) -> Path:
+    """One BIDS session: T1w (1.5 mm, LPS), FLAIR (2 x 2.5 x 1.8 mm, SAR), and a lesion mask
+    (3 mm, PIL) under derivatives: the same sphere in the same space on three grids."""
+    root = tmp_path_factory.mktemp("modalities") / "bids"
+    anat = root / "sub-01" / "anat"
+    write_nifti(anat / "sub-01_T1w.nii.gz", *_scene((1.5, 1.5, 1.5), "LPS", 100, 300))
+    write_nifti(anat / "sub-01_FLAIR.nii.gz", *_scene((2.0, 2.5, 1.8), "SAR", 200, 500))
+    mask, affine = _scene((3.0, 3.0, 3.0), "PIL", 0, 1, radius=9.0)
+    mask = np.rint(np.clip(mask, 0, 1)).astype(np.uint8)
+    derivative = root / "derivatives" / "lesions" / "sub-01" / "anat"
+    write_nifti(derivative / "sub-01_desc-sphere_mask.nii.gz", mask, affine, "uint8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def modality_store(two_modalities, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("store") / "two.h5"
+    args = [two_modalities, "-o", out, "--suffix", "T1w", "FLAIR", "--masks", "sphere"]
+    assert _run(*args, "--dtype", "float32", "--val-fraction", "0", "--workers", "1") == 0
+    return out
+
+
+def test_two_modalities_on_other_grids_and_orders_land_on_the_same_pixels(modality_store):
+    images = _rows(modality_store, "images")
+    assert images.shape[1:] == (64, 64, 2)
+    t1, flair = images[..., 0] > 0.6, images[..., 1] > 0.6  # the sphere, bright in both
+    assert t1.sum() > 200
+    assert _dice(t1, flair) > 0.85
+    shifted = np.roll(flair, 3, axis=2)  # 3 pixels off: what a misalignment looks like
+    assert _dice(t1, shifted) < _dice(t1, flair) - 0.2
+    with open_store(modality_store) as store:
+        assert store.channel_names == ["T1w", "FLAIR"]
+        assert store.mask_labels == [0, 1]
+
+
+def test_a_mask_lands_on_the_structure_it_marks_and_keeps_its_labels(modality_store):
+    images, masks = _rows(modality_store, "images"), _rows(modality_store, "masks")
+    assert masks.dtype == np.uint8
+    assert set(np.unique(masks)) == {0, 1}  # labels, never blurred into fractions
+    assert _dice(masks == 1, images[..., 0] > 0.6) > 0.8
+
+
+def test_the_sequence_gives_every_channel_and_the_masks(modality_store):
+    seq = H5Sequence(modality_store, batch_size=16, target="mask")
+    assert seq.channel_names == ["T1w", "FLAIR"]
+    x, y = seq[1]
+    assert x.shape == (16, 64, 64, 2)
+    assert y.shape == (16, 64, 64, 1)
+    with h5py.File(modality_store, "r", locking=False) as h5:
+        rows = seq.rows(1)
+        np.testing.assert_array_equal(y[..., 0], h5["masks"][rows[0] : rows[-1] + 1])
+        np.testing.assert_array_equal(x, h5["images"][rows[0] : rows[-1] + 1])
+    first = H5Sequence(modality_store, batch_size=16, channels="first")[1]
+    np.testing.assert_array_equal(first, x.transpose(0, 3, 1, 2))
+
+
+def test_a_store_without_masks_is_no_segmentation_target(phantom_store):
+    with pytest.raises(ValueError, match="has no masks: preprocess with --masks"):
+        H5Sequence(phantom_store, target="mask")
+
+
+def test_context_channels_are_the_neighbouring_slices(tmp_path):
+    scan = write_nifti(tmp_path / "in" / "a.nii.gz", blob_volume(4))
+    common = ["--dtype", "float32", "--min-foreground", "0", "--val-fraction", "0"]
+    assert _run(scan, "-o", tmp_path / "one.h5", *common) == 0
+    assert _run(scan, "-o", tmp_path / "three.h5", "--context", "1", *common) == 0
+    one, three = _rows(tmp_path / "one.h5", "images"), _rows(tmp_path / "three.h5", "images")
+    assert three.shape == (*one.shape, 3)
+    np.testing.assert_array_equal(three[:, :, :, 1], one)
+    np.testing.assert_array_equal(three[1:, :, :, 0], one[:-1])
+    np.testing.assert_array_equal(three[:-1, :, :, 2], one[1:])
+    assert not three[0, :, :, 0].any()  # past the volume's edge: zeros
+    assert not three[-1, :, :, 2].any()
+    with open_store(tmp_path / "three.h5") as store:
+        assert store.channel_names == ["T1w-1", "T1w+0", "T1w+1"]
+
+
+def test_masks_beside_plain_scans_are_paired_by_name_and_not_taken_as_scans(tmp_path):
+    data, affine = _scene((2.0, 2.0, 2.0), "RAS", 100, 300)
+    write_nifti(tmp_path / "in" / "a.nii.gz", data, affine)
+    mask, mask_affine = _scene((2.5, 2.5, 2.5), "ASR", 0, 3)
+    mask = np.rint(np.clip(mask, 0, 3)).astype(np.int16)
+    write_nifti(tmp_path / "in" / "a_mask.nii.gz", mask, mask_affine)
+    args = [tmp_path / "in", "-o", tmp_path / "s.h5", "--masks-suffix", "_mask"]
+    assert _run(*args, "--val-fraction", "0") == 0
+    with open_store(tmp_path / "s.h5") as store:
+        assert len(store.subjects_table()["path"]) == 1  # the mask is no scan
+        assert store.mask_labels == [0, 3]
+        assert store.masks.shape == (store.num_slices, 64, 64)
+
+
+def test_label_slices_vote_among_the_labels_present():
+    labels = np.zeros((40, 40, 3), np.uint8)
+    labels[10:30, 10:30] = 2
+    labels[18:22, 18:22] = 7
+    out = label_slices(labels, np.array([1]), np.ones(3), "axial", 16)
+    assert set(np.unique(out)) <= {0, 2, 7}
+    assert (out == 2).sum() > (out == 7).sum() > 0
+
+
+def test_bad_sessions_masks_and_contexts_are_named_and_the_rest_written(tmp_path, capsys):
+    root = tmp_path / "bids"
+    for index in (1, 2, 3, 4):
+        anat = root / f"sub-0{index}" / "anat"
+        write_nifti(anat / f"sub-0{index}_T1w.nii.gz", blob_volume(index))
+        if index != 2:  # sub-02 has no FLAIR
+            write_nifti(anat / f"sub-0{index}_FLAIR.nii.gz", blob_volume(index + 10))
+        mask = (blob_volume(index) > 50).astype(np.float32)
+        if index == 3:
+            mask *= 0.5  # not integer-valued
+        if index == 4:
+            mask = mask[:20]  # covers half of the scan
+        derivative = root / "derivatives" / "x" / f"sub-0{index}" / "anat"
+        write_nifti(derivative / f"sub-0{index}_desc-blob_mask.nii.gz", mask)
+    args = [root, "-o", tmp_path / "s.h5", "--suffix", "T1w", "FLAIR", "--masks", "blob"]
+    assert _run(*args, "--val-fraction", "0", "--workers", "1") == 1
+    err = capsys.readouterr().err
+    assert "rejected: " in err
+    assert "sub-02_T1w.nii.gz: no FLAIR of this session (sub-02_FLAIR.nii.gz)" in err
+    assert "sub-03_desc-blob_mask.nii.gz: the mask is not integer-valued" in err
+    assert "sub-04_desc-blob_mask.nii.gz: the mask covers only 50% of the scan" in err
+    assert "Traceback" not in err
+    with open_store(tmp_path / "s.h5") as store:
+        assert store.subjects_table()["id"].tolist() == ["01"]
+    args = [root / "sub-01", "-o", tmp_path / "c.h5", "--context", "36", "--val-fraction", "0"]
+    assert _run(*args) == 2  # the only scan rejected: no store
+    assert "--context 36 but the volume has only 36 axial slices" in capsys.readouterr().err
+
+
+def test_phantom_lesions_are_bright_in_flair_under_their_masks(tmp_path):
+    write_bids(tmp_path / "bids", subjects=2, seed=5, flair=True)
+    args = [tmp_path / "bids", "-o", tmp_path / "s.h5", "--suffix", "T1w", "FLAIR"]
+    assert _run(*args, "--masks", "lesion", "--val-fraction", "0", "--workers", "1") == 0
+    images, masks = _rows(tmp_path / "s.h5", "images"), _rows(tmp_path / "s.h5", "masks")
+    lesion = masks == 1
+    assert lesion.sum() > 50  # the patient's lesions survive the resampling
+    brain = images[..., 0] > 128  # grey and white matter in T1 (uint8)
+    flair = images[..., 1].astype(float) / 255
+    assert flair[lesion].mean() > flair[brain & ~lesion].mean() + 0.2
