@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import h5py
+import keras
 import numpy as np
 import pytest
 from conftest import blob_volume, write_nifti
@@ -14,6 +17,8 @@ from loader import H5Sequence
 from loader.store import open_store
 from preprocess.cli import main
 from preprocess.slices import label_slices
+from training.cli import main as training_main
+from training.run import train
 
 CENTRE = np.array([10.0, -8.0, 5.0])  # mm: a sphere seen by every modality and the mask
 
@@ -191,3 +196,55 @@ def test_phantom_lesions_are_bright_in_flair_under_their_masks(tmp_path):
     brain = images[..., 0] > 128  # grey and white matter in T1 (uint8)
     flair = images[..., 1].astype(float) / 255
     assert flair[lesion].mean() > flair[brain & ~lesion].mean() + 0.2
+
+
+@pytest.fixture(scope="module")
+def lesion_store(tmp_path_factory) -> Path:
+    """Eight phantom subjects with T1w and FLAIR as channels and lesion masks."""
+    folder = tmp_path_factory.mktemp("lesions")
+    write_bids(folder / "bids", subjects=8, seed=0, flair=True)
+    args = [folder / "bids", "-o", folder / "s.h5", "--suffix", "T1w", "FLAIR"]
+    assert _run(*args, "--masks", "lesion", "--workers", "1") == 0
+    return folder / "s.h5"
+
+
+def test_a_short_segmentation_run_finds_the_phantom_lesions(lesion_store, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [lesion_store, "-o", run, "--target", "mask", "--epochs", "8", "--batch-size", "8"]
+    assert training_main([str(a) for a in args]) == 0
+    out = capsys.readouterr().out
+    assert "val: Dice " in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "segmentation"
+    assert metrics["splits"]["val"]["slices"]["dice"]["1"] > 0.5  # untrained: about 0
+    assert metrics["splits"]["val"]["subjects"]["count"] == 2
+    assert (run / "segmentation.png").is_file()
+    with open(run / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["split"] for row in rows] == ["val", "val"]
+    assert {"true_pixels", "predicted_pixels", "dice"} <= set(rows[0])
+    model = keras.saving.load_model(run / "model.keras")  # loss and metric registered
+    assert model.output_shape == (None, 64, 64, 2)
+    assert model.input_shape == (None, 64, 64, 2)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--augment"], "--augment moves the images but not their masks"),
+        (["--task", "regression"], "segmentation reads target='mask'"),
+    ],
+)
+def test_segmentation_refuses_what_would_misalign_masks(
+    lesion_store, tmp_path, capsys, extra, message
+):
+    args = [lesion_store, "-o", tmp_path / "run", "--target", "mask", *extra]
+    assert training_main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_classification_reads_every_channel(lesion_store, tmp_path):
+    result = train(lesion_store, tmp_path / "run", epochs=1, target="group", progress=False)
+    assert result.model.input_shape == (None, 64, 64, 2)

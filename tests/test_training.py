@@ -39,7 +39,7 @@ def trained(phantom_store, tmp_path_factory):
 
 def test_the_run_folder_is_complete(trained):
     _, run_dir, result = trained
-    classification = set(RUN_FILES) - {"scatter.png"}
+    classification = set(RUN_FILES) - {"scatter.png", "segmentation.png"}
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(classification)
     with open(run_dir / "predictions.csv", newline="") as handle:
         predictions = list(csv.DictReader(handle))
@@ -327,5 +327,5 @@ def test_evaluation_reads_labels_from_the_file_the_predictions_came_from(tmp_pat
                 ids = np.concatenate([decode_ids(sequence[i][0]) for i in range(len(sequence))])
                 return (ids // 20 % 2).astype(np.float32)[:, None]  # the true class, from x
 
-        results, _ = evaluate(RowIds(), data, [store], [resolve(store)])
+        results, _, _ = evaluate(RowIds(), data, [store], [resolve(store)])
     assert results["val"]["slices"]["accuracy"] == 1.0

@@ -88,6 +88,9 @@ def _scores(scores: dict) -> str:
     >>> _scores({"count": 9, "accuracy": 0.75, "roc_auc": None})
     'accuracy 0.750 (9)'
     """
+    if "mean_dice" in scores:
+        value = scores["mean_dice"]
+        return f"Dice {value:.3f}" if value is not None else "Dice n/a (no mask anywhere)"
     if "mae" in scores:
         r = f", r {scores['r']:.3f}" if scores["r"] is not None else ""
         return f"MAE {scores['mae']:.4g}, RMSE {scores['rmse']:.4g}{r} ({scores['count']})"
@@ -123,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{split}: {_scores(results['slices'])} per slice; "
                   f"{_scores(results['subjects'])} per subject")  # fmt: skip
         pictures = [
-            p for p in ("curves.png", "confusion.png", "scatter.png") if (run_dir / p).is_file()
+            p
+            for p in ("curves.png", "confusion.png", "scatter.png", "segmentation.png")
+            if (run_dir / p).is_file()
         ]
         print(f"pictures: {', '.join(str(run_dir / p) for p in pictures)}")
         print(f"predictions per subject: {run_dir / 'predictions.csv'}")

@@ -7,7 +7,7 @@ import numpy as np
 from loader import H5Sequence, Store
 from loader.schema import SUBJECT_ID
 from loader.store import StoreChangedError
-from loader.target import CLASSIFICATION, REGRESSION, Target, resolve_all
+from loader.target import CLASSIFICATION, REGRESSION, SEGMENTATION, Target, resolve_all
 from training.errors import TrainingError
 from training.settings import Settings
 
@@ -79,7 +79,8 @@ def check_store(
             )
     if target.task == REGRESSION and np.ptp(training_values(stores, settings, targets)) == 0:
         raise TrainingError(f"{where}: {what} has one value in the training splits")
-    for index, class_name in enumerate(target.class_names):
+    names = [] if target.task == SEGMENTATION else target.class_names
+    for index, class_name in enumerate(names):
         count = 0
         for store, store_target in zip(stores, targets, strict=True):
             ids = store.subjects_table()[SUBJECT_ID]

@@ -9,14 +9,19 @@ import keras
 import numpy as np
 
 from loader import H5Sequence, Store
-from loader.target import CLASSIFICATION, REGRESSION, Target
+from loader.target import CLASSIFICATION, REGRESSION, SEGMENTATION, Target
+from training import segmentation
 from training.data import training_values
 from training.errors import TrainingError
 from training.model import augmentation
 from training.settings import Settings
 
 # What early stopping and the saved model follow, per task: (metric, mode).
-MONITORS = {CLASSIFICATION: ("val_accuracy", "max"), REGRESSION: ("val_mae", "min")}
+MONITORS = {
+    CLASSIFICATION: ("val_accuracy", "max"),
+    REGRESSION: ("val_mae", "min"),
+    SEGMENTATION: ("val_dice", "max"),
+}
 
 
 def build_model(
@@ -29,15 +34,20 @@ def build_model(
     ``model_fn(0, ...)`` must give one linear unit; it learns the target standardised on
     the training splits, and a ``Rescaling`` layer after it turns that back into the
     target's units, so the loss (mean squared error), MAE, RMSE and every saved
-    prediction are in those units.
+    prediction are in those units. Segmentation: a softmax over the labels per pixel,
+    ``(None, h, w, labels)``, with :func:`training.segmentation.dice_cross_entropy` and
+    the Dice of the labels other than background.
 
     Raises:
-        TrainingError: the output fits neither.
+        TrainingError: the output fits none of them.
     """
     target = targets[0]
     height, width = stores[0].slice_shape
-    shape = (height, width, 1) if settings.channels == "last" else (1, height, width)
+    count = stores[0].num_channels
+    shape = (height, width, count) if settings.channels == "last" else (count, height, width)
     data_format = f"channels_{settings.channels}"
+    if target.task == SEGMENTATION:
+        return _segmentation_model(model_fn, shape, data_format, settings, target)
     regression = target.task == REGRESSION
     num_classes = 0 if regression else len(target.class_names)
     base = model_fn(num_classes, shape, data_format)
@@ -76,6 +86,34 @@ def build_model(
         optimizer=keras.optimizers.Adam(settings.learning_rate),
         loss=loss,
         weighted_metrics=metrics,  # rows without a target value have weight 0
+    )
+    return model
+
+
+def _segmentation_model(model_fn, shape, data_format, settings, target) -> keras.Model:
+    if settings.augment != "none":
+        raise TrainingError(
+            "--augment moves the images but not their masks: train segmentation without it"
+        )
+    if settings.class_weight != "none" or data_format != "channels_last":
+        raise TrainingError(
+            "segmentation weighs its labels with the Dice loss and reads channels last: "
+            "leave out --class-weight and --channels first"
+        )
+    labels = len(target.class_names)
+    try:
+        model = model_fn(labels, shape, data_format)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+    if tuple(model.output_shape) != (None, *shape[:2], labels):
+        raise TrainingError(
+            f"model_fn's output has shape {model.output_shape}; for segmentation it must be "
+            f"(None, {shape[0]}, {shape[1]}, {labels}) (a softmax over the labels per pixel)"
+        )
+    model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss=segmentation.dice_cross_entropy,
+        metrics=[segmentation.Dice(labels)],
     )
     return model
 

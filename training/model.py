@@ -71,3 +71,52 @@ def augmentation(data_format: str = "channels_last", flip: bool = False) -> kera
     if flip:
         steps.append(layers.RandomFlip("horizontal", data_format=data_format))
     return keras.Sequential(steps, name="augmentation")
+
+
+def unet(
+    num_classes: int, input_shape=(64, 64, 1), data_format: str = "channels_last"
+) -> keras.Model:
+    """A small U-Net for segmentation: three down and three up steps with skip connections.
+
+    Args:
+        num_classes: the labels, background included (at least 2): a softmax per pixel.
+        input_shape: one slice, ``(h, w, channels)``; h and w divisible by 8.
+        data_format: ``channels_last`` only (the masks are ``(h, w, 1)``).
+
+    Returns:
+        An uncompiled ``keras.Model`` with output ``(None, h, w, num_classes)``.
+
+    Raises:
+        ValueError: fewer than two labels, a side not divisible by 8, or channels first.
+
+    Example:
+        >>> unet(2, (32, 32, 3)).output_shape
+        (None, 32, 32, 2)
+    """
+    if num_classes < 2:
+        raise ValueError(f"`num_classes` must be at least 2; received num_classes={num_classes}")
+    if data_format != "channels_last":
+        raise ValueError("the U-Net reads channels last (--channels last)")
+    if input_shape[0] % 8 or input_shape[1] % 8:
+        raise ValueError(f"the U-Net needs sides divisible by 8; received {input_shape[:2]}")
+    layers = keras.layers
+
+    def block(x, filters):
+        for _ in range(2):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization(momentum=0.9)(x)  # settles within an epoch
+            x = layers.Activation("relu")(x)
+        return x
+
+    inputs = keras.Input(shape=input_shape)
+    skips, x = [], inputs
+    for filters in (16, 32, 64):
+        x = block(x, filters)
+        skips.append(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = block(x, 128)
+    for filters, skip in zip((64, 32, 16), reversed(skips), strict=True):
+        x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same")(x)
+        x = block(layers.Concatenate()([x, skip]), filters)
+    outputs = layers.Conv2D(num_classes, 1, activation="softmax")(x)
+    return keras.Model(inputs, outputs, name="unet")

@@ -108,3 +108,27 @@ def plot_scatter(points: dict[str, tuple[np.ndarray, np.ndarray]], target: str, 
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def plot_segmentation(examples: dict, path: Path) -> None:
+    """Validation slices with their true (green) and predicted (red) mask contours.
+
+    Args:
+        examples: ``image`` (``(h, w, C)``: the middle channel is drawn), ``true`` and
+            ``predicted`` label masks, one per slice.
+        path: the PNG to write.
+    """
+    count = len(examples["image"])
+    figure, axes = plt.subplots(1, count, figsize=(2.4 * count, 2.8), squeeze=False)
+    for ax, image, true, predicted in zip(
+        axes[0], examples["image"], examples["true"], examples["predicted"], strict=True
+    ):
+        ax.imshow(image[..., image.shape[-1] // 2], cmap="gray")
+        for mask, colour in ((true, "lime"), (predicted, "red")):
+            if mask.any() and not mask.all():
+                ax.contour(mask > 0, levels=[0.5], colors=colour, linewidths=1)
+        ax.set_axis_off()
+    axes[0][0].set_title("true: green, predicted: red", fontsize=8, loc="left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -11,17 +11,27 @@ import numpy as np
 
 from loader import H5Sequence, Store
 from loader.schema import SESSION, SUBJECT_ID
-from loader.target import REGRESSION, Target
+from loader.target import REGRESSION, SEGMENTATION, Target
 from training.metrics import (
     class_probabilities,
     evaluate_outputs,
     evaluate_regression,
     subject_predictions,
 )
-from training.plots import plot_confusions, plot_curves, plot_scatter, read_history
+from training.plots import (
+    plot_confusions,
+    plot_curves,
+    plot_scatter,
+    plot_segmentation,
+    read_history,
+)
+from training.segmentation import evaluate_segmentation
 
 PREDICTION_COLUMNS = (
     "subject", "sessions", "split", "true", "predicted", "probability", "slices",
+)  # fmt: skip
+SEGMENTATION_COLUMNS = (
+    "subject", "sessions", "split", "true_pixels", "predicted_pixels", "dice", "slices",
 )  # fmt: skip
 
 
@@ -35,15 +45,23 @@ def evaluate(
     subject is named ``<store file stem>/<id>`` (cohorts may reuse ids).
 
     Returns:
-        ``(metrics, predictions)``: split -> ``{"slices": ..., "subjects": ...}``, and the
-        rows of ``predictions.csv`` (:data:`PREDICTION_COLUMNS`).
+        ``(metrics, predictions, examples)``: split -> ``{"slices": ..., "subjects": ...}``,
+        the rows of ``predictions.csv`` (:data:`PREDICTION_COLUMNS`, or
+        :data:`SEGMENTATION_COLUMNS`), and for segmentation validation slices to draw.
     """
     target = targets[0]
-    results, rows = {}, []
+    results, rows, examples = {}, [], {}
     for key in ("val", "test"):
         if key not in data:
             continue
         sequence = data[key]
+        if target.task == SEGMENTATION:
+            results[sequence.split], more, found = evaluate_segmentation(
+                model, sequence, stores, targets
+            )
+            rows += more
+            examples = examples or found  # validation's
+            continue
         outputs = np.asarray(model.predict(sequence, verbose=0), dtype=np.float64)
         facts = _row_facts(sequence, stores, targets)
         keep = facts["present"]
@@ -54,12 +72,17 @@ def evaluate(
         else:
             results[sequence.split] = evaluate_outputs(outputs, values, ids)
         rows += _prediction_rows(outputs, values, ids, sessions, target, sequence.split)
-    return results, rows
+    return results, rows, examples
 
 
 def _row_facts(sequence: H5Sequence, stores: list[Store], targets: list[Target]) -> dict:
     """Per row of an unshuffled epoch: target value, whether present, subject, session."""
     pairs = np.concatenate([sequence.rows(i) for i in range(len(sequence))])
+    return row_facts(pairs, stores, targets)
+
+
+def row_facts(pairs: np.ndarray, stores: list[Store], targets: list[Target]) -> dict:
+    """Per row (``rows()`` of a sequence): target value, whether present, subject, session."""
     if pairs.ndim == 1:
         pairs = np.stack([np.zeros_like(pairs), pairs], axis=1)
     facts = {
@@ -114,8 +137,10 @@ def write_results(
     predictions: list[dict],
     target: Target,
     monitor: str,
+    examples: dict | None = None,
 ) -> None:
-    """``metrics.json``, ``predictions.csv``, ``curves.png``, ``confusion.png`` or ``scatter.png``.
+    """``metrics.json``, ``predictions.csv``, ``curves.png``, and ``confusion.png``,
+    ``scatter.png`` or ``segmentation.png``.
 
     Args:
         run_dir: the run folder.
@@ -123,7 +148,9 @@ def write_results(
         metrics: split -> scores (empty when the run was interrupted).
         predictions: the rows of ``predictions.csv``.
         target: what was predicted.
-        monitor: the validation metric early stopping followed (``val_accuracy``, ``val_mae``).
+        monitor: the validation metric early stopping followed (``val_accuracy``, ``val_mae``,
+            ``val_dice``).
+        examples: segmentation's validation slices, true and predicted masks.
     """
     history = read_history(run_dir / "history.csv")
     if history:
@@ -140,10 +167,14 @@ def write_results(
                     np.array([float(row["predicted"]) for row in mine]),
                 )
             plot_scatter(points, target.name, run_dir / "scatter.png")
+        elif target.task == SEGMENTATION:
+            if examples:
+                plot_segmentation(examples, run_dir / "segmentation.png")
         else:
             plot_confusions(metrics, target.class_names, run_dir / "confusion.png")
         with open(run_dir / "predictions.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, PREDICTION_COLUMNS)
+            columns = SEGMENTATION_COLUMNS if target.task == SEGMENTATION else PREDICTION_COLUMNS
+            writer = csv.DictWriter(handle, columns)
             writer.writeheader()
             writer.writerows(predictions)
     (run_dir / "metrics.json").write_text(json.dumps(document, indent=2))

@@ -33,12 +33,12 @@ from loader import Store, open_store
 from loader.command import SettingError
 from loader.store import StoreChangedError
 from loader.stores import check_agree, store_paths
-from loader.target import Target
+from loader.target import SEGMENTATION, Target
 from training import distributed
 from training.data import build_data, check_store, choose_target, class_weights
 from training.errors import TrainingError
 from training.fitting import MONITORS, build_model, fit
-from training.model import build
+from training.model import build, unet
 from training.plots import read_history
 from training.results import evaluate, write_results
 from training.settings import Settings
@@ -54,6 +54,7 @@ RUN_FILES = (
     "curves.png",
     "confusion.png",
     "scatter.png",
+    "segmentation.png",
     "predictions.csv",
 )
 
@@ -79,7 +80,7 @@ def train(
     store: str | os.PathLike | list,
     run_dir: str | os.PathLike,
     overwrite: bool = False,
-    model_fn=build,
+    model_fn=None,
     progress: bool | None = None,
     callbacks=(),
     report=None,
@@ -93,7 +94,9 @@ def train(
         overwrite: replace the files of an earlier run in ``run_dir``.
         model_fn: ``model_fn(num_classes, input_shape, data_format) -> keras.Model`` whose
             output is class probabilities: one sigmoid unit for two classes, or one unit
-            per class (softmax). Defaults to :func:`training.model.build`.
+            per class (softmax); one linear unit for regression (``num_classes`` 0); a
+            softmax per pixel for segmentation. Defaults to :func:`training.model.build`,
+            and :func:`training.model.unet` for ``target="mask"``.
         progress: a tqdm bar per epoch; None shows one on a terminal, else one line per epoch.
         callbacks: more Keras callbacks, run after the run's own.
         report: called with each warning line (e.g. a validation split with few subjects
@@ -116,6 +119,8 @@ def train(
     with _open(store) as opened, _own_run_dir(run_dir, process) as run_dir:
         targets = choose_target(opened, settings)
         target = targets[0]
+        if model_fn is None:
+            model_fn = unet if target.task == SEGMENTATION else build
         test_split = check_store(opened, settings, targets, report)
         prepare_run_dir(run_dir, overwrite)
         write_config(run_dir, opened, settings, test_split, model_fn, target, process)
@@ -131,11 +136,11 @@ def train(
         result.interrupted = _same_store(
             opened, fit, model, data, settings, monitor, run_dir, progress, callbacks, weights
         )
-        predictions = []
+        predictions, examples = [], {}
         if process[1] > 1:
             model = distributed.local_copy(model)
         if not result.interrupted and process[0] == 0:
-            result.metrics, predictions = _same_store(
+            result.metrics, predictions, examples = _same_store(
                 opened, evaluate, model, data, opened, targets
             )
         history = read_history(run_dir / "history.csv")
@@ -149,7 +154,7 @@ def train(
             "interrupted": result.interrupted,
             "seconds": round(time.perf_counter() - started, 1),
         }
-        write_results(run_dir, summary, result.metrics, predictions, target, monitor[0])
+        write_results(run_dir, summary, result.metrics, predictions, target, monitor[0], examples)
         result.model = model
     return result
 

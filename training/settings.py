@@ -28,12 +28,14 @@ class Settings:
     """
 
     target: str | None = option(
-        None, "column of the store's labels table to predict", metavar="COLUMN", kind=str,
+        None, "column of the store's labels table to predict, or mask (segmentation of a "
+        "store written with --masks)", metavar="COLUMN", kind=str,
         default_text="the store's labels (its --label-column)", group=TARGET,
     )  # fmt: skip
     task: str | None = option(
         None, "what kind of question", choices=TASKS, kind=str,
-        default_text="from the column: numbers are regression, text classification", group=TARGET,
+        default_text="from the target: numbers are regression, text classification, mask "
+        "segmentation", group=TARGET,
     )  # fmt: skip
     labels: str | None = option(
         None, "a .tsv or .csv joined by subject id, for labels that came after preprocessing",
