@@ -81,6 +81,8 @@ def describe(store: Store) -> str:
         f"uuid {store.uuid}, created {store.created}, chunks of {store.chunk_slices} slices, "
         f"compression {store.images.compression or 'none'}",
         f"classes: {', '.join(names) if names else '(none: unlabelled)'}",
+        f"channels: {', '.join(store.channel_names)}"
+        + (f"; masks with labels {store.mask_labels}" if store.masks is not None else ""),
     ]
     header = ["split", "rows", "subjects", *names]
     rows = [header]
@@ -106,7 +108,9 @@ def preview(store: Store, path: str, count: int = 36, seed: int = 0) -> None:
     """Save a grid of ``count`` random slices.
 
     Each tile is titled with its subject, label, split and slice position, and carries the
-    patient's sides at its edges (A/P, S/I, L/R) as a radiology viewer shows them.
+    patient's sides at its edges (A/P, S/I, L/R) as a radiology viewer shows them. A slice
+    of several channels shows them side by side, named below; a store with masks draws
+    each slice's mask contours (red) over every channel.
     """
     import matplotlib
 
@@ -117,16 +121,28 @@ def preview(store: Store, path: str, count: int = 36, seed: int = 0) -> None:
     rows = np.sort(rng.choice(store.num_slices, size=min(count, store.num_slices), replace=False))
     table = store.subjects_table()
     sides = VIEW_SIDES.get(store.config.get("axis", ""))
-    columns = int(np.ceil(np.sqrt(len(rows))))
+    channels = store.channel_names
+    columns = max(1, int(np.ceil(np.sqrt(len(rows) / len(channels)))))
     lines = int(np.ceil(len(rows) / columns))
-    figure, axes = plt.subplots(lines, columns, figsize=(2.0 * columns, 2.3 * lines), squeeze=False)
+    width = 2.0 * len(channels) * columns
+    figure, axes = plt.subplots(lines, columns, figsize=(width, 2.3 * lines), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, rows, strict=False):
         image = store.images[row] * store.scale + store.offset  # one slice at a time
         label = int(store.labels[row])
         scan = int(store.subject[row])
-        ax.imshow(image, cmap="gray")
+        parts = [image] if image.ndim == 2 else [image[..., c] for c in range(image.shape[-1])]
+        ax.imshow(np.hstack(parts), cmap="gray")
+        if store.masks is not None:
+            mask = np.hstack([store.masks[row] > 0] * len(parts))
+            if mask.any():
+                ax.contour(mask, levels=[0.5], colors="red", linewidths=0.8)
+        if len(parts) > 1:
+            size = image.shape[1]
+            for index, name in enumerate(channels):
+                ax.text((index + 0.5) * size, image.shape[0] - 2, name, color="cyan",
+                        fontsize=6, ha="center", va="bottom")  # fmt: skip
         title = f"sub-{table[SUBJECT_ID][scan]}"
         if label >= 0:
             title += f" {store.class_names[label]}"

@@ -248,3 +248,16 @@ def test_segmentation_refuses_what_would_misalign_masks(
 def test_classification_reads_every_channel(lesion_store, tmp_path):
     result = train(lesion_store, tmp_path / "run", epochs=1, target="group", progress=False)
     assert result.model.input_shape == (None, 64, 64, 2)
+
+
+def test_the_preview_shows_every_channel_and_the_mask_contours(modality_store, tmp_path, capsys):
+    from matplotlib import image as mpimg
+
+    from loader.cli import main as loader_main
+
+    picture = tmp_path / "p.png"
+    assert loader_main([str(modality_store), "--preview", str(picture), "--count", "40"]) == 0
+    assert "channels: T1w, FLAIR; masks with labels [0, 1]" in capsys.readouterr().out
+    pixels = mpimg.imread(picture)
+    red = (pixels[..., 0] > 0.9) & (pixels[..., 1] < 0.2) & (pixels[..., 2] < 0.2)
+    assert red.sum() > 20  # the sphere's contours
