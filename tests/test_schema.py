@@ -30,7 +30,11 @@ def test_a_store_written_by_schema_1_code_still_reads():
         assert list(table[schema.SUBJECT_ID]) == ["00", "01", "02", "03", "04"]
         assert list(table[schema.SUBJECT_LABEL]) == [0, 1, 0, 1, -1]
         assert store.uuid == "859669c8-9c74-4131-af0d-377724721286"
+        assert store.channel_names == ["T1w"]  # one channel, before schema 3 named them
+        assert store.num_channels == 1
+        assert store.masks is None
     sequence = H5Sequence(DATA / "schema1.h5", split="train", batch_size=8, shuffle=True)
+    assert sequence.channel_names == ["T1w"]
     x, y = sequence[0]
     assert x.shape == (8, 16, 16, 1)
     assert set(y) <= {0, 1}
