@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import re
 import signal
@@ -301,6 +302,7 @@ def run_main(
     body: Callable[[argparse.Namespace], int],
     flags: dict[str, str] | None = None,
     hint: Callable[[argparse.Namespace], str] = lambda args: "",
+    interrupt_hint: Callable[[argparse.Namespace], str] | None = None,
 ) -> int:
     """Parse ``argv`` and run ``body(args)``: the ``main()`` of every command line.
 
@@ -311,6 +313,7 @@ def run_main(
         flags: setting name -> flag, so that a :class:`SettingError` names flags.
         hint: text added to the line of an interrupt or a system error (e.g. how to
             continue); "" for none.
+        interrupt_hint: text added to an interrupt's line instead of ``hint``.
 
     Returns:
         The exit status: the body's, 2 for a usage error or unusable input (one line on
@@ -326,15 +329,52 @@ def run_main(
     except SettingError as exc:
         _error(exc.render(flags or {}))
     except KeyboardInterrupt:
-        print(f"interrupted{hint(args)}", file=sys.stderr)
+        print(f"interrupted{(interrupt_hint or hint)(args)}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
         _error(str(exc))
     except OSError as exc:  # the disk filled up, a network filesystem went away
-        _error(f"{exc}{hint(args)}")
+        if is_disk_full(exc):
+            where = written_file(exc) or getattr(args, "output", None) or "a file"
+            _error(f"{where}: the disk is full (no space left on device){hint(args)}")
+        else:
+            _error(f"{_first_line(exc)}{hint(args)}")
     finally:
         restore()
     return 2
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error says the disk (or the user's quota) is full.
+
+    numpy's ``tofile`` reports a short write as ``N requested and M written`` without an
+    errno, and HDF5 puts the errno inside its message; both count.
+
+    >>> is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    True
+    >>> is_disk_full(OSError("245760 requested and 61312 written"))
+    True
+    """
+    text = str(exc)
+    return (
+        getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        or "No space left on device" in text
+        or "errno = 28" in text
+        or re.fullmatch(r"\d+ requested and \d+ written", text) is not None
+    )
+
+
+def written_file(exc: OSError) -> str | None:
+    """The file an OSError names: its ``filename``, or HDF5's ``filename = '...'``."""
+    if exc.filename:
+        return str(exc.filename)
+    match = re.search(r"filename = '([^']+)'", str(exc))
+    return match.group(1) if match else None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _error(line: str) -> None:

@@ -15,6 +15,7 @@ the target in one step.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import hashlib
@@ -191,9 +192,14 @@ class Partial:
         key = scan_key(record["source"])
         for ending, rows in ((".npy", slices), (MASK_ENDING, masks)):
             if rows is not None:
-                with open(self.path / f"{key}{ending}.tmp", "wb") as handle:
-                    np.save(handle, rows)
-                os.replace(self.path / f"{key}{ending}.tmp", self.path / f"{key}{ending}")
+                temporary = self.path / f"{key}{ending}.tmp"
+                try:
+                    with open(temporary, "wb") as handle:
+                        np.save(handle, rows)
+                except OSError as exc:  # a full disk: name the file, leave no half of it
+                    temporary.unlink(missing_ok=True)
+                    raise OSError(exc.errno or errno.ENOSPC, str(exc), str(temporary)) from exc
+                os.replace(temporary, self.path / f"{key}{ending}")
         _write_atomic(self.path / f"{key}.json", json.dumps(record).encode())
 
     def remove(self) -> None:
@@ -249,49 +255,59 @@ class Partial:
         destination, ranges = row_order(np.repeat(scan_split, counts), names, config["seed"])
 
         temporary = self.path / STORE_NAME
-        with h5py.File(temporary, "w", track_order=True) as h5:
-            num_rows = int(first_row[-1])
-            size = config["size"]
-            chunk = min(config["chunk_slices"], max(num_rows, 1))
-            compression = None if config["compression"] == "none" else config["compression"]
-            channels = schema.channel_names(config["suffix"], config.get("context", 0))
-            row = (size, size) if len(channels) == 1 else (size, size, len(channels))
-            images = schema.create_dataset(
-                h5, schema.IMAGES, shape=(num_rows, *row), dtype=config["dtype"],
-                chunks=(chunk, *row), compression=compression,
-            )  # fmt: skip
-            set_attribute = functools.partial(schema.set_attribute, h5)
-            set_attribute(schema.ATTR_SCALE, schema.intensity_scale(config["dtype"]), schema.IMAGES)
-            set_attribute(schema.ATTR_OFFSET, 0.0, schema.IMAGES)
-            set_attribute(schema.ATTR_CHANNELS, channels, schema.IMAGES)
-            self._write_rows(images, records, first_row, destination, buffer_bytes, ".npy")
-            if config.get("masks") or config.get("masks_suffix"):
-                masks = schema.create_dataset(
-                    h5, schema.MASKS, shape=(num_rows, size, size), dtype="uint8",
-                    chunks=(chunk, size, size), compression=compression,
+        try:
+            with h5py.File(temporary, "w", track_order=True) as h5:
+                num_rows = int(first_row[-1])
+                size = config["size"]
+                chunk = min(config["chunk_slices"], max(num_rows, 1))
+                compression = None if config["compression"] == "none" else config["compression"]
+                channels = schema.channel_names(config["suffix"], config.get("context", 0))
+                row = (size, size) if len(channels) == 1 else (size, size, len(channels))
+                images = schema.create_dataset(
+                    h5, schema.IMAGES, shape=(num_rows, *row), dtype=config["dtype"],
+                    chunks=(chunk, *row), compression=compression,
                 )  # fmt: skip
-                self._write_rows(masks, records, first_row, destination, buffer_bytes, MASK_ENDING)
-                found = sorted({label for r in records for label in r.get("mask_labels", [])})
-                set_attribute(schema.ATTR_MASK_LABELS, found or [0], schema.MASKS)
-            order = np.argsort(destination)  # canonical row of each store row
-            schema.create_dataset(h5, schema.LABELS, np.repeat(scan_labels, counts)[order])
-            scans = np.repeat(np.arange(len(records)), counts)
-            schema.create_dataset(h5, schema.SUBJECT, scans[order])
-            positions = np.concatenate([r["positions"] for r in records])
-            schema.create_dataset(h5, schema.SLICE, positions[order])
-            _write_subjects(h5, records, scan_labels, [names[i] for i in scan_split])
-            set_attribute(
-                schema.ATTR_PARTICIPANT_COLUMNS,
-                _write_participants(h5, [r["subject_id"] for r in records], participants or {}),
-            )
-            set_attribute(schema.ATTR_SCHEMA, schema.SCHEMA_VERSION)
-            set_attribute(schema.ATTR_UUID, uuid.uuid4())
-            set_attribute(schema.ATTR_CREATED, datetime.now(UTC).isoformat(timespec="seconds"))
-            set_attribute(schema.ATTR_CONFIG, config)
-            set_attribute(schema.ATTR_CLASS_NAMES, class_names)
-            set_attribute(schema.ATTR_SPLITS, ranges)
-            h5.flush()
-            set_attribute(schema.ATTR_COMPLETE, True)
+                set_attribute = functools.partial(schema.set_attribute, h5)
+                set_attribute(
+                    schema.ATTR_SCALE, schema.intensity_scale(config["dtype"]), schema.IMAGES
+                )
+                set_attribute(schema.ATTR_OFFSET, 0.0, schema.IMAGES)
+                set_attribute(schema.ATTR_CHANNELS, channels, schema.IMAGES)
+                self._write_rows(images, records, first_row, destination, buffer_bytes, ".npy")
+                if config.get("masks") or config.get("masks_suffix"):
+                    masks = schema.create_dataset(
+                        h5, schema.MASKS, shape=(num_rows, size, size), dtype="uint8",
+                        chunks=(chunk, size, size), compression=compression,
+                    )  # fmt: skip
+                    self._write_rows(
+                        masks, records, first_row, destination, buffer_bytes, MASK_ENDING
+                    )
+                    found = sorted({label for r in records for label in r.get("mask_labels", [])})
+                    set_attribute(schema.ATTR_MASK_LABELS, found or [0], schema.MASKS)
+                order = np.argsort(destination)  # canonical row of each store row
+                schema.create_dataset(h5, schema.LABELS, np.repeat(scan_labels, counts)[order])
+                scans = np.repeat(np.arange(len(records)), counts)
+                schema.create_dataset(h5, schema.SUBJECT, scans[order])
+                positions = np.concatenate([r["positions"] for r in records])
+                schema.create_dataset(h5, schema.SLICE, positions[order])
+                _write_subjects(h5, records, scan_labels, [names[i] for i in scan_split])
+                set_attribute(
+                    schema.ATTR_PARTICIPANT_COLUMNS,
+                    _write_participants(h5, [r["subject_id"] for r in records], participants or {}),
+                )
+                set_attribute(schema.ATTR_SCHEMA, schema.SCHEMA_VERSION)
+                set_attribute(schema.ATTR_UUID, uuid.uuid4())
+                set_attribute(schema.ATTR_CREATED, datetime.now(UTC).isoformat(timespec="seconds"))
+                set_attribute(schema.ATTR_CONFIG, config)
+                set_attribute(schema.ATTR_CLASS_NAMES, class_names)
+                set_attribute(schema.ATTR_SPLITS, ranges)
+                h5.flush()
+                set_attribute(schema.ATTR_COMPLETE, True)
+        except BaseException:  # a full disk, an interrupt: free the space, keep the scans
+            temporary.unlink(missing_ok=True)
+            for leftover in self.path.glob("bucket-*"):
+                leftover.unlink()
+            raise
         _fsync(temporary)
         os.replace(temporary, self.target)
         _fsync(self.target.parent)

@@ -134,4 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predictions per subject: {run_dir / 'predictions.csv'}")
         return 0
 
-    return run_main(parser, argv, body, flags, hint=lambda args: " before training started")
+    return run_main(
+        parser, argv, body, flags, interrupt_hint=lambda args: " before training started"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -170,4 +171,8 @@ def fit(
     except KeyboardInterrupt:
         history_log.on_train_end()  # Keras skips it on an interrupt: close history.csv
         return True
+    except BaseException:  # a full disk: close history.csv now, not noisily when collected
+        with contextlib.suppress(OSError):
+            history_log.on_train_end()
+        raise
     return False
