@@ -41,7 +41,14 @@ from preprocess.errors import PreprocessError, ScanError
 from preprocess.shards import parse_shard, subjects_of_shard
 from preprocess.slices import AXES, kept_positions, label_slices, slices_at
 from preprocess.splits import UNLABELLED, assign_splits, quantile_strata, split_names
-from preprocess.volume import NORMALIZATIONS, foreground, load_volume, normalization, on_grid
+from preprocess.volume import (
+    MAX_VOXELS,
+    NORMALIZATIONS,
+    foreground,
+    load_volume,
+    normalization,
+    on_grid,
+)
 from preprocess.writer import Partial, partial_path, scan_record
 
 FINDING = "finding scans and labels"
@@ -92,6 +99,10 @@ class Settings:
     volume: int | None = option(
         None, "take volume K (from 0) of 4-D files, else they are rejected", metavar="K",
         kind=int, at_least=0, group=FINDING,
+    )  # fmt: skip
+    max_voxels: int = option(
+        MAX_VOXELS, "reject a scan whose header claims more voxels per volume, before "
+        "reading it", metavar="N", at_least=1, group=FINDING,
     )  # fmt: skip
     normalize: str = option(
         "percentile", "intensity scaling per volume", choices=NORMALIZATIONS, group=SLICES
@@ -217,7 +228,7 @@ def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray, np.n
     Raises:
         ScanError: the scan cannot be used.
     """
-    volume = load_volume(scan.path, settings.volume)
+    volume = load_volume(scan.path, settings.volume, max_voxels=settings.max_voxels)
     mask = foreground(volume.voxels)
     positions = kept_positions(mask, settings.axis, settings.min_foreground)
     cut = functools.partial(
@@ -237,7 +248,7 @@ def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray, np.n
     channels = [cut(volume.voxels, scale=scale)]
     notes = list(volume.notes)
     for suffix, path in zip(settings.suffix[1:], scan.others, strict=True):
-        other = _named(path, load_volume, path, settings.volume)
+        other = _named(path, load_volume, path, settings.volume, False, settings.max_voxels)
         data, coverage = on_grid(other, volume)
         if coverage < MIN_COVERAGE:
             notes.append(f"{suffix} {path.name} covers only {coverage:.0%} of the reference grid")
@@ -286,7 +297,7 @@ def _named(path: Path, function, *args):
 
 def _mask_slices(path: Path, reference, positions: np.ndarray, settings: Settings) -> np.ndarray:
     """The label mask of a scan, resampled onto its grid (nearest voxel) and cut by label."""
-    labels = load_volume(path, settings.volume, allow_constant=True)
+    labels = load_volume(path, settings.volume, True, settings.max_voxels)
     values = labels.data
     if not np.array_equal(values, np.round(values)):
         raise ScanError("the mask is not integer-valued (labels 0, 1, ...)")
@@ -309,7 +320,8 @@ def _process_or_reason(scan: Scan, settings: Settings):
     except MemoryError:
         return "out of memory while processing"
     except Exception as exc:  # a damaged file can fail deep inside nibabel or scipy
-        return f"unreadable ({type(exc).__name__}: {exc})"
+        lines = str(exc).strip().splitlines() or [""]
+        return f"unreadable ({type(exc).__name__}: {lines[0]})"
 
 
 # A numeric label column with more distinct values than this is a quantity (age), not

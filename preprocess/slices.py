@@ -9,6 +9,8 @@ from scipy import ndimage
 
 from preprocess.errors import ScanError
 
+# A slice's field of view may be at most this many times as wide as tall.
+MAX_ASPECT = 50
 # Axis of the canonical (RAS) volume that each slicing direction walks along.
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
@@ -190,6 +192,11 @@ def square_geometry(
         before the slice, the averaging block.
     """
     extent = np.array(shape) * spacing
+    if extent.max() > MAX_ASPECT * extent.min():
+        raise ScanError(
+            f"slices of {extent[0]:g} x {extent[1]:g} mm: more than {MAX_ASPECT} times as wide "
+            "as tall (check the voxel sizes)"
+        )
     target = np.maximum(np.round(extent.max() / spacing).astype(int), shape)
     block = np.maximum(1, target // size // 2)
     target = -(-target // block) * block

@@ -7,6 +7,7 @@ the one line a user sees next to the file's path.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import warnings
 import zlib
@@ -21,6 +22,9 @@ from scipy import ndimage
 from preprocess.errors import ScanError
 
 NORMALIZATIONS = ("percentile", "zscore", "none")
+# A voxel side outside these (mm) is a damaged header, not a scan.
+MIN_VOXEL_MM, MAX_VOXEL_MM = 1e-3, 1e3
+MAX_VOXELS = 1 << 28  # 268 M voxels: a 0.3 mm whole head; more is a damaged header
 PERCENTILES = (0.5, 99.5)
 
 
@@ -62,7 +66,10 @@ class Volume:
 
 
 def load_volume(
-    path: str | os.PathLike, volume: int | None = None, allow_constant: bool = False
+    path: str | os.PathLike,
+    volume: int | None = None,
+    allow_constant: bool = False,
+    max_voxels: int = MAX_VOXELS,
 ) -> Volume:
     """Load a NIfTI scan as a canonical volume.
 
@@ -75,15 +82,36 @@ def load_volume(
         path: a ``.nii`` or ``.nii.gz`` file.
         volume: which volume of a 4-D file to take. Defaults to None (3-D files only).
         allow_constant: accept a volume of one value (a mask without a lesion).
+        max_voxels: refuse a volume whose header claims more voxels, before reading them
+            (a damaged or hostile header must not take all the memory).
 
     Raises:
         ScanError: not NIfTI, unreadable or truncated, not 3-D, empty, a bad affine, or constant.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        volume = _load(path, volume, allow_constant)
+    logged = _Notes()
+    nibabel_log = logging.getLogger("nibabel.global")  # nibabel's header checks log here
+    handlers, propagate = nibabel_log.handlers[:], nibabel_log.propagate
+    nibabel_log.handlers, nibabel_log.propagate = [logged], False  # notes, not stderr lines
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            volume = _load(path, volume, allow_constant, max_voxels)
+    finally:
+        nibabel_log.handlers, nibabel_log.propagate = handlers, propagate
     volume.notes += [str(w.message).splitlines()[0] for w in caught]
+    volume.notes += logged.lines
     return volume
+
+
+class _Notes(logging.Handler):
+    """nibabel's log lines (header fixes such as ``sform_code 512 not valid``), kept."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage().splitlines()[0])
 
 
 def read_image(path: str | os.PathLike):
@@ -117,7 +145,7 @@ def read_image(path: str | os.PathLike):
         raise ScanError(f"not NIfTI or unreadable header ({_reason(exc)})") from exc
 
 
-def _load(path: str | os.PathLike, volume: int | None, allow_constant: bool) -> Volume:
+def _load(path, volume: int | None, allow_constant: bool, max_voxels: int) -> Volume:
     image = read_image(path)
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise ScanError(f"not NIfTI: nibabel reads it as {type(image).__name__}")
@@ -126,13 +154,20 @@ def _load(path: str | os.PathLike, volume: int | None, allow_constant: bool) -> 
         raise ScanError("complex-valued voxels: save the magnitude as a real-valued image first")
     if kind not in "biuf":
         raise ScanError(f"unsupported voxel type {image.get_data_dtype()} (RGB or structured)")
+    claimed = int(np.prod(image.shape[:3], dtype=np.float64))
+    if claimed > max_voxels:
+        raise ScanError(
+            f"the header claims {image.shape[:3]} = {claimed} voxels, more than --max-voxels "
+            f"{max_voxels}"
+        )
     image = _pick_volume(image, volume)
     if 0 in image.shape:
         raise ScanError(f"empty: shape {image.shape}")
     affine = image.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ScanError(
-            f"bad header: the voxel-to-world affine is singular or not finite:\n{affine}"
+            "bad header: the voxel-to-world affine is singular or not finite: "
+            f"{np.round(affine, 4).tolist()}"
         )
     try:
         stored, slope, inter = _stored_voxels(image)
@@ -161,6 +196,11 @@ def _load(path: str | os.PathLike, volume: int | None, allow_constant: bool) -> 
     if low == high and not allow_constant:
         raise ScanError(f"constant: every voxel is {float(low) * slope + inter:g}")
     voxel_size = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if not np.all((voxel_size >= MIN_VOXEL_MM) & (voxel_size <= MAX_VOXEL_MM)):
+        raise ScanError(
+            f"bad header: voxel sizes {np.round(voxel_size, 6).tolist()} mm (each must be "
+            f"{MIN_VOXEL_MM:g} to {MAX_VOXEL_MM:g} mm)"
+        )
     return Volume(voxels, affine, voxel_size, notes, slope, inter)
 
 

@@ -1,0 +1,64 @@
+"""Hostile and damaged NIfTI files: never a traceback, a hang or unbounded memory."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import nibabel as nib
+import numpy as np
+from conftest import NIBABEL_DATA, blob_volume, write_nifti
+from fuzz_preprocess import FIELDS, fuzz, mutate, sources
+
+from loader.store import open_store
+from preprocess.cli import main as preprocess_main
+
+
+def test_a_few_hundred_damaged_files_each_end_as_a_scan_or_one_line(tmp_path):
+    outcomes, broken = fuzz(cases=300, seed=7, folder=tmp_path)
+    assert broken == []  # no exception escaped, none over the time bound, one line each
+    assert sum(outcomes.values()) == 300
+    assert sum(n for (_, kind), n in outcomes.items() if kind == "stored") > 30
+    assert sum(n for (_, kind), n in outcomes.items() if kind == "rejected") > 30
+    assert {field for field, _ in outcomes} == set(FIELDS)  # every mutation was tried
+
+
+def test_damaged_files_beside_healthy_ones_are_named_and_the_healthy_stored(tmp_path, capsys):
+    inputs = tmp_path / "in"
+    healthy = []
+    for index in range(3):
+        path = write_nifti(inputs / f"healthy{index}.nii.gz", blob_volume(index))
+        healthy.append(path.name)
+    rng = np.random.default_rng(3)
+    starts = sources(tmp_path)
+    for index in range(24):
+        source = starts[index % len(starts)]
+        mutate(source, rng, inputs / f"damaged{index}{''.join(source.suffixes)}")
+    code = preprocess_main([str(inputs), "-o", str(tmp_path / "s.h5"), "--volume", "0"])
+    assert code in (0, 1)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert all(line.startswith(("rejected: ", "warning: ")) for line in lines), lines
+    rejected = {line.split(": ")[1] for line in lines if line.startswith("rejected: ")}
+    with open_store(tmp_path / "s.h5") as store:
+        stored = {path.split("/")[-1] for path in store.subjects_table()["path"]}
+    every = {p.name for p in inputs.iterdir()}
+    assert {name.split("/")[-1] for name in rejected} | stored == every
+    assert not stored & {name.split("/")[-1] for name in rejected}
+    assert set(healthy) <= stored
+
+
+def test_a_header_claiming_too_many_voxels_is_refused_before_reading(tmp_path, capsys):
+    image = nib.load(NIBABEL_DATA / "anatomical.nii")
+    header = image.header.copy()
+    header["dim"][1:4] = [2000, 2000, 2000]  # 8e9 voxels, 16 GB of int16 the file lacks
+    raw = (NIBABEL_DATA / "anatomical.nii").read_bytes()
+    path = tmp_path / "in" / "huge.nii.gz"
+    path.parent.mkdir()
+    path.write_bytes(gzip.compress(header.binaryblock + raw[348:], compresslevel=1))
+    shutil.copy(NIBABEL_DATA / "anatomical.nii", tmp_path / "in" / "fine.nii")
+    assert preprocess_main([str(tmp_path / "in"), "-o", str(tmp_path / "s.h5")]) == 1
+    err = capsys.readouterr().err
+    assert "huge.nii.gz: the header claims (2000, 2000, 2000) = 8000000000 voxels, more " in err
+    assert "than --max-voxels 268435456" in err
