@@ -1,6 +1,7 @@
 """Describe a store: slices, subjects, splits and classes, the settings it was made with, its size.
 
 With --preview, also draw a grid of random slices with their subject and label.
+``python -m loader verify STORE...`` checks every chunk against its checksum instead.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +45,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``python -m loader``; returns the exit status."""
+    """Run ``python -m loader`` (or ``python -m loader verify``); returns the exit status."""
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["verify"]:
+        from loader.verify import main as verify_main
+
+        return verify_main(arguments[1:])
     parser, flags = _parser()
 
     def body(args: argparse.Namespace) -> int:

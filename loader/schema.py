@@ -9,8 +9,8 @@ an older store lacks (:func:`read_attribute`); the README's schema table is
 ``preprocess`` can use it.
 
 Shape rules use ``N`` (rows, one per slice), ``M`` (scans, rows of the subjects table),
-``S`` (the side of a slice) and ``C`` (channels per slice); a last size written ``C?`` is
-there only when it is more than one.
+``S`` (the side of a slice), ``C`` (channels per slice; a last size written ``C?`` is
+there only when it is more than one) and ``N/K`` (chunks of ``K`` rows, rounded up).
 
 Growing the schema: add entries with ``since=SCHEMA_VERSION + 1`` and a ``default`` for
 stores written before, then raise :data:`SCHEMA_VERSION`. A reader accepts every version
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ SCHEMA_VERSION = 3
 IMAGES = "images"
 LABELS = "labels"
 MASKS = "masks"
+CHECKSUMS = "checksums"
 SUBJECT = "subject"
 SLICE = "slice"
 
@@ -159,6 +161,13 @@ ENTRIES = (
         optional=True,
     ),
     _attribute(MASKS, ATTR_MASK_LABELS, "json", "the labels found in the masks, sorted", since=3),
+    _dataset(
+        CHECKSUMS,
+        ["uint32"],
+        ["N/K"],
+        "CRC-32 of each /images chunk (K rows) as uncompressed bytes",
+        since=3,
+    ),
     _dataset(LABELS, ["int32"], ["N"], "class index per slice, -1 where unlabelled"),
     _dataset(SUBJECT, ["int32"], ["N"], "row in the subjects table (one row per scan)"),
     _dataset(SLICE, ["int16"], ["N"], "position of the slice along the canonical volume's axis"),
@@ -247,6 +256,25 @@ def channel_names(suffixes, context: int = 0) -> list[str]:
     if context == 0:
         return suffixes
     return [f"{name}{offset:+d}" for name in suffixes for offset in range(-context, context + 1)]
+
+
+def checksum(rows: np.ndarray) -> int:
+    """CRC-32 of rows' bytes as stored (ISA-L's, about 18 GB/s here; zlib's where absent).
+
+    >>> checksum(np.zeros((2, 2), np.uint8))
+    558161692
+    """
+    data = memoryview(np.ascontiguousarray(rows)).cast("B")
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return zlib.crc32(data)
+    return isal_zlib.crc32(data)
+
+
+def chunk_checksums(rows: np.ndarray, chunk: int) -> list[int]:
+    """The checksum of every ``chunk`` rows of ``rows`` (the last may be shorter)."""
+    return [checksum(rows[start : start + chunk]) for start in range(0, len(rows), chunk)]
 
 
 def intensity_scale(dtype: str) -> float:
@@ -375,6 +403,8 @@ def problems(h5: h5py.File) -> list[str]:
     found = []
     images = h5[IMAGES].shape
     sizes = {"N": images[0], "S": images[1], "C?": images[3] if len(images) == 4 else None}
+    rows = h5[IMAGES].chunks[0] if h5[IMAGES].chunks else max(images[0], 1)
+    sizes["N/K"] = -(-images[0] // rows)
     if f"{SUBJECTS}/{SUBJECT_ID}" in h5:
         sizes["M"] = h5[f"{SUBJECTS}/{SUBJECT_ID}"].shape[0]
     for declared in ENTRIES:

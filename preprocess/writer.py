@@ -273,7 +273,10 @@ class Partial:
                 )
                 set_attribute(schema.ATTR_OFFSET, 0.0, schema.IMAGES)
                 set_attribute(schema.ATTR_CHANNELS, channels, schema.IMAGES)
-                self._write_rows(images, records, first_row, destination, buffer_bytes, ".npy")
+                sums = self._write_rows(
+                    images, records, first_row, destination, buffer_bytes, ".npy"
+                )
+                schema.create_dataset(h5, schema.CHECKSUMS, np.array(sums, dtype=np.uint32))
                 if config.get("masks") or config.get("masks_suffix"):
                     masks = schema.create_dataset(
                         h5, schema.MASKS, shape=(num_rows, size, size), dtype="uint8",
@@ -314,9 +317,12 @@ class Partial:
         self.remove()
         return ranges
 
-    def _write_rows(self, images, records, first_row, destination, buffer_bytes, ending) -> None:
+    def _write_rows(
+        self, images, records, first_row, destination, buffer_bytes, ending
+    ) -> list[int]:
         """Fill ``images`` (or masks: the files ending in ``ending``) so that canonical row r
-        lands at ``destination[r]``."""
+        lands at ``destination[r]``; returns the checksum of every chunk."""
+        sums = []
         num_rows, row = images.shape[0], images.shape[1:]
         row_bytes = int(np.prod(row)) * images.dtype.itemsize
         chunk = images.chunks[0]
@@ -350,6 +356,8 @@ class Partial:
                         record, ending
                     )
             images[start:stop] = block
+            sums += schema.chunk_checksums(block, images.chunks[0])  # windows hold whole chunks
+        return sums
 
     def _slices(self, record: dict, ending: str = ".npy") -> np.ndarray:
         return np.load(self.path / f"{scan_key(record['source'])}{ending}", mmap_mode="r")
