@@ -9,9 +9,10 @@ import threading
 import keras
 import numpy as np
 
+from loader import schema
 from loader.plan import EpochPlan
 from loader.rows import prefetch_rows, read_rows
-from loader.store import StoreChangedError, file_identity, open_h5
+from loader.store import StoreChangedError, StoreDamagedError, file_identity, open_h5
 from loader.stores import open_parts, store_paths
 from loader.target import SEGMENTATION, Target
 
@@ -74,6 +75,9 @@ class H5Sequence(keras.utils.PyDataset):
         id_column: the subject-id column of ``labels``. Defaults to ``participant_id``.
         shard: ``(index, count)``: read only this host's share of each epoch. Defaults to
             None (every batch).
+        verify: check every chunk a batch reads against its checksum (stores of schema 3),
+            so damaged bytes never reach a model; a chunk the batch covers only in part is
+            read whole for the check. Defaults to True.
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of
             ``keras.utils.PyDataset``.
 
@@ -106,13 +110,14 @@ class H5Sequence(keras.utils.PyDataset):
         labels: str | os.PathLike | None = None,
         id_column: str = "participant_id",
         shard: tuple[int, int] | None = None,
+        verify: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         paths = store_paths(path)
         _check_int("batch_size", batch_size, minimum=1)
         _check_int("seed", seed, minimum=0)
-        for name, value in (("shuffle", shuffle), ("prefetch", prefetch)):
+        for name, value in (("shuffle", shuffle), ("prefetch", prefetch), ("verify", verify)):
             if not isinstance(value, bool):
                 raise TypeError(f"`{name}` must be a bool; received {name}={value!r}")
         if channels not in ("last", "first"):
@@ -135,6 +140,7 @@ class H5Sequence(keras.utils.PyDataset):
         self._channels = channels
         self._prefetch = prefetch
         self._shard = shard
+        self._verify = verify
         self._epoch = 0
         self._parts, blocks, self._target, self._weighted = open_parts(
             paths, split, target, task, labels, id_column
@@ -300,7 +306,10 @@ class H5Sequence(keras.utils.PyDataset):
         for part_index, start, stop in runs:
             part, (fd, h5) = self._parts[part_index], files[part_index]
             end = position + stop - start
-            read_rows(part.images, start, stop, stored[position:end], fd, h5 and h5[0])
+            if self._verify and part.checksums is not None:
+                _read_checked(part, start, stop, stored[position:end], fd, h5 and h5[0])
+            else:
+                read_rows(part.images, start, stop, stored[position:end], fd, h5 and h5[0])
             if segmentation:
                 read_rows(part.masks, start, stop, masks[position:end], fd, h5 and h5[2])
             elif target:
@@ -373,6 +382,34 @@ class H5Sequence(keras.utils.PyDataset):
                 self._open_files = files
                 self._pid = pid
         return self._open_files
+
+
+def _read_checked(part, start: int, stop: int, out: np.ndarray, fd, dataset) -> None:
+    """Read rows ``[start, stop)`` into ``out``, each chunk compared with its checksum.
+
+    A chunk the rows cover in part is read whole (once) for the check and the rows copied
+    out of it.
+
+    Raises:
+        StoreDamagedError: a chunk whose bytes changed, naming the store and its rows.
+    """
+    chunk = part.chunk_rows
+    for index in range(start // chunk, (stop - 1) // chunk + 1):
+        first, last = index * chunk, min((index + 1) * chunk, part.num_rows)
+        low, high = max(first, start), min(last, stop)
+        if low == first and high == last:
+            data = out[first - start : last - start]
+            read_rows(part.images, first, last, data, fd, dataset)
+        else:
+            data = np.empty((last - first, *out.shape[1:]), out.dtype)
+            read_rows(part.images, first, last, data, fd, dataset)
+            out[low - start : high - start] = data[low - first : high - first]
+        if schema.checksum(data) != int(part.checksums[index]):
+            raise StoreDamagedError(
+                f"{part.path}: rows {first}-{last - 1} (/images chunk {index}) are damaged: "
+                "their bytes no longer match the checksum; run python -m loader verify "
+                f"{part.path}"
+            )
 
 
 def _check_shard(shard) -> tuple[int, int]:

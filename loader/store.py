@@ -66,6 +66,10 @@ class StoreError(ValueError):
     """A file that cannot be read as a finished store of a known schema."""
 
 
+class StoreDamagedError(StoreError):
+    """Rows whose bytes no longer match their chunk's checksum."""
+
+
 class StoreChangedError(StoreError):
     """The file at a store's path is no longer the one a reader started on."""
 

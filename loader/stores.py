@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loader import table
+from loader import schema, table
 from loader.plan import aligned_blocks
 from loader.rows import RowLayout, row_layout
 from loader.schema import UNLABELLED_SPLIT
@@ -126,6 +126,9 @@ class Part:
     channels: int = 1
     masks: RowLayout | None = None  # read as the target of segmentation
     channel_names: tuple[str, ...] = ()
+    checksums: np.ndarray | None = None  # per /images chunk; None before schema 3
+    chunk_rows: int = 1
+    num_rows: int = 0
 
 
 def open_parts(paths, split, target, task, labels, id_column):
@@ -169,6 +172,9 @@ def open_parts(paths, split, target, task, labels, id_column):
                     store.num_channels,
                     row_layout(store.masks) if target == MASK else None,
                     tuple(store.channel_names),
+                    _checksums(store),
+                    store.chunk_slices,
+                    store.num_slices,
                 )
             )  # fmt: skip
             first_row += store.num_slices
@@ -176,6 +182,11 @@ def open_parts(paths, split, target, task, labels, id_column):
         for store in stores:
             store.close()
     return parts, np.concatenate(blocks), targets[0], weighted
+
+
+def _checksums(store: Store) -> np.ndarray | None:
+    sums = store.file.get(schema.CHECKSUMS)
+    return None if sums is None else sums[()]
 
 
 def _labelled_rows(store, split) -> list:

@@ -57,3 +57,39 @@ def test_a_file_that_is_no_store_is_exit_2(tmp_path, capsys):
     path.write_bytes(b"not an hdf5 file at all")
     assert loader_main(["verify", str(path)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def _flip(path, chunk: int) -> None:
+    offset, size = _chunk_offset(path, chunk)
+    with open(path, "r+b") as handle:
+        handle.seek(offset + size // 2)
+        byte = handle.read(1)[0]
+        handle.seek(offset + size // 2)
+        handle.write(bytes([byte ^ 1]))
+
+
+def test_the_sequence_never_serves_damaged_rows(copy):
+    from loader import H5Sequence
+    from loader.store import StoreDamagedError
+
+    _flip(copy, 5)  # rows 40-47, in the train split
+    sequence = H5Sequence(copy, split="train", batch_size=8)
+    for index in range(5):  # chunks 0-4 are whole
+        assert sequence[index][0].shape == (8, 64, 64, 1)
+    with pytest.raises(StoreDamagedError, match=r"rows 40-47 \(/images chunk 5\) are damaged"):
+        sequence[5]
+    unchecked = H5Sequence(copy, split="train", batch_size=8, verify=False)
+    assert unchecked[5][0].shape == (8, 64, 64, 1)  # verify=False reads what is there
+
+
+def test_a_chunk_read_in_part_is_checked_whole(copy):
+    from loader import H5Sequence
+    from loader.store import StoreDamagedError, open_store
+
+    with open_store(copy) as store:
+        val = store.splits["val"]
+    chunk = val.start // 8  # the chunk where val begins, shared with train
+    assert val.start % 8  # the split starts inside it
+    _flip(copy, chunk)
+    with pytest.raises(StoreDamagedError, match=f"/images chunk {chunk}"):
+        H5Sequence(copy, split="val", batch_size=4)[0]
