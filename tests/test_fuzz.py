@@ -62,3 +62,38 @@ def test_a_header_claiming_too_many_voxels_is_refused_before_reading(tmp_path, c
     err = capsys.readouterr().err
     assert "huge.nii.gz: the header claims (2000, 2000, 2000) = 8000000000 voxels, more " in err
     assert "than --max-voxels 268435456" in err
+
+
+def test_a_symlink_loop_in_the_inputs_ends_and_each_scan_is_stored_once(tmp_path, capsys):
+    inputs = tmp_path / "in"
+    write_nifti(inputs / "sub" / "a.nii.gz", blob_volume(1))
+    (inputs / "sub" / "loop").symlink_to("..")  # in/sub/loop -> in
+    assert preprocess_main([str(inputs), "-o", str(tmp_path / "s.h5")]) == 0
+    with open_store(tmp_path / "s.h5") as store:
+        assert len(store.subjects_table()["path"]) == 1
+
+
+def test_a_file_vanishing_after_discovery_is_one_line_and_the_rest_stored(
+    tmp_path, capsys, monkeypatch
+):
+    from preprocess import pipeline
+
+    inputs = tmp_path / "in"
+    for index in range(3):
+        write_nifti(inputs / f"s{index}.nii.gz", blob_volume(index))
+    found = pipeline.find_scans
+
+    def then_delete(*args, **kwargs):
+        result = found(*args, **kwargs)
+        (inputs / "s1.nii.gz").unlink()  # gone between discovery and reading
+        return result
+
+    monkeypatch.setattr(pipeline, "find_scans", then_delete)
+    args = [str(inputs), "-o", str(tmp_path / "s.h5"), "--workers", "1"]
+    assert preprocess_main(args) == 1
+    err = capsys.readouterr().err
+    assert "rejected: " in err
+    assert "s1.nii.gz: truncated or unreadable data (FileNotFoundError" in err
+    assert "Traceback" not in err
+    with open_store(tmp_path / "s.h5") as store:
+        assert len(store.subjects_table()["path"]) == 2
