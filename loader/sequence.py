@@ -148,7 +148,7 @@ class H5Sequence(keras.utils.PyDataset):
         self._blocks = blocks
         first = self._parts[0]
         self._slice_shape, self._dtype = first.slice_shape, first.dtype
-        self._num_channels = first.channels
+        self._num_channels = len(first.channel_names)
         self._scale, self._offset = first.scale, first.offset
         self._first_rows = np.array([part.first_row for part in self._parts], dtype=np.int64)
         self._plan = EpochPlan(self._blocks, batch_size, shuffle, seed, self._epoch)

@@ -123,7 +123,6 @@ class Part:
     subjects: RowLayout
     values: np.ndarray | None  # target value per scan
     present: np.ndarray | None
-    channels: int = 1
     masks: RowLayout | None = None  # read as the target of segmentation
     channel_names: tuple[str, ...] = ()
     checksums: np.ndarray | None = None  # per /images chunk; None before schema 3
@@ -169,7 +168,6 @@ def open_parts(paths, split, target, task, labels, id_column):
                     row_layout(store.images), row_layout(store.subject),
                     None if store_target is None else store_target.values,
                     None if store_target is None else store_target.present,
-                    store.num_channels,
                     row_layout(store.masks) if target == MASK else None,
                     tuple(store.channel_names),
                     _checksums(store),

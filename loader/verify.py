@@ -12,12 +12,13 @@ import os
 import sys
 
 import h5py
+import numpy as np
 
 from loader import schema
 from loader.command import run_main
 from loader.store import StoreError, open_store
 
-BLOCK_ROWS = 1 << 16  # rows of a table read at a time
+BLOCK_BYTES = 64 << 20  # what a table is read in at a time
 
 
 def verify(path: str | os.PathLike) -> list[str]:
@@ -65,11 +66,13 @@ def _tables(h5: h5py.File, path: str) -> list[str]:
     for name in names:
         dataset = h5[name]
         length = dataset.shape[0] if dataset.shape else 1
-        for start in range(0, max(length, 1), BLOCK_ROWS):
+        row_bytes = dataset.dtype.itemsize * int(np.prod(dataset.shape[1:], dtype=np.int64))
+        block = max(1, BLOCK_BYTES // max(row_bytes, 1))  # /masks: 16,384 rows, not more
+        for start in range(0, max(length, 1), block):
             try:
-                dataset[start : start + BLOCK_ROWS] if dataset.shape else dataset[()]
+                dataset[start : start + block] if dataset.shape else dataset[()]
             except (OSError, RuntimeError) as exc:
-                stop = min(start + BLOCK_ROWS, length)
+                stop = min(start + block, length)
                 found.append(f"{path}: /{name} rows {start}-{stop - 1}: unreadable "
                              f"({_first_line(exc)})")  # fmt: skip
     return found

@@ -303,7 +303,7 @@ def _mask_slices(path: Path, reference, positions: np.ndarray, settings: Setting
         raise ScanError("the mask is not integer-valued (labels 0, 1, ...)")
     if values.min() < 0 or values.max() > 255:
         raise ScanError(f"mask labels must be 0 to 255; found {values.min():g} to {values.max():g}")
-    on_reference, coverage = on_grid(labels, reference, order=0)
+    on_reference, coverage = on_grid(labels, reference, order=0, data=values)
     if coverage < 0.999:
         raise ScanError(f"the mask covers only {coverage:.0%} of the scan's field of view")
     return label_slices(

@@ -246,7 +246,9 @@ def _pick_volume(image, volume: int | None):
     return image.slicer[(slice(None),) * 3 + (volume,) + (0,) * (len(extra) - 1)]
 
 
-def on_grid(source: Volume, reference: Volume, order: int = 1) -> tuple[np.ndarray, float]:
+def on_grid(
+    source: Volume, reference: Volume, order: int = 1, data: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
     """A volume's intensities resampled onto another's voxel grid through their affines.
 
     Scans of one session share the scanner's space, so this aligns them without any
@@ -256,12 +258,13 @@ def on_grid(source: Volume, reference: Volume, order: int = 1) -> tuple[np.ndarr
         source: the volume to resample.
         reference: the volume whose grid it lands on.
         order: 1 for linear interpolation (images), 0 for the nearest voxel (labels).
+        data: ``source.data`` where the caller has it already.
 
     Returns:
         ``(data, coverage)``: float32 on the reference's grid, and the share of the
         reference's voxels that lie inside the source's field of view.
     """
-    data = source.data
+    data = source.data if data is None else data
     to_source = np.linalg.inv(source.affine) @ reference.affine
     # the reference's voxel centres, every 4th along each axis, in the source's voxels
     grid = np.stack(

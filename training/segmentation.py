@@ -94,52 +94,44 @@ def evaluate_segmentation(
     from training.results import row_facts
 
     class_names = targets[0].class_names
-    labels = len(class_names)
-    overlap, total = np.zeros(labels - 1), np.zeros(labels - 1)
+    labels = np.arange(1, len(class_names))
+    overlap, total = np.zeros(len(labels)), np.zeros(len(labels))
     per_subject: dict[str, dict] = {}
-    losses, examples = [], {"image": [], "true": [], "predicted": [], "area": []}
+    losses, examples = [], []  # (true area, image, true, predicted): the largest few only
     for index in range(len(sequence)):
         x, y = sequence[index]
         probabilities = np.asarray(model.predict_on_batch(x))
         losses.append(float(dice_cross_entropy(y, probabilities)) * len(x))
         predicted = probabilities.argmax(-1)
         true = y[..., 0].astype(np.int64)
+        # per row and label: pixels in both, and pixels predicted plus true
+        hit = predicted[..., None] == labels
+        want = true[..., None] == labels
+        both = (hit & want).sum(axis=(1, 2))
+        sums = hit.sum(axis=(1, 2)) + want.sum(axis=(1, 2))
+        overlap += both.sum(axis=0)
+        total += sums.sum(axis=0)
         facts = row_facts(sequence.rows(index), stores, targets)
-        ids, sessions = facts["ids"], facts["sessions"]
-        for label in range(1, labels):
-            hit, want = predicted == label, true == label
-            both = (hit & want).sum(axis=(1, 2))
-            sums = hit.sum(axis=(1, 2)) + want.sum(axis=(1, 2))
-            overlap[label - 1] += both.sum()
-            total[label - 1] += sums.sum()
-            for subject in np.unique(ids):
-                mine = ids == subject
-                entry = per_subject.setdefault(
-                    subject,
-                    {"overlap": np.zeros(labels - 1), "total": np.zeros(labels - 1),
-                     "sessions": set(), "slices": 0, "true": 0, "predicted": 0},
-                )  # fmt: skip
-                entry["overlap"][label - 1] += both[mine].sum()
-                entry["total"][label - 1] += sums[mine].sum()
-        for subject, session in zip(ids, sessions, strict=True):
-            entry = per_subject[subject]
-            entry["slices"] += 1
-            if session:
-                entry["sessions"].add(session)
-        for subject in np.unique(ids):
-            mine = ids == subject
-            per_subject[subject]["true"] += int((true[mine] > 0).sum())
-            per_subject[subject]["predicted"] += int((predicted[mine] > 0).sum())
+        for subject in np.unique(facts["ids"]):
+            mine = facts["ids"] == subject
+            entry = per_subject.setdefault(
+                subject,
+                {"overlap": np.zeros(len(labels)), "total": np.zeros(len(labels)),
+                 "sessions": set(), "slices": 0, "true": 0, "predicted": 0},
+            )  # fmt: skip
+            entry["overlap"] += both[mine].sum(axis=0)
+            entry["total"] += sums[mine].sum(axis=0)
+            entry["sessions"].update(s for s in facts["sessions"][mine] if s)
+            entry["slices"] += int(mine.sum())
+            entry["true"] += int((true[mine] > 0).sum())
+            entry["predicted"] += int((predicted[mine] > 0).sum())
         area = (true > 0).sum(axis=(1, 2))
-        for row in np.argsort(area)[::-1][:8]:
-            examples["image"].append(x[row])
-            examples["true"].append(true[row])
-            examples["predicted"].append(predicted[row])
-            examples["area"].append(area[row])
+        examples += [(area[r], x[r], true[r], predicted[r]) for r in np.argsort(area)[-8:]]
+        examples = sorted(examples, key=lambda example: -example[0])[:8]
     pooled = dice(overlap, total)
     subject_scores = [dice(e["overlap"], e["total"]) for e in per_subject.values()]
     mean_per_label = []
-    for label in range(labels - 1):
+    for label in range(len(labels)):
         values = [s[label] for s in subject_scores if s[label] is not None]
         mean_per_label.append(float(np.mean(values)) if values else None)
     names = class_names[1:]
@@ -164,9 +156,11 @@ def evaluate_segmentation(
             "predicted_pixels": entry["predicted"],
             "dice": "" if value is None else f"{value:.4f}", "slices": entry["slices"],
         })  # fmt: skip
-    keep = np.argsort(examples.pop("area"))[::-1][:8]
-    examples = {key: [values[i] for i in keep] for key, values in examples.items()}
-    return scores, rows, examples
+    pictures = {
+        key: [example[position] for example in examples]
+        for position, key in enumerate(("image", "true", "predicted"), start=1)
+    }
+    return scores, rows, pictures
 
 
 def _mean(values: list[float | None]) -> float | None:
