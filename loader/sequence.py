@@ -246,8 +246,15 @@ class H5Sequence(keras.utils.PyDataset):
 
     @property
     def epoch(self) -> int:
-        """The epoch whose plan ``__getitem__`` follows."""
+        """The epoch whose plan ``__getitem__`` follows; set it to start at a later epoch
+        (a resumed run)."""
         return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        _check_int("epoch", value, minimum=0)
+        self._epoch = value
+        self._plan = EpochPlan(self._blocks, self._batch_size, self._shuffle, self._seed, value)
 
     def __len__(self) -> int:
         batches = len(self._plan)
@@ -284,10 +291,7 @@ class H5Sequence(keras.utils.PyDataset):
 
     def on_epoch_end(self) -> None:
         """Move to the next epoch's plan."""
-        self._epoch += 1
-        self._plan = EpochPlan(
-            self._blocks, self._batch_size, self._shuffle, self._seed, self._epoch
-        )
+        self.epoch = self._epoch + 1
 
     def __getitem__(self, index: int):
         plan_batch = self._plan_batch(index)

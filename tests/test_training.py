@@ -39,7 +39,8 @@ def trained(phantom_store, tmp_path_factory):
 
 def test_the_run_folder_is_complete(trained):
     _, run_dir, result = trained
-    classification = set(RUN_FILES) - {"scatter.png", "segmentation.png"}
+    # a complete run keeps no checkpoint
+    classification = set(RUN_FILES) - {"scatter.png", "segmentation.png", "checkpoint.npz"}
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(classification)
     with open(run_dir / "predictions.csv", newline="") as handle:
         predictions = list(csv.DictReader(handle))

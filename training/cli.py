@@ -5,8 +5,11 @@ classes, numbers a regression. RUN_DIR gets model.keras (best weights), history.
 metrics.json (slice- and subject-level), predictions.csv (one row per subject),
 config.json (settings, the target, library versions, the stores read), curves.png, and
 confusion.png (classes) or scatter.png (regression).
+A checkpoint at every epoch end (and every --checkpoint-every N batches) lets --resume
+continue a killed run where it stopped, ending as the uninterrupted run would have.
 Exit status: 0 when done, 2 for usage errors or an unusable store, 130 when interrupted
-(the folder then holds the best model and the history so far).
+by Ctrl-C or SIGTERM (the batch finishes, a checkpoint is written; the folder holds the
+best model and the history so far).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 
 # Before TensorFlow loads: hide its INFO and WARNING lines; errors that matter reach the
@@ -69,6 +73,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the run in an existing RUN_DIR"
     )
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in RUN_DIR from its last checkpoint (same options); start it "
+        "when RUN_DIR holds none",
+    )  # fmt: skip
     return parser, flags
 
 
@@ -98,14 +107,27 @@ def _scores(scores: dict) -> str:
     return f"accuracy {scores['accuracy']:.3f}{auc} ({scores['count']})"
 
 
+def _resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted run.
+
+    >>> _resume_command(["s.h5", "-o", "run", "--overwrite"])
+    'python -m training s.h5 -o run --resume'
+    """
+    command = ["python", "-m", "training", *(a for a in argv if a != "--overwrite")]
+    return shlex.join(command if "--resume" in command else [*command, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m training``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser, flags = _parser()
 
     def body(args: argparse.Namespace) -> int:
         settings = settings_from_args(Settings, args)
         stores = args.store[0] if len(args.store) == 1 else args.store
-        result = train(stores, args.output, overwrite=args.overwrite, **vars(settings))
+        result = train(
+            stores, args.output, overwrite=args.overwrite, resume=args.resume, **vars(settings)
+        )
         run_dir = result.run_dir
         index, count = result.process
         if index > 0:
@@ -114,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         if result.interrupted:
             print(
                 f"interrupted after {_plural(result.epochs_run, 'epoch')}; {run_dir} holds the "
-                "best model so far and the history",
+                f"best model so far, the history and a checkpoint; continue with: "
+                f"{_resume_command(argv)}",
                 file=sys.stderr,
             )
             return 130

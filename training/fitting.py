@@ -13,6 +13,7 @@ from loader import H5Sequence, Store
 from loader.target import CLASSIFICATION, REGRESSION, SEGMENTATION, Target
 from training import segmentation
 from training.data import training_values
+from training.checkpoints import Rest, RunState, stop_at_batch_end
 from training.errors import TrainingError
 from training.model import augmentation
 from training.settings import Settings
@@ -122,6 +123,9 @@ def _segmentation_model(model_fn, shape, data_format, settings, target) -> keras
 class _History(keras.callbacks.CSVLogger):
     """``history.csv`` with epochs numbered from 1, as the console and the curves number them."""
 
+    def __init__(self, path: Path):
+        super().__init__(path, append=True)  # a resumed run adds to the rows restored
+
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch + 1, logs)
 
@@ -135,44 +139,65 @@ def fit(
     progress: bool | None,
     callbacks=(),
     class_weight: dict[int, float] | None = None,
+    resume: bool = False,
+    checkpoints: bool = True,
 ) -> bool:
-    """Fit with early stopping on ``monitor`` (name, mode), the best model saved, history logged.
+    """Fit with early stopping on ``monitor`` (name, mode), the best model saved, history
+    logged, and checkpoints (:mod:`training.checkpoints`) at epoch ends and every
+    ``settings.checkpoint_every`` batches.
+
+    Args:
+        resume: continue from the run folder's checkpoint, when it has one.
+        checkpoints: write checkpoints (False for all but process 0 of several).
 
     Returns:
         Whether the fit was interrupted (Ctrl-C or SIGTERM); the folder then holds the
-        best model and the history so far.
+        best model, the history so far and a checkpoint to resume from. The model holds
+        the best epoch's weights either way.
     """
     show = sys.stderr.isatty() if progress is None else progress
+    train = data["train"]
+    state = RunState(
+        run_dir, train, monitor, settings.patience, settings.checkpoint_every, checkpoints
+    )
+    if resume:
+        state.set_model(model)
+        state.restore(data["val"][0])
     history_log = _History(run_dir / "history.csv")
-    name, mode = monitor
-    own = [
-        keras.callbacks.EarlyStopping(
-            monitor=name, mode=mode, patience=settings.patience, restore_best_weights=True
-        ),
-        keras.callbacks.ModelCheckpoint(
-            run_dir / "model.keras", monitor=name, mode=mode, save_best_only=True
-        ),
-        history_log,
-    ]
+    own = [state, history_log]
     if show:
         from tqdm.keras import TqdmCallback
 
         own.append(TqdmCallback(verbose=1))
+    common = {
+        "validation_data": data["val"],
+        "callbacks": [*own, *callbacks],
+        "shuffle": False,  # H5Sequence shuffles, by (seed, epoch)
+        "verbose": 0 if show else 2,
+        "class_weight": class_weight,
+    }
+    interrupted = False
     try:
-        model.fit(
-            data["train"],
-            validation_data=data["val"],
-            epochs=settings.epochs,
-            callbacks=[*own, *callbacks],
-            shuffle=False,  # H5Sequence shuffles, by (seed, epoch)
-            verbose=0 if show else 2,
-            class_weight=class_weight,
-        )
+        with stop_at_batch_end(state, immediate_terminate=train.use_multiprocessing):
+            if state.batch and not _finished(state, settings):  # the rest of an epoch
+                state.offset = state.batch
+                model.fit(
+                    Rest(train, state.batch), epochs=state.epoch + 1,
+                    initial_epoch=state.epoch, **common,
+                )  # fmt: skip
+            if not _finished(state, settings):
+                model.fit(train, epochs=settings.epochs, initial_epoch=state.epoch, **common)
     except KeyboardInterrupt:
         history_log.on_train_end()  # Keras skips it on an interrupt: close history.csv
-        return True
+        interrupted = True
     except BaseException:  # a full disk: close history.csv now, not noisily when collected
         with contextlib.suppress(OSError):
             history_log.on_train_end()
         raise
-    return False
+    if state.best_weights is not None:
+        model.set_weights(state.best_weights)
+    return interrupted
+
+
+def _finished(state: RunState, settings: Settings) -> bool:
+    return state.stopped or state.epoch >= settings.epochs

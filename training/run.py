@@ -3,7 +3,7 @@
 A run is a short sequence of steps, each a function of its own: choose the target and
 check the stores against it (``training.data``: :func:`choose_target`,
 :func:`check_store`), make the run folder and its ``config.json``
-(:func:`prepare_run_dir`, :func:`write_config`), build the data (``training.data``:
+(:func:`prepare_run_dir`, :func:`run_config`), build the data (``training.data``:
 :func:`build_data`), build and compile the model and fit it (``training.fitting``:
 :func:`build_model`, :func:`fit`), evaluate and write the results (``training.results``).
 
@@ -36,6 +36,7 @@ from loader.stores import check_agree, store_paths
 from loader.target import SEGMENTATION, Target
 from training import distributed
 from training.data import build_data, check_store, choose_target, class_weights
+from training.checkpoints import CHECKPOINT
 from training.errors import TrainingError
 from training.fitting import MONITORS, build_model, fit
 from training.model import build, unet
@@ -48,6 +49,7 @@ __all__ = ["RUN_FILES", "Result", "Settings", "TrainingError", "train"]
 # What a run folder holds; --overwrite removes these and nothing else.
 RUN_FILES = (
     "model.keras",
+    CHECKPOINT,
     "history.csv",
     "metrics.json",
     "config.json",
@@ -80,6 +82,7 @@ def train(
     store: str | os.PathLike | list,
     run_dir: str | os.PathLike,
     overwrite: bool = False,
+    resume: bool = False,
     model_fn=None,
     progress: bool | None = None,
     callbacks=(),
@@ -92,6 +95,9 @@ def train(
         store: a store; a list of stores or a folder of them (shards, cohorts), read as one.
         run_dir: the run folder; an existing non-empty one is refused unless ``overwrite``.
         overwrite: replace the files of an earlier run in ``run_dir``.
+        resume: continue the run in ``run_dir`` from its last checkpoint (the same
+            settings and stores; ``workers``, ``use_multiprocessing`` and
+            ``checkpoint_every`` may differ); start it when ``run_dir`` holds none.
         model_fn: ``model_fn(num_classes, input_shape, data_format) -> keras.Model`` whose
             output is class probabilities: one sigmoid unit for two classes, or one unit
             per class (softmax); one linear unit for regression (``num_classes`` 0); a
@@ -111,9 +117,14 @@ def train(
             split, empty split), the model's output does not fit the classes, or the store
             was replaced during the run.
         SettingError: a setting outside its rule.
-        FileExistsError: ``run_dir`` is not empty and ``overwrite`` is False.
+        FileExistsError: ``run_dir`` is not empty and neither ``overwrite`` nor ``resume``.
     """
     settings = Settings(**settings)
+    if resume and (overwrite or settings.distributed):
+        raise SettingError(
+            "{resume} continues a run on one process: leave out --overwrite and --distributed",
+            resume=resume,
+        )
     report = report or (lambda line: print(line, file=sys.stderr))
     process = _start_processes(settings)
     with _open(store) as opened, _own_run_dir(run_dir, process) as run_dir:
@@ -122,9 +133,13 @@ def train(
         if model_fn is None:
             model_fn = unet if target.task == SEGMENTATION else build
         test_split = check_store(opened, settings, targets, report)
-        prepare_run_dir(run_dir, overwrite)
-        write_config(run_dir, opened, settings, test_split, model_fn, target, process)
+        config = run_config(opened, settings, test_split, model_fn, target, process)
+        resume = resume and _resumable(run_dir, config)
+        if not resume:
+            prepare_run_dir(run_dir, overwrite)
+            (run_dir / "config.json").write_text(json.dumps(config, indent=2))
         keras.utils.set_random_seed(settings.seed)
+        _deterministic_ops()
         data = build_data(opened, settings, target, test_split, process)
         model = build_model(model_fn, opened, settings, targets)
         monitor = MONITORS[target.task]
@@ -134,8 +149,9 @@ def train(
         result = Result(run_dir, process=process)
         started = time.perf_counter()
         result.interrupted = _same_store(
-            opened, fit, model, data, settings, monitor, run_dir, progress, callbacks, weights
-        )
+            opened, fit, model, data, settings, monitor, run_dir, progress, callbacks, weights,
+            resume, process[1] == 1,
+        )  # fmt: skip
         predictions, examples = [], {}
         if process[1] > 1:
             model = distributed.local_copy(model)
@@ -155,6 +171,8 @@ def train(
             "seconds": round(time.perf_counter() - started, 1),
         }
         write_results(run_dir, summary, result.metrics, predictions, target, monitor[0], examples)
+        if not result.interrupted:
+            (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the run is complete
         result.model = model
     return result
 
@@ -234,16 +252,16 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def write_config(
-    run_dir: Path,
+def run_config(
     stores: list[Store],
     settings: Settings,
     test_split: str | None,
     model_fn,
     target: Target,
     process: tuple[int, int] = (0, 1),
-) -> None:
-    """``config.json``: every setting, the target, the model function, versions, the stores read.
+) -> dict:
+    """What ``config.json`` holds: every setting, the target, the model function,
+    versions, the stores read.
 
     ``store`` is the store's identity (path, uuid, creation time, splits, preprocessing
     config); a list of them when several stores were read as one.
@@ -259,7 +277,7 @@ def write_config(
         }
         for store in stores
     ]
-    config = {
+    return {
         "settings": {**asdict(settings), "test_split": test_split},
         "target": {"name": target.name, "task": target.task, "class_names": target.class_names},
         "store": facts[0] if len(facts) == 1 else facts,
@@ -268,7 +286,77 @@ def write_config(
         "processes": process[1],
         "command": sys.argv,
     }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# Settings a resumed run may change: they do not change what is computed.
+_FREE_ON_RESUME = ("workers", "use_multiprocessing", "checkpoint_every")
+
+
+def _resumable(run_dir: Path, config: dict) -> bool:
+    """Whether ``run_dir`` holds a run to continue with this ``config``.
+
+    Returns:
+        True with a checkpoint to continue from; False for a folder without a run (or one
+        killed before its first checkpoint, whose files are removed): start afresh.
+
+    Raises:
+        TrainingError: the run is complete, or was started with other settings, another
+            target or model, or other stores.
+    """
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file():
+        return False
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"{saved_path}: unreadable ({exc}): not a run to resume") from exc
+    now = json.loads(json.dumps(config))  # tuples as JSON lists, like the saved one
+    for key in ("settings", "target", "model"):
+        mine, theirs = now.get(key), saved.get(key)
+        if key == "settings":
+            mine = {k: v for k, v in mine.items() if k not in _FREE_ON_RESUME}
+            theirs = {k: v for k, v in (theirs or {}).items() if k not in _FREE_ON_RESUME}
+        if mine != theirs:
+            differ = (
+                sorted(k for k in mine if mine.get(k) != theirs.get(k))
+                if isinstance(mine, dict) and isinstance(theirs, dict)
+                else [key]
+            )
+            raise TrainingError(
+                f"{run_dir}: --resume needs the run's own settings; these differ: "
+                f"{', '.join(differ)} (see its config.json)"
+            )
+    stores = [now["store"]] if isinstance(now["store"], dict) else now["store"]
+    before = saved.get("store")
+    before = [before] if isinstance(before, dict) else before or []
+    if [s["uuid"] for s in stores] != [s.get("uuid") for s in before]:
+        raise TrainingError(
+            f"{run_dir}: --resume needs the stores the run read; "
+            f"{', '.join(s['path'] for s in stores)} is not (it was rewritten?)"
+        )
+    if not (run_dir / CHECKPOINT).is_file():
+        if (run_dir / "metrics.json").is_file() and not _interrupted(run_dir):
+            raise TrainingError(f"{run_dir}: the run is complete; nothing to resume")
+        for name in RUN_FILES:
+            if name != "config.json":
+                (run_dir / name).unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _interrupted(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "metrics.json").read_text()).get("interrupted"))
+    except (OSError, ValueError):
+        return True
+
+
+def _deterministic_ops() -> None:
+    """Make TensorFlow's ops deterministic, so a resumed run equals an uninterrupted one."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
 
 def _versions() -> dict:

@@ -77,6 +77,10 @@ class Settings:
         "none", "random rotations, shifts, zoom and contrast in training (flip: also "
         "left-right flips)", choices=AUGMENTATIONS, const="on", group=MODEL,
     )  # fmt: skip
+    checkpoint_every: int = option(
+        0, "also write a checkpoint every N batches, not only at epoch ends (0)", metavar="N",
+        at_least=0, group=MODEL,
+    )  # fmt: skip
     class_weight: str = option(
         "none", "weigh classes by their inverse frequency in the training splits",
         choices=CLASS_WEIGHTS, group=MODEL,
