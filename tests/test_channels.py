@@ -261,3 +261,17 @@ def test_the_preview_shows_every_channel_and_the_mask_contours(modality_store, t
     pixels = mpimg.imread(picture)
     red = (pixels[..., 0] > 0.9) & (pixels[..., 1] < 0.2) & (pixels[..., 2] < 0.2)
     assert red.sum() > 20  # the sphere's contours
+
+
+def test_a_segmentation_run_resumes_exactly(lesion_store, tmp_path):
+    """The U-Net's batch-normalisation statistics and the Dice totals come back too."""
+    from test_resume import interrupted_and_resumed
+
+    settings = {"target": "mask", "epochs": 2, "batch_size": 8, "checkpoint_every": 2}
+    whole = train(lesion_store, tmp_path / "whole", progress=False, **settings)
+    resumed = interrupted_and_resumed(lesion_store, tmp_path / "resumed", (1, 3), **settings)
+    for a, b in zip(whole.model.get_weights(), resumed.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    history = (tmp_path / "resumed" / "history.csv").read_bytes()
+    assert history == (tmp_path / "whole" / "history.csv").read_bytes()
+    assert resumed.metrics == whole.metrics

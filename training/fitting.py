@@ -12,8 +12,8 @@ import numpy as np
 from loader import H5Sequence, Store
 from loader.target import CLASSIFICATION, REGRESSION, SEGMENTATION, Target
 from training import segmentation
-from training.data import training_values
 from training.checkpoints import Rest, RunState, stop_at_batch_end
+from training.data import training_values
 from training.errors import TrainingError
 from training.model import augmentation
 from training.settings import Settings

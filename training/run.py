@@ -35,8 +35,8 @@ from loader.store import StoreChangedError
 from loader.stores import check_agree, store_paths
 from loader.target import SEGMENTATION, Target
 from training import distributed
-from training.data import build_data, check_store, choose_target, class_weights
 from training.checkpoints import CHECKPOINT
+from training.data import build_data, check_store, choose_target, class_weights
 from training.errors import TrainingError
 from training.fitting import MONITORS, build_model, fit
 from training.model import build, unet

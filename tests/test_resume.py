@@ -1,0 +1,198 @@
+"""Kill a training run for real (SIGKILL, SIGTERM), resume it, get the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from training.run import TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Three epochs of 32-slice batches, early stopping with a short patience (its state must
+# survive the kill too), a checkpoint every 3 batches.
+OPTIONS = ["--epochs", "3", "--batch-size", "32", "--patience", "1", "--seed", "2"]
+OPTIONS += ["--checkpoint-every", "3"]
+SETTINGS = {"epochs": 3, "batch_size": 32, "patience": 1, "seed": 2, "checkpoint_every": 3}
+
+# A run that kills itself with SIGKILL: after batch BATCH of epoch EPOCH (0-based), or in
+# the middle of writing its checkpoint number WRITE (after the bytes, before the rename).
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    import keras
+    import training
+    from training import checkpoints
+
+    store, run_dir, where, at = sys.argv[1:5]
+    at = int(at)
+
+    class KillAfterBatch(keras.callbacks.Callback):
+        epoch = 0
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+        def on_train_batch_end(self, batch, logs=None):
+            if where == "batch" and (self.epoch, batch) == (1, at):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    written = [0]
+    savez = checkpoints.np.savez
+    def savez_then_die(*args, **kwargs):
+        savez(*args, **kwargs)
+        written[0] += 1
+        if where == "write" and written[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoints.np.savez = savez_then_die
+
+    training.train(store, run_dir, progress=False, callbacks=[KillAfterBatch()], **{settings})
+""").replace("{settings}", repr(SETTINGS))
+
+
+def _training(store: Path, run_dir: Path, *more: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training", str(store), "-o", str(run_dir), *OPTIONS, *more],
+        cwd=ROOT, capture_output=True, text=True, check=False, **kwargs,
+    )  # fmt: skip
+
+
+def _assert_same_run(run_dir: Path, reference: Path) -> None:
+    """The same best weights, history (each epoch once) and scores as the reference run."""
+    assert (run_dir / "history.csv").read_bytes() == (reference / "history.csv").read_bytes()
+    mine = keras.models.load_model(run_dir / "model.keras").get_weights()
+    theirs = keras.models.load_model(reference / "model.keras").get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(mine, theirs, strict=True))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    expected = json.loads((reference / "metrics.json").read_text())
+    assert metrics["splits"] == expected["splits"]
+    assert metrics["epochs_run"] == expected["epochs_run"]
+    assert (run_dir / "predictions.csv").read_text() == (reference / "predictions.csv").read_text()
+    assert not (run_dir / "checkpoint.npz").exists()  # a complete run keeps none
+
+
+@pytest.fixture(scope="module")
+def reference(phantom_store, tmp_path_factory) -> Path:
+    """The run never interrupted."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    done = _training(phantom_store, run_dir)
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    ("where", "at"),
+    [("batch", 4), ("write", 3)],
+    ids=["after-a-batch", "while-writing-a-checkpoint"],
+)
+def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrupted_one(
+    phantom_store, reference, tmp_path, where, at
+):
+    run_dir = tmp_path / "run"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(phantom_store), str(run_dir), where, str(at)],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state = json.loads(str(np.load(run_dir / "checkpoint.npz")["state"]))
+    if where == "batch":  # killed after batch 4 of epoch 1: the checkpoint after batch 3
+        assert (state["epoch"], state["batch"]) == (1, 3)
+    else:  # killed writing the third checkpoint: the second stands, the half-done one is left
+        assert (run_dir / "checkpoint.npz.partial").exists()
+        assert (state["epoch"], state["batch"]) == (0, 6)
+    resumed = _training(phantom_store, run_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    _assert_same_run(run_dir, reference)
+
+
+def test_sigterm_finishes_the_batch_checkpoints_and_the_printed_command_resumes(
+    phantom_store, reference, tmp_path
+):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "training", str(phantom_store), "-o", str(run_dir)]
+    command += [*OPTIONS[:-2], "--checkpoint-every", "0"]  # epoch ends only, unless stopped
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoint.npz").exists():  # the first epoch's: stop in the next
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("interrupted after "), err
+    resume = shlex.split(line.split("continue with: ", 1)[1])
+    assert resume[:3] == ["python", "-m", "training"]
+    assert resume[-1] == "--resume"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["interrupted"] is True
+    finished = subprocess.run(
+        [sys.executable, *resume[1:]], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert finished.returncode == 0, finished.stderr
+    _assert_same_run(run_dir, reference)
+
+
+def test_resume_refuses_other_settings_and_a_complete_run(phantom_store, reference):
+    with pytest.raises(TrainingError, match=r"these differ: seed"):
+        train(phantom_store, reference, resume=True, **{**SETTINGS, "seed": 3})
+    with pytest.raises(TrainingError, match="the run is complete; nothing to resume"):
+        train(phantom_store, reference, resume=True, **{**SETTINGS, "workers": 2})
+
+
+def test_resume_in_an_empty_folder_starts_the_run(phantom_store, reference, tmp_path):
+    done = _training(phantom_store, tmp_path / "run", "--resume")
+    assert done.returncode == 0, done.stderr
+    _assert_same_run(tmp_path / "run", reference)
+
+
+class _StopAt(keras.callbacks.Callback):
+    """Ctrl-C raised after batch ``batch`` of epoch ``epoch``: the process dies there as far
+    as the checkpoint knows (it saves nothing more)."""
+
+    def __init__(self, epoch: int, batch: int):
+        super().__init__()
+        self.at, self.epoch = (epoch, batch), 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise KeyboardInterrupt
+
+
+def interrupted_and_resumed(store, run_dir: Path, at: tuple[int, int], **settings):
+    """A run stopped after batch ``at[1]`` of epoch ``at[0]``, then resumed: the result."""
+    stopped = train(store, run_dir, progress=False, callbacks=[_StopAt(*at)], **settings)
+    assert stopped.interrupted
+    return train(store, run_dir, resume=True, progress=False, **settings)
+
+
+def test_several_stores_with_augmentation_resume_exactly(tmp_path):
+    """Augmentation's random layers keep their seed states; two stores read as one."""
+    from conftest import write_id_store
+
+    stores = [
+        write_id_store(tmp_path / f"{name}.h5", seed=seed) for name, seed in [("a", 0), ("b", 1)]
+    ]
+    settings = {"epochs": 2, "batch_size": 16, "augment": "flip", "checkpoint_every": 4, "seed": 5}
+    whole = train(stores, tmp_path / "whole", progress=False, **settings)
+    resumed = interrupted_and_resumed(stores, tmp_path / "resumed", (1, 5), **settings)
+    assert not resumed.interrupted
+    for a, b in zip(whole.model.get_weights(), resumed.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    history = (tmp_path / "resumed" / "history.csv").read_bytes()
+    assert history == (tmp_path / "whole" / "history.csv").read_bytes()
+    assert resumed.metrics == whole.metrics
