@@ -2,10 +2,15 @@
 
 Rows were shuffled inside each split when the store was written. Each epoch, the
 chunk-aligned blocks of the selected splits are permuted with ``rng(seed, epoch)``, laid
-end to end, and that order is cut into batches of ``batch_size`` rows (the last one
-shorter). Every row comes once per epoch, every batch is a union of a few contiguous
-runs, and the plan is a pure function of ``(splits, chunk_rows, batch_size, shuffle,
-seed, epoch)``.
+end to end (whole chunks first, the few shorter blocks at split edges after them), and
+that order is cut into batches of ``batch_size`` rows (the last one shorter). Every row
+comes once per epoch, every batch is a union of a few contiguous runs, and the plan is a
+pure function of ``(splits, chunk_rows, batch_size, shuffle, seed, epoch)``.
+
+Whole chunks first: with ``batch_size`` a multiple of the chunk, every shuffled batch but
+the last then starts and ends on chunk edges, so it reads only whole chunks, and checking
+each chunk against its checksum reads nothing it does not use (a block short of a chunk
+anywhere earlier would move every later batch edge into the middle of a chunk).
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ def aligned_blocks(ranges: Iterable[tuple[int, int]], chunk_rows: int) -> np.nda
     Example:
         >>> aligned_blocks([(5, 20), (20, 24)], 8).tolist()
         [[5, 8], [8, 16], [16, 20], [20, 24]]
+        >>> aligned_blocks([(0, 20)], 8).tolist()
+        [[0, 8], [8, 16], [16, 20]]
     """
     blocks = []
     for start, stop in ranges:
-        first_edge = -(-start // chunk_rows) * chunk_rows
-        edges = [start, *range(max(first_edge, start + 1), stop, chunk_rows), stop]
+        next_edge = (start // chunk_rows + 1) * chunk_rows  # the first one after start
+        edges = [start, *range(next_edge, stop, chunk_rows), stop]
         blocks.extend(itertools.pairwise(edges))
     return np.array(blocks, dtype=np.int64).reshape(-1, 2)
 
@@ -47,11 +54,25 @@ class EpochPlan:
         shuffle: permute the blocks.
         seed: the seed of the permutation.
         epoch: the epoch, mixed into the seed.
+        chunk_rows: rows per chunk, one number or one per block: shuffled blocks shorter
+            than their chunk go after the whole ones. None keeps the permutation as it is.
     """
 
-    def __init__(self, blocks: np.ndarray, batch_size: int, shuffle: bool, seed: int, epoch: int):
+    def __init__(
+        self,
+        blocks: np.ndarray,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        chunk_rows: int | np.ndarray | None = None,
+    ):
         if shuffle and len(blocks):
             order = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+            if chunk_rows is not None:
+                chunks = np.broadcast_to(chunk_rows, len(blocks))[order]
+                short = blocks[order, 1] - blocks[order, 0] < chunks
+                order = np.concatenate([order[~short], order[short]])
             blocks = blocks[order]
         self._blocks = blocks
         self._batch_size = batch_size

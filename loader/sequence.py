@@ -142,16 +142,15 @@ class H5Sequence(keras.utils.PyDataset):
         self._shard = shard
         self._verify = verify
         self._epoch = 0
-        self._parts, blocks, self._target, self._weighted = open_parts(
+        self._parts, self._blocks, self._chunk_rows, self._target, self._weighted = open_parts(
             paths, split, target, task, labels, id_column
         )
-        self._blocks = blocks
         first = self._parts[0]
         self._slice_shape, self._dtype = first.slice_shape, first.dtype
         self._num_channels = len(first.channel_names)
         self._scale, self._offset = first.scale, first.offset
         self._first_rows = np.array([part.first_row for part in self._parts], dtype=np.int64)
-        self._plan = EpochPlan(self._blocks, batch_size, shuffle, seed, self._epoch)
+        self._plan = self._epoch_plan(self._epoch)
         if shard is not None and len(self._plan) < shard[1]:
             raise ValueError(
                 f"`shard` needs at least one batch per host: {len(self._plan)} batches of "
@@ -254,7 +253,12 @@ class H5Sequence(keras.utils.PyDataset):
     def epoch(self, value: int) -> None:
         _check_int("epoch", value, minimum=0)
         self._epoch = value
-        self._plan = EpochPlan(self._blocks, self._batch_size, self._shuffle, self._seed, value)
+        self._plan = self._epoch_plan(value)
+
+    def _epoch_plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(
+            self._blocks, self._batch_size, self._shuffle, self._seed, epoch, self._chunk_rows
+        )
 
     def __len__(self) -> int:
         batches = len(self._plan)

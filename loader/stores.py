@@ -131,7 +131,8 @@ class Part:
 
 
 def open_parts(paths, split, target, task, labels, id_column):
-    """The parts, the chunk-aligned blocks of all of them, the target, and whether weighted.
+    """The parts, the chunk-aligned blocks of all of them and the chunk rows of each block's
+    store, the target, and whether weighted.
 
     Raises:
         ValueError: stores that do not agree, splits empty in every store, a bad target.
@@ -154,10 +155,11 @@ def open_parts(paths, split, target, task, labels, id_column):
             targets = resolve_all(stores, target, task, labels, id_column)
         else:
             targets = [None] * len(stores)
-        parts, blocks, first_row, weighted = [], [], 0, False
+        parts, blocks, chunk_rows, first_row, weighted = [], [], [], 0, False
         for store, selected, store_target in zip(stores, chosen, targets, strict=True):
             ranges = [(s.start, s.stop) for s in selected if len(s)]
             blocks.append(aligned_blocks(ranges, store.chunk_slices) + first_row)
+            chunk_rows.append(np.full(len(blocks[-1]), store.chunk_slices))
             if store_target is not None:  # some scan of the selected splits without a value?
                 names = None if target and split is None else [s.name for s in selected]
                 weighted |= not store_target.present[store.scans_in(names)].all()
@@ -179,7 +181,7 @@ def open_parts(paths, split, target, task, labels, id_column):
     finally:
         for store in stores:
             store.close()
-    return parts, np.concatenate(blocks), targets[0], weighted
+    return parts, np.concatenate(blocks), np.concatenate(chunk_rows), targets[0], weighted
 
 
 def _checksums(store: Store) -> np.ndarray | None:

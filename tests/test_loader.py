@@ -89,6 +89,26 @@ def test_batches_are_a_few_chunk_aligned_runs():
     assert covered == list(range(3, 61))
 
 
+@pytest.mark.parametrize("split", ["train", "val", None])
+def test_shuffled_batches_of_whole_chunks_start_and_end_on_chunk_edges(id_store, split):
+    """So a batch reads no chunk in part (a checked chunk is read whole): only the last
+    batches, which hold the blocks short of a chunk at the split edges, may."""
+    sequence = H5Sequence(id_store, split=split, batch_size=16, shuffle=True, seed=1)
+    with open_store(id_store) as store:
+        chunk = store.chunk_slices
+        edges = {r for s in store.splits.values() for r in (s.start, s.stop)}
+    assert chunk == 8
+    short = 0
+    for index in range(len(sequence)):
+        runs = sequence._plan.runs(index)
+        whole = all(start % chunk == 0 and stop % chunk == 0 for start, stop in runs)
+        if not whole:
+            short += 1
+            assert index >= len(sequence) - 2, (index, runs)
+            assert any(start in edges or stop in edges for start, stop in runs)
+    assert short <= 2
+
+
 def test_split_selection_and_subject_disjointness(id_store):
     train = H5Sequence(id_store, split="train", batch_size=32)
     val = H5Sequence(id_store, split="val", batch_size=32)
