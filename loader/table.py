@@ -32,13 +32,19 @@ def is_missing(value: str | None) -> bool:
     return value is None or value.strip().lower() in MISSING_VALUES
 
 
-def read_table(path: str | os.PathLike, id_column: str = "participant_id") -> dict[str, dict]:
+def read_table(
+    path: str | os.PathLike, id_column: str = "participant_id", notes: list | None = None
+) -> dict[str, dict]:
     """Read a table of subjects: subject id (without ``sub-``) -> {column: cell or None}.
+
+    A subject on several rows keeps the cells they agree on; where they differ it has no
+    value (neither row can be trusted), and a line for ``notes`` says so.
 
     Args:
         path: a ``.tsv`` (tab-separated) or ``.csv`` (comma-separated) file with a header.
         id_column: the column of subject ids, with or without ``sub-``.
             Defaults to ``participant_id``.
+        notes: a list that gets one line per subject listed more than once.
 
     Raises:
         TableError: the file is missing or unreadable, or has no ``id_column``.
@@ -56,15 +62,32 @@ def read_table(path: str | os.PathLike, id_column: str = "participant_id") -> di
         raise TableError(f"{path}: unreadable label file ({exc})") from exc
     if id_column not in columns:
         raise TableError(f"{path}: no column {id_column!r}; the columns are {sorted(columns)}")
-    table = {}
+    table, repeats, differ = {}, {}, {}
     for row in rows:
         subject_id = (row[id_column] or "").strip().removeprefix("sub-")
-        if subject_id:
-            table[subject_id] = {
-                name: None if is_missing(row.get(name)) else row[name].strip()
-                for name in columns
-                if name != id_column and name is not None
-            }
+        if not subject_id:
+            continue
+        cells = {
+            name: None if is_missing(row.get(name)) else row[name].strip()
+            for name in columns
+            if name != id_column and name is not None
+        }
+        if subject_id not in table:
+            table[subject_id] = cells
+            continue
+        repeats[subject_id] = repeats.get(subject_id, 1) + 1
+        kept, differing = table[subject_id], differ.setdefault(subject_id, set())
+        differing.update(name for name, value in cells.items() if kept[name] != value)
+        kept.update((name, None) for name in differing)
+    if notes is not None:
+        for subject_id, count in repeats.items():
+            names = ", ".join(sorted(differ[subject_id]))
+            notes.append(
+                f"{path}: subject {subject_id!r} has {count} rows; they differ in {names}: "
+                "no value there (n/a)"
+                if names
+                else f"{path}: subject {subject_id!r} has {count} identical rows"
+            )
     return table
 
 

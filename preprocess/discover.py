@@ -117,9 +117,20 @@ def find_layout(folder: Path) -> str:
     return "classes" if len(with_scans) >= 2 else "plain"
 
 
-def _walk(folder: Path, skip: set[str] = frozenset()):
-    """Every file below ``folder`` in sorted order, skipping hidden entries and ``skip``."""
-    for root, dirs, files in os.walk(folder, followlinks=True):
+def _walk(folder: Path, skip: set[str] = frozenset(), unreadable: list | None = None):
+    """Every file below ``folder`` in sorted order, skipping hidden entries and ``skip``.
+
+    A folder that cannot be listed adds ``(path, reason)`` to ``unreadable``.
+    """
+
+    def note(exc: OSError) -> None:
+        if unreadable is not None:
+            reason = (exc.strerror or type(exc).__name__).lower()
+            unreadable.append(
+                (str(exc.filename), f"cannot list the folder ({reason}): its scans are left out")
+            )
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=note):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in skip)
         for name in sorted(files):
             if not name.startswith("."):
@@ -143,7 +154,7 @@ def discover(
 
     Returns:
         The scans sorted by ``source``, and ``(path, reason)`` for inputs that are files
-        but not NIfTI.
+        but not NIfTI and for folders that cannot be listed.
 
     Raises:
         InputError: an input that does not exist, or two files with one source name.
@@ -165,7 +176,7 @@ def discover(
                 continue
             found = [_plain_scan(path, path.name)]
         else:
-            found = _scan_folder(path, layout, suffix)
+            found = _scan_folder(path, layout, suffix, rejected)
         if masks_suffix:
             found = [s for s in found if not strip_nifti_suffix(s.path.name).endswith(masks_suffix)]
         for scan in found:
@@ -188,7 +199,7 @@ def _plain_scan(path: Path, source: str, label: str | None = None) -> Scan:
     return Scan(path, source, subject_id, entities.get("ses", ""), label)
 
 
-def _scan_folder(folder: Path, layout: str, suffix: str) -> list[Scan]:
+def _scan_folder(folder: Path, layout: str, suffix: str, unreadable: list) -> list[Scan]:
     folder = Path(os.path.normpath(folder))
     layout = find_layout(folder) if layout == "auto" else layout
     base = folder.name or "input"
@@ -196,13 +207,13 @@ def _scan_folder(folder: Path, layout: str, suffix: str) -> list[Scan]:
         wanted = tuple(f"_{suffix}{ext}".lower() for ext in NIFTI_SUFFIXES)
         return [
             _plain_scan(path, f"{base}/{path.relative_to(folder).as_posix()}")
-            for path in _walk(folder, BIDS_SKIP)
+            for path in _walk(folder, BIDS_SKIP, unreadable)
             if is_nifti(path)
             and path.name.lower().endswith(wanted)
             and "sub" in bids_entities(path.name)
         ]
     scans = []
-    for path in _walk(folder):
+    for path in _walk(folder, unreadable=unreadable):
         if not is_nifti(path):
             continue
         relative = path.relative_to(folder)
@@ -213,14 +224,19 @@ def _scan_folder(folder: Path, layout: str, suffix: str) -> list[Scan]:
     return scans
 
 
-def read_subjects_table(path: str | os.PathLike, id_column: str = "participant_id") -> dict:
+def read_subjects_table(
+    path: str | os.PathLike, id_column: str = "participant_id", notes: list | None = None
+) -> dict:
     """Read a table of subjects (``participants.tsv`` or a CSV): id -> {column: value or None}.
+
+    ``notes`` gets a line per subject listed more than once (see
+    :func:`loader.table.read_table`).
 
     Raises:
         InputError: the file is missing or unreadable, or has no ``id_column``.
     """
     try:
-        return table.read_table(path, id_column)
+        return table.read_table(path, id_column, notes)
     except table.TableError as exc:
         raise InputError(str(exc)) from exc
 

@@ -377,12 +377,15 @@ def find_scans(inputs: list[str], settings: Settings, report=print) -> Found:
         )
     participants: dict[str, dict] = {}
     for path in paths:
+        notes: list[str] = []
         try:
-            participants.update(read_subjects_table(path, settings.id_column))
+            participants.update(read_subjects_table(path, settings.id_column, notes))
         except PreprocessError as exc:
             if settings.labels or settings.label_column:
                 raise
             report(f"warning: {exc}; the store keeps no labels table")
+        for line in notes:
+            report(f"warning: {line}")
     found = Found(scans, class_names(s.label for s in scans), rejected, participants)
     if settings.label_column:
         column, files = settings.label_column, ", ".join(map(str, paths))

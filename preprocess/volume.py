@@ -139,6 +139,8 @@ def read_image(path: str | os.PathLike):
         if kind is None:
             return nib.load(path)  # not a NIfTI header: let nibabel say what it is
         return kind.from_bytes(raw)
+    except PermissionError as exc:
+        raise ScanError("cannot read the file: permission denied") from exc
     except (EOFError, zlib.error, OSError) as exc:
         raise ScanError(f"truncated or unreadable data ({_reason(exc)})") from exc
     except Exception as exc:  # nibabel raises many kinds for damaged files

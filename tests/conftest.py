@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -76,6 +78,27 @@ def phantom_store(phantom_bids, tmp_path_factory) -> Path:
     args += ["--val-fraction", "0.25", "--test-fraction", "0.25", "--chunk-slices", "8"]
     assert preprocess_main(args) == 0
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 64 MiB at ``tmp_path/disk`` (as root, as CI runs; skipped where mounting
+    is not allowed); ``remount(options)`` changes it: ``"size=600k"``, ``"ro"``."""
+    disk = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+
+    def remount(options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(disk)], check=True)
+
+    try:
+        yield disk, remount
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def write_id_store(

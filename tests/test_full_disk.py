@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import uuid
 from pathlib import Path
 
-import pytest
 from conftest import blob_volume, write_nifti
 
 from loader.store import open_store
 from preprocess.cli import main as preprocess_main
 from training.cli import main as training_main
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of 64 MiB at ``tmp_path/disk``; ``resize(kib)`` changes its size."""
-    disk = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-
-    def resize(kib: int) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={kib}k", str(disk)], check=True)
-
-    try:
-        yield disk, resize
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def _used_kib(folder: Path) -> int:
@@ -42,7 +19,7 @@ def _used_kib(folder: Path) -> int:
 def test_a_full_disk_keeps_the_previous_store_and_the_scans_for_resume(
     small_disk, tmp_path, capsys
 ):
-    disk, resize = small_disk
+    disk, remount = small_disk
     inputs = tmp_path / "in"
     for index in range(8):
         write_nifti(inputs / f"sub-{index:02d}" / "anat" / f"sub-{index:02d}_T1w.nii.gz",
@@ -52,7 +29,7 @@ def test_a_full_disk_keeps_the_previous_store_and_the_scans_for_resume(
     assert preprocess_main([*args, "--dtype", "float32"]) == 0
     with open_store(target) as store:
         before = store.uuid
-    resize(_used_kib(disk) + 600)  # room for a few scans, not for all of them
+    remount(f"size={_used_kib(disk) + 600}k")  # room for a few scans, not for all of them
     assert preprocess_main([*args, "--dtype", "float32", "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
@@ -62,7 +39,7 @@ def test_a_full_disk_keeps_the_previous_store_and_the_scans_for_resume(
         assert store.uuid == before
     kept = list(Path(f"{target}.partial").glob("*.json"))
     assert 0 < len(kept) - 1 < 8  # a manifest and the scans that fitted
-    resize(64 * 1024)  # space freed
+    remount("size=64m")  # space freed
     assert preprocess_main([*args, "--dtype", "float32", "--overwrite", "--resume"]) == 0
     with open_store(target) as store:
         assert store.uuid != before
@@ -70,8 +47,8 @@ def test_a_full_disk_keeps_the_previous_store_and_the_scans_for_resume(
 
 
 def test_a_full_disk_during_training_is_one_line(small_disk, phantom_store, capsys):
-    disk, resize = small_disk
-    resize(200)  # the model alone is larger
+    disk, remount = small_disk
+    remount("size=200k")  # the model alone is larger
     run = disk / "run"
     args = [str(phantom_store), "-o", str(run), "--epochs", "1"]
     assert training_main(args) == 2
