@@ -6,7 +6,7 @@ the one line a user sees next to the file's path.
 
 from __future__ import annotations
 
-import gzip
+import io
 import logging
 import os
 import warnings
@@ -114,7 +114,7 @@ class _Notes(logging.Handler):
         self.lines.append(record.getMessage().splitlines()[0])
 
 
-def read_image(path: str | os.PathLike):
+def read_image(path: str | os.PathLike, max_voxels: int = MAX_VOXELS):
     """The NIfTI image of a file, its bytes read and un-gzipped in one go (ISA-L where present).
 
     nibabel streams a ``.nii.gz`` through Python's ``gzip``; decoding the whole file with
@@ -131,7 +131,7 @@ def read_image(path: str | os.PathLike):
             if handle.read(2) != b"\x1f\x8b":  # not gzipped: nibabel maps the file
                 return nib.load(path)
             handle.seek(0)
-            raw = _gunzip(handle.read())
+            raw = _gunzip(handle.read(), max_voxels)
         header_size = int.from_bytes(raw[:4], "little")
         if header_size not in (348, 540):
             header_size = int.from_bytes(raw[:4], "big")
@@ -148,7 +148,7 @@ def read_image(path: str | os.PathLike):
 
 
 def _load(path, volume: int | None, allow_constant: bool, max_voxels: int) -> Volume:
-    image = read_image(path)
+    image = read_image(path, max_voxels)
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise ScanError(f"not NIfTI: nibabel reads it as {type(image).__name__}")
     kind = image.get_data_dtype().kind
@@ -206,12 +206,55 @@ def _load(path, volume: int | None, allow_constant: bool, max_voxels: int) -> Vo
     return Volume(voxels, affine, voxel_size, notes, slope, inter)
 
 
-def _gunzip(raw: bytes) -> bytes:
+def _gunzip(raw: bytes, max_voxels: int) -> bytes:
+    """Un-gzip a ``.nii.gz``, never past the bytes its header says the file holds.
+
+    A small header over a stream that inflates without end (a gzip bomb) stops at the
+    header's claim; a claim of more than ``max_voxels`` voxels a volume stops after the
+    header (:func:`load_volume` then refuses it); what follows the voxels is not needed.
+    """
     try:
-        from isal import igzip
+        from isal import isal_zlib as inflate
     except ImportError:  # no ISA-L wheel for this platform: Python's own zlib
-        return gzip.decompress(raw)
-    return igzip.decompress(raw)
+        inflate = zlib
+    head = inflate.decompressobj(31).decompress(raw, _HEADER_READ)
+    size = _claimed_file_bytes(head, max_voxels)
+    if size is None:  # not a NIfTI header: nibabel will say what it is
+        return head
+    pieces, have = [], 0
+    while raw and have < size:  # one gzip member, or several laid end to end
+        stream = inflate.decompressobj(31)
+        pieces.append(stream.decompress(raw, size - have))
+        have += len(pieces[-1])
+        raw = stream.unused_data if stream.eof else b""
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+_HEADER_READ = 1024  # covers a NIfTI-2 header (540 bytes) and its extension flag
+_MAX_OFFSET = 64 << 20  # header extensions beyond 64 MB: a damaged vox_offset
+_MAX_VOLUMES = 64  # a 4-D file may hold this many volumes of max_voxels
+
+
+def _claimed_file_bytes(head: bytes, max_voxels: int) -> int | None:
+    """The bytes a NIfTI file holds by its header (the offset of the voxels plus the
+    voxels, within the bounds above); None when ``head`` is not a NIfTI header."""
+    for order in ("little", "big"):
+        kind = {348: nib.Nifti1Header, 540: nib.Nifti2Header}.get(int.from_bytes(head[:4], order))
+        if kind is not None:
+            break
+    else:
+        return None
+    try:
+        header = kind.from_fileobj(io.BytesIO(head), check=False)
+        shape = [int(n) for n in header.get_data_shape()]
+        offset = min(max(int(header["vox_offset"]), header.sizeof_hdr), _MAX_OFFSET)
+        itemsize = header.get_data_dtype().itemsize
+    except Exception:  # a header nibabel cannot parse: it says why when it reads the head
+        return None
+    if int(np.prod(shape[:3], dtype=object)) > max_voxels:
+        return offset  # refused on the header's claim alone
+    voxels = min(int(np.prod(shape, dtype=object)), _MAX_VOLUMES * max_voxels)
+    return offset + voxels * itemsize
 
 
 def _stored_voxels(image) -> tuple[np.ndarray, float, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +13,7 @@ from fuzz_preprocess import FIELDS, fuzz, mutate, sources
 
 from loader.store import open_store
 from preprocess.cli import main as preprocess_main
+from preprocess.volume import MAX_VOXELS, _gunzip
 
 
 def test_a_few_hundred_damaged_files_each_end_as_a_scan_or_one_line(tmp_path):
@@ -62,6 +64,26 @@ def test_a_header_claiming_too_many_voxels_is_refused_before_reading(tmp_path, c
     err = capsys.readouterr().err
     assert "huge.nii.gz: the header claims (2000, 2000, 2000) = 8000000000 voxels, more " in err
     assert "than --max-voxels 268435456" in err
+
+
+def test_a_gzip_bomb_inflates_no_further_than_its_header_claims(tmp_path, capsys):
+    """A real header over 256 MB of zeros (1.2 MB gzipped): reading stops at the claim."""
+    raw = (NIBABEL_DATA / "anatomical.nii").read_bytes()  # a header, then its voxels
+    image = nib.load(NIBABEL_DATA / "anatomical.nii")
+    assert len(raw) == image.dataobj.offset + image.dataobj.get_unscaled().nbytes
+    deflate = zlib.compressobj(1, wbits=31)
+    zeros = bytes(16 << 20)
+    bomb = deflate.compress(raw) + b"".join(deflate.compress(zeros) for _ in range(16))
+    path = tmp_path / "in" / "bomb.nii.gz"
+    path.parent.mkdir()
+    path.write_bytes(bomb + deflate.flush())
+    assert path.stat().st_size < 2 << 20  # 1/128 of what it inflates to
+    inflated = _gunzip(path.read_bytes(), MAX_VOXELS)
+    assert inflated == raw
+    shutil.copy(NIBABEL_DATA / "anatomical.nii", tmp_path / "in" / "fine.nii")
+    assert preprocess_main([str(tmp_path / "in"), "-o", str(tmp_path / "s.h5")]) == 0
+    with open_store(tmp_path / "s.h5") as store:  # the bomb's own voxels are a real scan
+        assert len(store.subjects_table()["path"]) == 2
 
 
 def test_a_symlink_loop_in_the_inputs_ends_and_each_scan_is_stored_once(tmp_path, capsys):
