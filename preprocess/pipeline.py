@@ -8,11 +8,14 @@ reported with its reason) and keeps ``<store>.partial/`` when it stops early, so
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import functools
 import hashlib
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
@@ -194,6 +197,10 @@ class RunOptions:
     buffer_mb: int = option(
         1024, "memory for the final shuffle", metavar="MB", at_least=1, group=RUNNING
     )
+    scan_timeout: float = option(
+        600.0, "leave out a scan still not done after this many seconds (0: no limit)",
+        metavar="SECONDS", at_least=0, group=RUNNING,
+    )  # fmt: skip
 
     def __post_init__(self):
         check_settings(self)
@@ -311,10 +318,14 @@ def _mask_slices(path: Path, reference, positions: np.ndarray, settings: Setting
     )
 
 
-def _process_or_reason(scan: Scan, settings: Settings):
-    """``process_scan``, with every failure turned into a one-line reason."""
+def _process_or_reason(scan: Scan, settings: Settings, timeout: float = 0.0):
+    """``process_scan``, with every failure turned into a one-line reason, within ``timeout``
+    seconds (0: no limit)."""
     try:
-        return process_scan(scan, settings)
+        with _time_bound(timeout):
+            return process_scan(scan, settings)
+    except _TimeUp:
+        return f"not done after {timeout:g} s (--scan-timeout): left out"
     except ScanError as exc:
         return str(exc)
     except MemoryError:
@@ -322,6 +333,34 @@ def _process_or_reason(scan: Scan, settings: Settings):
     except Exception as exc:  # a damaged file can fail deep inside nibabel or scipy
         lines = str(exc).strip().splitlines() or [""]
         return f"unreadable ({type(exc).__name__}: {lines[0]})"
+
+
+class _TimeUp(BaseException):
+    """A scan ran past its time (a BaseException: code that catches every Exception in
+    the libraries it passes through lets it by)."""
+
+
+@contextlib.contextmanager
+def _time_bound(seconds: float):
+    """Raise :class:`_TimeUp` in the block after ``seconds`` (SIGALRM, main thread only).
+
+    Python code is stopped at once; a call into C (inflating, a filter) is stopped when it
+    returns. Off for 0, or outside the main thread (the API called from a thread).
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def time_up(signum, frame):
+        raise _TimeUp
+
+    previous = signal.signal(signal.SIGALRM, time_up)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # A numeric label column with more distinct values than this is a quantity (age), not
@@ -489,7 +528,7 @@ def run(
         summary.resumed = sum(scan.source in done for scan in scans)
         todo = [scan for scan in scans if scan.source not in done]
         if todo:
-            _compute(todo, settings, options.workers, partial, summary, report, progress)
+            _compute(todo, settings, options, partial, summary, report, progress)
         if not partial.done():
             partial.remove()
             raise PreprocessError(
@@ -530,8 +569,9 @@ def same_files(records) -> list[str]:
     return lines
 
 
-def _compute(todo, settings, workers, partial, summary, report, progress) -> None:
+def _compute(todo, settings, options, partial, summary, report, progress) -> None:
     """Process ``todo``, writing each scan as it finishes; at most 2 x workers in flight."""
+    workers, timeout = options.workers, options.scan_timeout
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=len(todo), unit="scan", disable=not show, file=sys.stderr) as bar:
 
@@ -549,7 +589,7 @@ def _compute(todo, settings, workers, partial, summary, report, progress) -> Non
 
         if workers <= 1:
             for scan in todo:
-                finish(scan, _process_or_reason(scan, settings))
+                finish(scan, _process_or_reason(scan, settings, timeout))
             return
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["preprocess.pipeline"])
@@ -561,7 +601,8 @@ def _compute(todo, settings, workers, partial, summary, report, progress) -> Non
             try:
                 while True:
                     while len(pending) < 2 * workers and (scan := next(queue, None)) is not None:
-                        pending[pool.submit(_process_or_reason, scan, settings)] = scan
+                        work = pool.submit(_process_or_reason, scan, settings, timeout)
+                        pending[work] = scan
                     if not pending:
                         break
                     finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)

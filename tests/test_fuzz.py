@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import struct
 import zlib
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from conftest import NIBABEL_DATA, blob_volume, write_nifti
 from fuzz_preprocess import FIELDS, fuzz, mutate, sources
 
@@ -84,6 +87,27 @@ def test_a_gzip_bomb_inflates_no_further_than_its_header_claims(tmp_path, capsys
     assert preprocess_main([str(tmp_path / "in"), "-o", str(tmp_path / "s.h5")]) == 0
     with open_store(tmp_path / "s.h5") as store:  # the bomb's own voxels are a real scan
         assert len(store.subjects_table()["path"]) == 2
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_scan_past_its_time_is_left_out_and_the_rest_stored(tmp_path, capsys, workers):
+    """Two million header extensions: nibabel parses them in Python for seconds."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((10, 10, 10))
+    header.set_data_dtype(np.int16)
+    extensions = struct.pack("<ii", 16, 0) * 2 * 2_000_000  # each: size 16, code 0, 8 bytes
+    header["vox_offset"] = 352 + len(extensions)
+    slow = tmp_path / "in" / "slow.nii"
+    slow.parent.mkdir()
+    voxels = blob_volume(0, shape=(10, 10, 10)).astype("<i2").tobytes()
+    slow.write_bytes(header.binaryblock + b"\x01\0\0\0" + extensions + voxels)
+    shutil.copy(NIBABEL_DATA / "anatomical.nii", tmp_path / "in" / "fine.nii")
+    args = [str(tmp_path / "in"), "-o", str(tmp_path / "s.h5"), "--scan-timeout", "0.5"]
+    assert preprocess_main([*args, "--workers", workers]) == 1
+    err = capsys.readouterr().err
+    assert f"rejected: {slow}: not done after 0.5 s (--scan-timeout): left out" in err
+    with open_store(tmp_path / "s.h5") as store:
+        assert [Path(p).name for p in store.subjects_table()["path"]] == ["fine.nii"]
 
 
 def test_a_symlink_loop_in_the_inputs_ends_and_each_scan_is_stored_once(tmp_path, capsys):
