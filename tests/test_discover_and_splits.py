@@ -72,6 +72,9 @@ def test_the_same_file_twice_is_taken_once_and_missing_inputs_are_errors(tmp_pat
     assert len(scans) == 1
     with pytest.raises(InputError, match="no such file or folder"):
         discover([tmp_path / "missing"])
+    other = _touch(tmp_path / "other/a.nii")  # another file of the same name
+    with pytest.raises(InputError, match=r"has the same name as .*give the inputs as their parent"):
+        discover([path, other])
 
 
 def test_label_table_csv_and_missing_column(tmp_path):
