@@ -345,15 +345,23 @@ def _time_bound(seconds: float):
     """Raise :class:`_TimeUp` in the block after ``seconds`` (SIGALRM, main thread only).
 
     Python code is stopped at once; a call into C (inflating, a filter) is stopped when it
-    returns. Off for 0, or outside the main thread (the API called from a thread).
+    returns. Where Python drops the exception (it lands in a garbage collector's callback),
+    the alarm rings again 50 ms later, and the dropped one is not reported. Off for 0, or
+    outside the main thread (the API called from a thread).
     """
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def time_up(signum, frame):
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
         raise _TimeUp
 
+    def unraisable(report) -> None:
+        if not isinstance(report.exc_value, _TimeUp):
+            hook(report)
+
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     previous = signal.signal(signal.SIGALRM, time_up)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -361,6 +369,7 @@ def _time_bound(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        sys.unraisablehook = hook
 
 
 # A numeric label column with more distinct values than this is a quantity (age), not

@@ -150,3 +150,15 @@ def test_sigterm_stops_preprocess_with_the_whole_command_to_resume(tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert "from an earlier run" in finished.stdout
     assert target.is_file()
+
+
+def test_ctrl_c_while_tensorflow_loads_is_one_line(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training", str(tmp_path / "s.h5"), "-o", str(tmp_path / "r")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(0.3)  # loading TensorFlow takes seconds
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err == "interrupted before training started\n"

@@ -56,3 +56,24 @@ def test_a_full_disk_during_training_is_one_line(small_disk, phantom_store, caps
     errors = [line for line in err.splitlines() if not line.startswith("warning: ")]
     assert errors == [f"error: {run}: the disk is full (no space left on device)"]
     assert "Traceback" not in err
+
+
+def test_a_disk_full_at_a_checkpoint_keeps_the_last_one_for_resume(
+    small_disk, phantom_store, capsys
+):
+    disk, remount = small_disk
+    remount("size=32m")  # the best model (4.6 MB) and one checkpoint (18 MB), not a second
+    run = disk / "run"
+    args = [str(phantom_store), "-o", str(run), "--epochs", "3", "--patience", "3"]
+    assert training_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {run}: the disk is full (no space left on device)" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.npz", "config.json", "history.csv", "model.keras",
+    ]  # fmt: skip
+    remount("size=128m")  # space freed
+    assert training_main([*args, "--resume"]) == 0
+    with open(run / "history.csv") as handle:
+        assert [line.split(",")[0] for line in handle][1:] == ["1", "2", "3"]
+    assert not (run / "checkpoint.npz").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from fuzz_preprocess import FIELDS, fuzz, mutate, sources
 
 from loader.store import open_store
 from preprocess.cli import main as preprocess_main
+from preprocess.pipeline import _time_bound, _TimeUp
 from preprocess.volume import MAX_VOXELS, _gunzip
 
 
@@ -108,6 +110,27 @@ def test_a_scan_past_its_time_is_left_out_and_the_rest_stored(tmp_path, capsys, 
     assert f"rejected: {slow}: not done after 0.5 s (--scan-timeout): left out" in err
     with open_store(tmp_path / "s.h5") as store:
         assert [Path(p).name for p in store.subjects_table()["path"]] == ["fine.nii"]
+
+
+def test_a_time_up_that_python_drops_rings_again_and_is_not_reported():
+    """An alarm landing in ``__del__`` (or a garbage collector's callback) is dropped by
+    Python: the bound must still end the scan, without an "Exception ignored" line."""
+
+    class Busy:
+        def __del__(self):
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:  # the alarm rings in here
+                pass
+
+    def scan() -> None:
+        with _time_bound(0.1):
+            Busy()  # deleted at once
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # the second ring lands here
+                time.sleep(0.01)
+
+    with pytest.raises(_TimeUp):
+        scan()
 
 
 def test_a_symlink_loop_in_the_inputs_ends_and_each_scan_is_stored_once(tmp_path, capsys):

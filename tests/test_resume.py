@@ -88,8 +88,8 @@ def reference(phantom_store, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     ("where", "at"),
-    [("batch", 4), ("write", 3)],
-    ids=["after-a-batch", "while-writing-a-checkpoint"],
+    [("batch", 4), ("batch", 0), ("write", 3)],
+    ids=["after-a-batch", "after-an-epoch-end", "while-writing-a-checkpoint"],
 )
 def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrupted_one(
     phantom_store, reference, tmp_path, where, at
@@ -101,8 +101,8 @@ def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrup
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     state = json.loads(str(np.load(run_dir / "checkpoint.npz")["state"]))
-    if where == "batch":  # killed after batch 4 of epoch 1: the checkpoint after batch 3
-        assert (state["epoch"], state["batch"]) == (1, 3)
+    if where == "batch":  # killed after batch 4 (0) of epoch 1: the checkpoint after 3 (0)
+        assert (state["epoch"], state["batch"]) == (1, 3 if at == 4 else 0)
     else:  # killed writing the third checkpoint: the second stands, the half-done one is left
         assert (run_dir / "checkpoint.npz.partial").exists()
         assert (state["epoch"], state["batch"]) == (0, 6)

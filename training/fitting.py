@@ -164,7 +164,7 @@ def fit(
         state.set_model(model)
         state.restore(data["val"][0])
     history_log = _History(run_dir / "history.csv")
-    own = [state, history_log]
+    own = [history_log, state]  # the epoch's row is in history.csv before the checkpoint
     if show:
         from tqdm.keras import TqdmCallback
 
