@@ -65,6 +65,12 @@ def test_every_row_once_per_epoch_epochs_differ_and_seeds_replay(id_store):
     )
     other = H5Sequence(id_store, split=None, batch_size=25, shuffle=True, seed=2)
     assert not np.array_equal(np.concatenate([other.rows(i) for i in range(len(other))]), plans[0])
+    jump = H5Sequence(id_store, split=None, batch_size=25, shuffle=True, seed=1)
+    jump.epoch = 2  # straight to the third epoch, as a resumed run does
+    ids = np.concatenate([decode_ids(x) for x, _ in _epoch(jump)])
+    np.testing.assert_array_equal(ids, plans[2])
+    with pytest.raises(ValueError, match="epoch"):
+        jump.epoch = -1
 
 
 def test_unshuffled_batches_are_the_rows_in_order(id_store):
