@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -109,6 +110,23 @@ def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrup
     resumed = _training(phantom_store, run_dir, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "Traceback" not in resumed.stderr
+    _assert_same_run(run_dir, reference)
+
+
+def test_a_killed_run_resumes_exactly_on_jax_too(phantom_store, tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    reference = tmp_path / "reference"
+    done = _training(phantom_store, reference, env=env)
+    assert done.returncode == 0, done.stderr
+    run_dir = tmp_path / "run"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(phantom_store), str(run_dir), "batch", "4"],
+        cwd=ROOT, capture_output=True, text=True, check=False, env=env,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = _training(phantom_store, run_dir, "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run_dir / "config.json").read_text())["versions"]["keras_backend"] == "jax"
     _assert_same_run(run_dir, reference)
 
 
