@@ -88,12 +88,12 @@ def reference(phantom_store, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("where", "at"),
-    [("batch", 4), ("batch", 0), ("write", 3)],
-    ids=["after-a-batch", "after-an-epoch-end", "while-writing-a-checkpoint"],
+    ("where", "at", "readers"),
+    [("batch", 4, []), ("batch", 0, ["--workers", "2", "--multiprocessing"]), ("write", 3, [])],
+    ids=["after-a-batch", "after-an-epoch-end-read-by-processes", "while-writing-a-checkpoint"],
 )
 def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrupted_one(
-    phantom_store, reference, tmp_path, where, at
+    phantom_store, reference, tmp_path, where, at, readers
 ):
     run_dir = tmp_path / "run"
     killed = subprocess.run(
@@ -107,7 +107,7 @@ def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrup
     else:  # killed writing the third checkpoint: the second stands, the half-done one is left
         assert (run_dir / "checkpoint.npz.partial").exists()
         assert (state["epoch"], state["batch"]) == (0, 6)
-    resumed = _training(phantom_store, run_dir, "--resume")
+    resumed = _training(phantom_store, run_dir, "--resume", *readers)  # readers may differ
     assert resumed.returncode == 0, resumed.stderr
     assert "Traceback" not in resumed.stderr
     _assert_same_run(run_dir, reference)
