@@ -117,6 +117,8 @@ class RunState(keras.callbacks.Callback):
         partial = final.with_name("model.partial.keras")  # Keras wants the .keras ending
         try:
             self.model.save(partial)
+            with open(partial, "rb+") as file:  # on disk before the rename: a power loss
+                os.fsync(file.fileno())  # leaves the old model or the new one, whole
             os.replace(partial, final)
         except BaseException:
             partial.unlink(missing_ok=True)
