@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -19,6 +22,8 @@ from preprocess.cli import main
 from preprocess.slices import label_slices
 from training.cli import main as training_main
 from training.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CENTRE = np.array([10.0, -8.0, 5.0])  # mm: a sphere seen by every modality and the mask
 
@@ -275,3 +280,28 @@ def test_a_segmentation_run_resumes_exactly(lesion_store, tmp_path):
     history = (tmp_path / "resumed" / "history.csv").read_bytes()
     assert history == (tmp_path / "whole" / "history.csv").read_bytes()
     assert resumed.metrics == whole.metrics
+
+
+def test_segmentation_trains_on_two_processes_with_jax(lesion_store, tmp_path):
+    """The Dice metric resets on every backend (it once failed on JAX alone, too)."""
+    from test_distributed import _free_port
+
+    run, port = tmp_path / "run", _free_port()
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    args = [str(lesion_store), "-o", str(run), "--target", "mask", "--epochs", "1"]
+    args += ["--batch-size", "32", "--distributed", "--coordinator", f"127.0.0.1:{port}"]
+    args += ["--num-processes", "2"]
+    command = [sys.executable, "-m", "training", *args, "--process-id"]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    processes = [
+        subprocess.Popen([*command, str(index)], cwd=ROOT, env=env, **pipes) for index in range(2)
+    ]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    assert "process 1 of 2: done" in outputs[1][0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "segmentation"
+    assert set(metrics["splits"]["val"]["slices"]["dice"]) == {"1"}
+    config = json.loads((run / "config.json").read_text())
+    assert (config["processes"], config["versions"]["keras_backend"]) == (2, "jax")

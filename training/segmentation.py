@@ -63,8 +63,8 @@ class Dice(keras.metrics.Metric):
         return ops.mean(2 * self.overlap / ops.maximum(self.total, 1.0))
 
     def reset_state(self):
-        self.overlap.assign(ops.zeros_like(self.overlap))
-        self.total.assign(ops.zeros_like(self.total))
+        for variable in (self.overlap, self.total):  # zeros of its shape: on every backend
+            variable.assign(ops.zeros(variable.shape, dtype=variable.dtype))
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes}
