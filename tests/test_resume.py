@@ -215,3 +215,24 @@ def test_several_stores_with_augmentation_resume_exactly(tmp_path):
     history = (tmp_path / "resumed" / "history.csv").read_bytes()
     assert history == (tmp_path / "whole" / "history.csv").read_bytes()
     assert resumed.metrics == whole.metrics
+
+
+def test_an_interrupt_while_scoring_is_resumed_by_scoring(phantom_store, tmp_path, monkeypatch):
+    """Ctrl-C after the last epoch, during evaluation: --resume trains nothing more."""
+    import training.run
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    settings = {**SETTINGS, "epochs": 1}
+    with monkeypatch.context() as patch:
+        patch.setattr(training.run, "evaluate", interrupted)
+        stopped = train(phantom_store, tmp_path / "run", progress=False, **settings)
+    assert stopped.interrupted
+    assert stopped.epochs_run == 1
+    assert (tmp_path / "run" / "checkpoint.npz").is_file()
+    resumed = train(phantom_store, tmp_path / "run", resume=True, progress=False, **settings)
+    whole = train(phantom_store, tmp_path / "whole", progress=False, **settings)
+    assert not resumed.interrupted
+    assert resumed.epochs_run == 1
+    assert resumed.metrics == whole.metrics

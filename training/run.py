@@ -156,9 +156,12 @@ def train(
         if process[1] > 1:
             model = distributed.local_copy(model)
         if not result.interrupted and process[0] == 0:
-            result.metrics, predictions, examples = _same_store(
-                opened, evaluate, model, data, opened, targets
-            )
+            try:
+                result.metrics, predictions, examples = _same_store(
+                    opened, evaluate, model, data, opened, targets
+                )
+            except KeyboardInterrupt:  # the checkpoint says training is done: --resume scores
+                result.interrupted = True
         history = read_history(run_dir / "history.csv")
         result.epochs_run = len(history.get("loss", []))
         if history.get(monitor[0]):
