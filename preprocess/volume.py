@@ -247,7 +247,9 @@ def _claimed_file_bytes(head: bytes, max_voxels: int) -> int | None:
     try:
         header = kind.from_fileobj(io.BytesIO(head), check=False)
         shape = [int(n) for n in header.get_data_shape()]
-        offset = min(max(int(header["vox_offset"]), header.sizeof_hdr), _MAX_OFFSET)
+        # the voxels start after the header and its 4-byte extension flag at least (a
+        # vox_offset of 0 is read as that by nibabel)
+        offset = min(max(int(header["vox_offset"]), header.sizeof_hdr + 4), _MAX_OFFSET)
         itemsize = header.get_data_dtype().itemsize
     except Exception:  # a header nibabel cannot parse: it says why when it reads the head
         return None
