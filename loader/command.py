@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -370,6 +371,26 @@ def written_file(exc: OSError) -> str | None:
         return str(exc.filename)
     match = re.search(r"filename = '([^']+)'", str(exc))
     return match.group(1) if match else None
+
+
+def resume_command(package: str, argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same arguments, without
+    ``--overwrite``, with ``--resume``.
+
+    >>> resume_command("training", ["s.h5", "-o", "run", "--overwrite"])
+    'python -m training s.h5 -o run --resume'
+    """
+    command = ["python", "-m", package, *(a for a in argv if a != "--overwrite")]
+    return shlex.join(command if "--resume" in command else [*command, "--resume"])
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries (a rename in it), to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,10 +9,9 @@ the rest), 2 for usage errors or when nothing usable was found (no store written
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 
-from loader.command import add_options, run_main, settings_from_args
+from loader.command import add_options, resume_command, run_main, settings_from_args
 from preprocess.pipeline import RunOptions, Settings, Summary, run
 from preprocess.writer import partial_path
 
@@ -53,10 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         kept = partial_path(args.output)
         if not kept.is_dir():
             return ""
-        command = ["python", "-m", "preprocess", *(a for a in argv if a != "--overwrite")]
-        if "--resume" not in command:
-            command.append("--resume")
-        return f"; finished scans are kept in {kept}; continue with: {shlex.join(command)}"
+        command = resume_command("preprocess", argv)
+        return f"; finished scans are kept in {kept}; continue with: {command}"
 
     return run_main(parser, argv, body, flags, hint)
 

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from loader import schema, table
+from loader.command import fsync_path
 from preprocess.errors import PreprocessError
 from preprocess.splits import UNLABELLED, assign_splits, row_order, split_names
 
@@ -311,9 +312,9 @@ class Partial:
             for leftover in self.path.glob("bucket-*"):
                 leftover.unlink()
             raise
-        _fsync(temporary)
+        fsync_path(temporary)
         os.replace(temporary, self.target)
-        _fsync(self.target.parent)
+        fsync_path(self.target.parent)
         self.remove()
         return ranges
 
@@ -433,11 +434,3 @@ def _write_atomic(path: Path, data: bytes) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_bytes(data)
     os.replace(temporary, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

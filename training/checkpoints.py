@@ -25,6 +25,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from loader.command import fsync_path
 from training.errors import TrainingError
 
 CHECKPOINT = "checkpoint.npz"
@@ -117,9 +118,8 @@ class RunState(keras.callbacks.Callback):
         partial = final.with_name("model.partial.keras")  # Keras wants the .keras ending
         try:
             self.model.save(partial)
-            with open(partial, "rb+") as file:  # on disk before the rename: a power loss
-                os.fsync(file.fileno())  # leaves the old model or the new one, whole
-            os.replace(partial, final)
+            fsync_path(partial)  # on disk before the rename: a power loss leaves the old
+            os.replace(partial, final)  # model or the new one, whole
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
@@ -227,7 +227,7 @@ def _write_atomically(path: Path, arrays: dict, state: dict) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    _sync_folder(path.parent)
+    fsync_path(path.parent)
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
@@ -238,14 +238,6 @@ def _write_text_atomically(path: Path, text: str) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-
-
-def _sync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class Rest(keras.utils.PyDataset):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shlex
 import sys
 
 # Before TensorFlow loads: hide its INFO and WARNING lines; errors that matter reach the
@@ -52,7 +51,12 @@ with _native_stderr_silenced():  # load the backend and probe its devices, quiet
 
         tf.config.list_physical_devices()
 
-from loader.command import add_options, run_main, settings_from_args  # noqa: E402
+from loader.command import (  # noqa: E402
+    add_options,
+    resume_command,
+    run_main,
+    settings_from_args,
+)
 from training.run import train  # noqa: E402
 from training.settings import Settings  # noqa: E402
 
@@ -107,16 +111,6 @@ def _scores(scores: dict) -> str:
     return f"accuracy {scores['accuracy']:.3f}{auc} ({scores['count']})"
 
 
-def _resume_command(argv: list[str]) -> str:
-    """The command that continues an interrupted run.
-
-    >>> _resume_command(["s.h5", "-o", "run", "--overwrite"])
-    'python -m training s.h5 -o run --resume'
-    """
-    command = ["python", "-m", "training", *(a for a in argv if a != "--overwrite")]
-    return shlex.join(command if "--resume" in command else [*command, "--resume"])
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m training``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -137,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"interrupted after {_plural(result.epochs_run, 'epoch')}; {run_dir} holds the "
                 f"best model so far, the history and a checkpoint; continue with: "
-                f"{_resume_command(argv)}",
+                f"{resume_command('training', argv)}",
                 file=sys.stderr,
             )
             return 130
