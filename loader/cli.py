@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loader.command import add_options, check_settings, option, run_main, settings_from_args
+from loader import files
+from loader.exits import run_main
+from loader.options import add_options, check_settings, option, settings_from_args
 from loader.schema import SOURCE_PATH, SUBJECT_ID, SUBJECT_SPLIT, VIEW_SIDES
 from loader.store import Store, open_store
 from loader.stores import check_agree, store_paths
@@ -160,7 +162,7 @@ def preview(store: Store, path: str, count: int = 36, seed: int = 0) -> None:
     axis = store.config.get("axis", "?")
     figure.suptitle(f"{store.path}: {len(rows)} random {axis} slices", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    files.save_png(figure, path)
     plt.close(figure)
 
 

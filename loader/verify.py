@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from loader import schema
-from loader.command import run_main
+from loader.exits import run_main
 from loader.store import StoreError, open_store
 
 BLOCK_BYTES = 64 << 20  # what a table is read in at a time

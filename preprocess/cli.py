@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loader.command import add_options, resume_command, run_main, settings_from_args
+from loader.exits import resume_command, run_main
+from loader.options import add_options, settings_from_args
 from preprocess.pipeline import RunOptions, Settings, Summary, run
 from preprocess.writer import partial_path
 

@@ -3,7 +3,7 @@
 ``InputError``: the inputs as a whole cannot be used (nothing is written). ``ScanError``:
 one scan cannot be used (it is named with the reason and the others are written).
 Problems with paths are ``FileNotFoundError`` / ``FileExistsError``; settings out of their
-rules are :class:`loader.command.SettingError`.
+rules are :class:`loader.options.SettingError`.
 """
 
 

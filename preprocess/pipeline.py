@@ -27,7 +27,7 @@ import threadpoolctl
 from tqdm import tqdm
 
 from loader import schema
-from loader.command import SettingError, check_settings, option
+from loader.options import SettingError, check_settings, option
 from loader.store import open_store
 from loader.table import NUMERIC, class_indices, column_kind, numeric_values
 from preprocess.discover import (

@@ -15,7 +15,7 @@ the target in one step.
 
 from __future__ import annotations
 
-import errno
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -30,8 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from loader import schema, table
-from loader.command import fsync_path
+from loader import files, schema, table
 from preprocess.errors import PreprocessError
 from preprocess.splits import UNLABELLED, assign_splits, row_order, split_names
 
@@ -159,7 +158,7 @@ class Partial:
             )
         for entry in left:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        _write_atomic(manifest, json.dumps(config, indent=1).encode())
+        files.write_text(manifest, json.dumps(config, indent=1))
 
     def __enter__(self) -> Partial:
         return self
@@ -193,15 +192,12 @@ class Partial:
         key = scan_key(record["source"])
         for ending, rows in ((".npy", slices), (MASK_ENDING, masks)):
             if rows is not None:
-                temporary = self.path / f"{key}{ending}.tmp"
-                try:
-                    with open(temporary, "wb") as handle:
-                        np.save(handle, rows)
-                except OSError as exc:  # a full disk: name the file, leave no half of it
-                    temporary.unlink(missing_ok=True)
-                    raise OSError(exc.errno or errno.ENOSPC, str(exc), str(temporary)) from exc
-                os.replace(temporary, self.path / f"{key}{ending}")
-        _write_atomic(self.path / f"{key}.json", json.dumps(record).encode())
+                with (
+                    files.replacing(self.path / f"{key}{ending}") as temporary,
+                    open(temporary, "wb") as handle,  # np.save adds ".npy" to a path
+                ):
+                    np.save(handle, rows, allow_pickle=False)
+        files.write_text(self.path / f"{key}.json", json.dumps(record))
 
     def remove(self) -> None:
         """Delete the folder and release the lock."""
@@ -229,100 +225,66 @@ class Partial:
         Returns:
             Split name -> ``[start, stop)`` rows.
         """
-        config = self.config
         records = [record for _, record in sorted(self.done().items())]
         for leftover in [*self.path.glob("bucket-*"), self.path / STORE_NAME]:
             leftover.unlink(missing_ok=True)
-        scan_labels = table.class_indices([r["label"] for r in records], class_names)
-        subject_labels = {}
-        for record, label in zip(records, scan_labels, strict=True):
-            subject_labels.setdefault(record["subject_id"], int(label))
-        if assignment is None:
-            subject_split = assign_splits(
-                subject_labels,
-                config["val_fraction"],
-                config["test_fraction"],
-                config["folds"],
-                config["seed"],
-            )
-            names = split_names(config["val_fraction"], config["test_fraction"], config["folds"])
-            if UNLABELLED in subject_split.values():
-                names.append(UNLABELLED)
-        else:
-            names, subject_split = assignment
-        scan_split = np.array([names.index(subject_split[r["subject_id"]]) for r in records])
-        counts = np.array([r["num_slices"] for r in records], dtype=np.int64)
-        first_row = np.concatenate([[0], np.cumsum(counts)])
-        destination, ranges = row_order(np.repeat(scan_split, counts), names, config["seed"])
-
-        temporary = self.path / STORE_NAME
+        layout = store_layout(records, class_names, self.config, assignment)
         try:
-            with h5py.File(temporary, "w", track_order=True) as h5:
-                num_rows = int(first_row[-1])
-                size = config["size"]
-                chunk = min(config["chunk_slices"], max(num_rows, 1))
-                compression = None if config["compression"] == "none" else config["compression"]
-                channels = schema.channel_names(config["suffix"], config.get("context", 0))
-                row = (size, size) if len(channels) == 1 else (size, size, len(channels))
-                images = schema.create_dataset(
-                    h5, schema.IMAGES, shape=(num_rows, *row), dtype=config["dtype"],
-                    chunks=(chunk, *row), compression=compression,
-                )  # fmt: skip
-                set_attribute = functools.partial(schema.set_attribute, h5)
-                set_attribute(
-                    schema.ATTR_SCALE, schema.intensity_scale(config["dtype"]), schema.IMAGES
-                )
-                set_attribute(schema.ATTR_OFFSET, 0.0, schema.IMAGES)
-                set_attribute(schema.ATTR_CHANNELS, channels, schema.IMAGES)
-                sums = self._write_rows(
-                    images, records, first_row, destination, buffer_bytes, ".npy"
-                )
-                schema.create_dataset(h5, schema.CHECKSUMS, np.array(sums, dtype=np.uint32))
-                if config.get("masks") or config.get("masks_suffix"):
-                    masks = schema.create_dataset(
-                        h5, schema.MASKS, shape=(num_rows, size, size), dtype="uint8",
-                        chunks=(chunk, size, size), compression=compression,
-                    )  # fmt: skip
-                    self._write_rows(
-                        masks, records, first_row, destination, buffer_bytes, MASK_ENDING
-                    )
-                    found = sorted({label for r in records for label in r.get("mask_labels", [])})
-                    set_attribute(schema.ATTR_MASK_LABELS, found or [0], schema.MASKS)
-                order = np.argsort(destination)  # canonical row of each store row
-                schema.create_dataset(h5, schema.LABELS, np.repeat(scan_labels, counts)[order])
-                scans = np.repeat(np.arange(len(records)), counts)
-                schema.create_dataset(h5, schema.SUBJECT, scans[order])
-                positions = np.concatenate([r["positions"] for r in records])
-                schema.create_dataset(h5, schema.SLICE, positions[order])
-                _write_subjects(h5, records, scan_labels, [names[i] for i in scan_split])
-                set_attribute(
-                    schema.ATTR_PARTICIPANT_COLUMNS,
-                    _write_participants(h5, [r["subject_id"] for r in records], participants or {}),
-                )
-                set_attribute(schema.ATTR_SCHEMA, schema.SCHEMA_VERSION)
-                set_attribute(schema.ATTR_UUID, uuid.uuid4())
-                set_attribute(schema.ATTR_CREATED, datetime.now(UTC).isoformat(timespec="seconds"))
-                set_attribute(schema.ATTR_CONFIG, config)
-                set_attribute(schema.ATTR_CLASS_NAMES, class_names)
-                set_attribute(schema.ATTR_SPLITS, ranges)
-                h5.flush()
-                set_attribute(schema.ATTR_COMPLETE, True)
+            with (
+                files.replacing(self.target, temporary=self.path / STORE_NAME) as temporary,
+                h5py.File(temporary, "w", track_order=True) as h5,
+            ):
+                self._write_images(h5, records, layout, buffer_bytes)
+                _write_tables(h5, records, layout, participants or {})
+                _write_attributes(h5, self.config, class_names, layout.ranges)
         except BaseException:  # a full disk, an interrupt: free the space, keep the scans
-            temporary.unlink(missing_ok=True)
             for leftover in self.path.glob("bucket-*"):
                 leftover.unlink()
             raise
-        fsync_path(temporary)
-        os.replace(temporary, self.target)
-        fsync_path(self.target.parent)
         self.remove()
-        return ranges
+        return layout.ranges
+
+    def _write_images(self, h5: h5py.File, records, layout: StoreLayout, buffer_bytes) -> None:
+        """``/images`` with its checksums and attributes, and ``/masks`` when there are masks."""
+        config = self.config
+        num_rows, size = layout.num_rows, config["size"]
+        chunk = min(config["chunk_slices"], max(num_rows, 1))
+        compression = None if config["compression"] == "none" else config["compression"]
+        channels = schema.channel_names(config["suffix"], config.get("context", 0))
+        row = (size, size) if len(channels) == 1 else (size, size, len(channels))
+        images = schema.create_dataset(
+            h5,
+            schema.IMAGES,
+            shape=(num_rows, *row),
+            dtype=config["dtype"],
+            chunks=(chunk, *row),
+            compression=compression,
+        )
+        set_attribute = functools.partial(schema.set_attribute, h5)
+        set_attribute(schema.ATTR_SCALE, schema.intensity_scale(config["dtype"]), schema.IMAGES)
+        set_attribute(schema.ATTR_OFFSET, 0.0, schema.IMAGES)
+        set_attribute(schema.ATTR_CHANNELS, channels, schema.IMAGES)
+        sums = self._write_rows(images, records, layout, buffer_bytes, ".npy")
+        schema.create_dataset(h5, schema.CHECKSUMS, np.array(sums, dtype=np.uint32))
+        if config.get("masks") or config.get("masks_suffix"):
+            masks = schema.create_dataset(
+                h5,
+                schema.MASKS,
+                shape=(num_rows, size, size),
+                dtype="uint8",
+                chunks=(chunk, size, size),
+                compression=compression,
+            )
+            self._write_rows(masks, records, layout, buffer_bytes, MASK_ENDING)
+            found = sorted({label for r in records for label in r.get("mask_labels", [])})
+            set_attribute(schema.ATTR_MASK_LABELS, found or [0], schema.MASKS)
 
     def _write_rows(
-        self, images, records, first_row, destination, buffer_bytes, ending
+        self, images, records, layout: StoreLayout, buffer_bytes: int, ending: str
     ) -> list[int]:
         """Fill ``images`` (or masks: the files ending in ``ending``) so that canonical row r
-        lands at ``destination[r]``; returns the checksum of every chunk."""
+        lands at ``layout.destination[r]``; returns the checksum of every chunk."""
+        first_row, destination = layout.first_row, layout.destination
         sums = []
         num_rows, row = images.shape[0], images.shape[1:]
         row_bytes = int(np.prod(row)) * images.dtype.itemsize
@@ -362,6 +324,90 @@ class Partial:
 
     def _slices(self, record: dict, ending: str = ".npy") -> np.ndarray:
         return np.load(self.path / f"{scan_key(record['source'])}{ending}", mmap_mode="r")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreLayout:
+    """Where every row of the store comes from and goes: a pure function of the records."""
+
+    scan_labels: np.ndarray  # the label index of each scan (records in source order)
+    scan_splits: list[str]  # the split of each scan
+    counts: np.ndarray  # the number of slices of each scan
+    destination: np.ndarray  # the store row of each canonical row (scans one after another)
+    ranges: dict[str, list[int]]  # split name -> [start, stop)
+
+    @property
+    def first_row(self) -> np.ndarray:
+        """The canonical row of each scan's first slice, and the number of rows at the end."""
+        return np.concatenate([[0], np.cumsum(self.counts)])
+
+    @property
+    def num_rows(self) -> int:
+        """The number of rows of the store."""
+        return int(self.counts.sum())
+
+    @property
+    def order(self) -> np.ndarray:
+        """The canonical row of each store row."""
+        return np.argsort(self.destination)
+
+
+def store_layout(
+    records: list[dict],
+    class_names: list[str],
+    config: dict,
+    assignment: tuple[list[str], dict[str, str]] | None = None,
+) -> StoreLayout:
+    """Split each subject (or take ``assignment``), then order the rows split by split.
+
+    >>> records = [{"subject_id": s, "label": None, "num_slices": 2} for s in "ab"]
+    >>> config = {"val_fraction": 0.0, "test_fraction": 0.0, "folds": 0, "seed": 0}
+    >>> layout = store_layout(records, [], config, (["train"], {"a": "train", "b": "train"}))
+    >>> layout.ranges, sorted(layout.destination.tolist())
+    ({'train': [0, 4]}, [0, 1, 2, 3])
+    """
+    scan_labels = table.class_indices([r["label"] for r in records], class_names)
+    if assignment is None:
+        subject_labels = {}
+        for record, label in zip(records, scan_labels, strict=True):
+            subject_labels.setdefault(record["subject_id"], int(label))
+        fractions = (config["val_fraction"], config["test_fraction"], config["folds"])
+        subject_split = assign_splits(subject_labels, *fractions, config["seed"])
+        names = split_names(*fractions)
+        if UNLABELLED in subject_split.values():
+            names.append(UNLABELLED)
+    else:
+        names, subject_split = assignment
+    scan_split = np.array([names.index(subject_split[r["subject_id"]]) for r in records])
+    counts = np.array([r["num_slices"] for r in records], dtype=np.int64)
+    destination, ranges = row_order(np.repeat(scan_split, counts), names, config["seed"])
+    return StoreLayout(scan_labels, [names[i] for i in scan_split], counts, destination, ranges)
+
+
+def _write_tables(h5: h5py.File, records: list[dict], layout: StoreLayout, participants) -> None:
+    """The per-row datasets, the subjects table and the participants table."""
+    order, counts = layout.order, layout.counts
+    schema.create_dataset(h5, schema.LABELS, np.repeat(layout.scan_labels, counts)[order])
+    scans = np.repeat(np.arange(len(records)), counts)
+    schema.create_dataset(h5, schema.SUBJECT, scans[order])
+    positions = np.concatenate([r["positions"] for r in records])
+    schema.create_dataset(h5, schema.SLICE, positions[order])
+    _write_subjects(h5, records, layout.scan_labels, layout.scan_splits)
+    columns = _write_participants(h5, [r["subject_id"] for r in records], participants)
+    schema.set_attribute(h5, schema.ATTR_PARTICIPANT_COLUMNS, columns)
+
+
+def _write_attributes(h5: h5py.File, config: dict, class_names: list[str], ranges) -> None:
+    """The store's root attributes, ``complete`` last (after everything else is flushed)."""
+    set_attribute = functools.partial(schema.set_attribute, h5)
+    set_attribute(schema.ATTR_SCHEMA, schema.SCHEMA_VERSION)
+    set_attribute(schema.ATTR_UUID, uuid.uuid4())
+    set_attribute(schema.ATTR_CREATED, datetime.now(UTC).isoformat(timespec="seconds"))
+    set_attribute(schema.ATTR_CONFIG, config)
+    set_attribute(schema.ATTR_CLASS_NAMES, class_names)
+    set_attribute(schema.ATTR_SPLITS, ranges)
+    h5.flush()
+    set_attribute(schema.ATTR_COMPLETE, True)
 
 
 def _write_subjects(
@@ -426,11 +472,5 @@ def _lock(folder: Path) -> int:
         "host": socket.gethostname(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    _write_atomic(folder / OWNER, json.dumps(owner).encode())
+    files.write_text(folder / OWNER, json.dumps(owner))
     return fd
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from make_phantoms import GROUPS, head_phantom, save
 
-from loader.command import add_options, run_main, settings_from_args
+from loader.exits import run_main
+from loader.options import add_options, settings_from_args
 from preprocess.discover import Scan
 from preprocess.pipeline import RunOptions, Settings, process_scan
 from preprocess.writer import Partial, scan_record

@@ -17,7 +17,7 @@ from conftest import write_id_store
 
 import training
 from loader.cli import _parser as loader_parser
-from loader.command import SettingError, option_table
+from loader.options import SettingError, option_table
 from preprocess.cli import _parser as preprocess_parser
 from preprocess.pipeline import RunOptions, Settings
 from preprocess.writer import partial_path

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import threading
 from pathlib import Path
@@ -25,12 +24,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from loader.command import fsync_path
+from loader import files
 from training.errors import TrainingError
 
 CHECKPOINT = "checkpoint.npz"
 BEST_MODEL = "model.keras"
-_PARTIAL = ".partial"
 _GROUPS = ("model", "optimizer", "metrics", "best")
 
 
@@ -115,14 +113,8 @@ class RunState(keras.callbacks.Callback):
 
     def _save_best_model(self) -> None:
         final = self.run_dir / BEST_MODEL
-        partial = final.with_name("model.partial.keras")  # Keras wants the .keras ending
-        try:
-            self.model.save(partial)
-            fsync_path(partial)  # on disk before the rename: a power loss leaves the old
-            os.replace(partial, final)  # model or the new one, whole
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        with files.replacing(final, final.with_name("model.partial.keras")) as partial:
+            self.model.save(partial)  # Keras wants the .keras ending
 
     def save(self) -> None:
         """Write the checkpoint of the present position, replacing the previous one."""
@@ -151,7 +143,8 @@ class RunState(keras.callbacks.Callback):
             "history": history.read_bytes().decode() if history.is_file() else "",
             "variables": {group: len(variables) for group, variables in groups.items()},
         }
-        _write_atomically(self.path, arrays, state)
+        with files.replacing(self.path) as partial, open(partial, "wb") as handle:
+            np.savez(handle, state=np.array(json.dumps(state)), **arrays)
 
     def restore(self, sample_batch) -> bool:
         """Take the position, early stopping's state and every variable from the checkpoint.
@@ -196,7 +189,7 @@ class RunState(keras.callbacks.Callback):
         if self.batch:
             self._metrics = arrays["metrics"]
             _check_fits(self.model.metrics_variables, self._metrics, "metrics", self.path)
-        _write_text_atomically(self.run_dir / "history.csv", state["history"])
+        files.write_text(self.run_dir / "history.csv", state["history"])
         return True
 
 
@@ -213,31 +206,6 @@ def _assign(variables, arrays, group: str, path=None) -> None:
     _check_fits(variables, arrays, group, path)
     for variable, value in zip(variables, arrays, strict=True):
         variable.assign(value)
-
-
-def _write_atomically(path: Path, arrays: dict, state: dict) -> None:
-    """``np.savez`` to ``path`` beside it, fsync, rename over ``path``, fsync the folder."""
-    partial = path.with_name(path.name + _PARTIAL)
-    try:
-        with open(partial, "wb") as file:
-            np.savez(file, state=np.array(json.dumps(state)), **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + _PARTIAL)
-    try:
-        partial.write_bytes(text.encode())  # as written: csv ends lines with \r\n
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 class Rest(keras.utils.PyDataset):

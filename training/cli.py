@@ -51,12 +51,8 @@ with _native_stderr_silenced():  # load the backend and probe its devices, quiet
 
         tf.config.list_physical_devices()
 
-from loader.command import (  # noqa: E402
-    add_options,
-    resume_command,
-    run_main,
-    settings_from_args,
-)
+from loader.exits import resume_command, run_main  # noqa: E402
+from loader.options import add_options, settings_from_args  # noqa: E402
 from training.run import train  # noqa: E402
 from training.settings import Settings  # noqa: E402
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
+import io
 import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from loader import H5Sequence, Store
+from loader import H5Sequence, Store, files
 from loader.target import CLASSIFICATION, REGRESSION, SEGMENTATION, Target
 from training import segmentation
 from training.checkpoints import Rest, RunState, stop_at_batch_end
@@ -121,13 +121,27 @@ def _segmentation_model(model_fn, shape, data_format, settings, target) -> keras
 
 
 class _History(keras.callbacks.CSVLogger):
-    """``history.csv`` with epochs numbered from 1, as the console and the curves number them."""
+    """``history.csv`` with epochs numbered from 1, as the console and the curves number them.
+
+    Keras' rows are kept in memory and the whole file is written again at each epoch end
+    (through :func:`loader.files.replacing`): a kill never leaves half a row. A resumed run
+    adds to the rows restored.
+    """
 
     def __init__(self, path: Path):
-        super().__init__(path, append=True)  # a resumed run adds to the rows restored
+        super().__init__(path, append=True)
+        self.path = path
+
+    def on_train_begin(self, logs=None):
+        earlier = self.path.read_bytes().decode() if self.path.is_file() else ""
+        self.append_header = not earlier
+        self.csv_file = io.StringIO(newline="")  # as a file opened for appending: \r\n kept
+        self.csv_file.write(earlier)
+        self.writer, self.keys = None, None
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch + 1, logs)
+        files.write_text(self.path, self.csv_file.getvalue())
 
 
 def fit(
@@ -188,12 +202,7 @@ def fit(
             if not _finished(state, settings):
                 model.fit(train, epochs=settings.epochs, initial_epoch=state.epoch, **common)
     except KeyboardInterrupt:
-        history_log.on_train_end()  # Keras skips it on an interrupt: close history.csv
         interrupted = True
-    except BaseException:  # a full disk: close history.csv now, not noisily when collected
-        with contextlib.suppress(OSError):
-            history_log.on_train_end()
-        raise
     if state.best_weights is not None:
         model.set_weights(state.best_weights)
     return interrupted

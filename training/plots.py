@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from loader import files
+
 
 def read_history(path: Path) -> dict[str, list[float]]:
     """``history.csv`` (Keras' CSVLogger) as column -> values; empty when there is none."""
@@ -49,8 +51,7 @@ def plot_curves(
         ax.grid(alpha=0.3)
         ax.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_confusions(metrics: dict, class_names: list[str], path: Path) -> None:
@@ -80,8 +81,7 @@ def plot_confusions(metrics: dict, class_names: list[str], path: Path) -> None:
         accuracy = scores["accuracy"]
         ax.set_title(f"{title}\naccuracy {accuracy:.3f}" if accuracy is not None else title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_scatter(points: dict[str, tuple[np.ndarray, np.ndarray]], target: str, path: Path) -> None:
@@ -106,8 +106,7 @@ def plot_scatter(points: dict[str, tuple[np.ndarray, np.ndarray]], target: str, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_segmentation(examples: dict, path: Path) -> None:
@@ -130,5 +129,9 @@ def plot_segmentation(examples: dict, path: Path) -> None:
         ax.set_axis_off()
     axes[0][0].set_title("true: green, predicted: red", fontsize=8, loc="left")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    _save(figure, path)
+
+
+def _save(figure, path: Path) -> None:
+    files.save_png(figure, path)
     plt.close(figure)

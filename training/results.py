@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from loader import H5Sequence, Store
+from loader import H5Sequence, Store, files
 from loader.schema import SESSION, SUBJECT_ID
 from loader.target import REGRESSION, SEGMENTATION, Target
 from training.metrics import (
@@ -172,9 +173,10 @@ def write_results(
                 plot_segmentation(examples, run_dir / "segmentation.png")
         else:
             plot_confusions(metrics, target.class_names, run_dir / "confusion.png")
-        with open(run_dir / "predictions.csv", "w", newline="") as handle:
-            columns = SEGMENTATION_COLUMNS if target.task == SEGMENTATION else PREDICTION_COLUMNS
-            writer = csv.DictWriter(handle, columns)
-            writer.writeheader()
-            writer.writerows(predictions)
-    (run_dir / "metrics.json").write_text(json.dumps(document, indent=2))
+        text = io.StringIO(newline="")
+        columns = SEGMENTATION_COLUMNS if target.task == SEGMENTATION else PREDICTION_COLUMNS
+        writer = csv.DictWriter(text, columns)
+        writer.writeheader()
+        writer.writerows(predictions)
+        files.write_text(run_dir / "predictions.csv", text.getvalue())
+    files.write_text(run_dir / "metrics.json", json.dumps(document, indent=2))

@@ -29,8 +29,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from loader import Store, open_store
-from loader.command import SettingError
+from loader import Store, files, open_store
+from loader.options import SettingError
 from loader.store import StoreChangedError
 from loader.stores import check_agree, store_paths
 from loader.target import SEGMENTATION, Target
@@ -137,7 +137,7 @@ def train(
         resume = resume and _resumable(run_dir, config)
         if not resume:
             prepare_run_dir(run_dir, overwrite)
-            (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+            files.write_text(run_dir / "config.json", json.dumps(config, indent=2))
         keras.utils.set_random_seed(settings.seed)
         _deterministic_ops()
         data = build_data(opened, settings, target, test_split, process)

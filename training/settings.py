@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loader.command import SettingError, check_settings, option
+from loader.options import SettingError, check_settings, option
 from loader.target import TASKS
 
 AUGMENTATIONS = ("none", "on", "flip")

@@ -1,29 +1,22 @@
-"""What the three command lines share: options declared once, one error shape, one ``main()``.
+"""Settings declared once: each a dataclass field made with :func:`option`.
 
-A setting is a field of a frozen dataclass, declared with :func:`option` (default, help,
-choices, bounds, metavar, flag). From that one declaration come the Python API's checks
-(:func:`check_settings`, called in ``__post_init__``), the ``argparse`` options
-(:func:`add_options`), the values from parsed arguments (:func:`settings_from_args`) and
-the README's option tables (:func:`option_table`, which a test compares with the README).
+A setting's declaration (default, help, choices, bounds, metavar, flag) gives the Python
+API's checks (:func:`check_settings`, called in ``__post_init__``), the ``argparse``
+options (:func:`add_options`), the values from parsed arguments
+(:func:`settings_from_args`) and the README's option tables (:func:`option_table`, which a
+test compares with the README).
 
 Messages name a setting as the API spells it (```batch_size` must be at least 1; received
 batch_size=0``); a command line shows the same :class:`SettingError` with its flags
-(``--batch-size must be at least 1; received --batch-size 0``). :func:`run_main` is every
-CLI's ``main()``: exit 2 for usage errors and unusable input, the body's own status (0, or
-1 for a partial failure), 130 for Ctrl-C or SIGTERM, and never a traceback.
+(``--batch-size must be at least 1; received --batch-size 0``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import os
 import re
-import shlex
-import signal
-import sys
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -295,120 +288,3 @@ def option_table(parser: argparse.ArgumentParser) -> str:
             default = "none"
         lines.append(f"| `{name}` | {default} | {meaning} |")
     return "\n".join(lines)
-
-
-def run_main(
-    parser: argparse.ArgumentParser,
-    argv: list[str] | None,
-    body: Callable[[argparse.Namespace], int],
-    flags: dict[str, str] | None = None,
-    hint: Callable[[argparse.Namespace], str] = lambda args: "",
-    interrupt_hint: Callable[[argparse.Namespace], str] | None = None,
-) -> int:
-    """Parse ``argv`` and run ``body(args)``: the ``main()`` of every command line.
-
-    Args:
-        parser: the command's parser.
-        argv: the arguments; None reads ``sys.argv``.
-        body: does the work; returns the exit status (0, or 1 for a partial failure).
-        flags: setting name -> flag, so that a :class:`SettingError` names flags.
-        hint: text added to the line of an interrupt or a system error (e.g. how to
-            continue); "" for none.
-        interrupt_hint: text added to an interrupt's line instead of ``hint``.
-
-    Returns:
-        The exit status: the body's, 2 for a usage error or unusable input (one line on
-        stderr, no traceback), 130 for Ctrl-C or SIGTERM.
-    """
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse has printed the problem
-        return int(exc.code or 0)
-    restore = _terminate_as_interrupt()
-    try:
-        return body(args)
-    except SettingError as exc:
-        _error(exc.render(flags or {}))
-    except KeyboardInterrupt:
-        print(f"interrupted{(interrupt_hint or hint)(args)}", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
-        _error(str(exc))
-    except OSError as exc:  # the disk filled up, a network filesystem went away
-        if is_disk_full(exc):
-            where = written_file(exc) or getattr(args, "output", None) or "a file"
-            _error(f"{where}: the disk is full (no space left on device){hint(args)}")
-        else:
-            _error(f"{_first_line(exc)}{hint(args)}")
-    finally:
-        restore()
-    return 2
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether an error says the disk (or the user's quota) is full.
-
-    numpy's ``tofile`` reports a short write as ``N requested and M written`` without an
-    errno, and HDF5 puts the errno inside its message; both count.
-
-    >>> is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
-    True
-    >>> is_disk_full(OSError("245760 requested and 61312 written"))
-    True
-    """
-    text = str(exc)
-    return (
-        getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-        or "No space left on device" in text
-        or "errno = 28" in text
-        or re.fullmatch(r"\d+ requested and \d+ written", text) is not None
-    )
-
-
-def written_file(exc: OSError) -> str | None:
-    """The file an OSError names: its ``filename``, or HDF5's ``filename = '...'``."""
-    if exc.filename:
-        return str(exc.filename)
-    match = re.search(r"filename = '([^']+)'", str(exc))
-    return match.group(1) if match else None
-
-
-def resume_command(package: str, argv: list[str]) -> str:
-    """The command line that continues an interrupted run: the same arguments, without
-    ``--overwrite``, with ``--resume``.
-
-    >>> resume_command("training", ["s.h5", "-o", "run", "--overwrite"])
-    'python -m training s.h5 -o run --resume'
-    """
-    command = ["python", "-m", package, *(a for a in argv if a != "--overwrite")]
-    return shlex.join(command if "--resume" in command else [*command, "--resume"])
-
-
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file, or a folder's entries (a rename in it), to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def _error(line: str) -> None:
-    print(f"error: {line}", file=sys.stderr)
-
-
-def _terminate_as_interrupt() -> Callable[[], None]:
-    """Make SIGTERM (what schedulers send before a kill) raise KeyboardInterrupt, like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,186 @@
+"""One way to write a file: whole or not at all, for every file the project leaves behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import blob_volume, write_nifti
+
+from loader import files
+from loader.cli import main as loader_main
+from loader.store import open_store
+from preprocess.cli import main as preprocess_main
+from training.cli import main as training_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A process that runs a command and, when the one write helper is about to publish the
+# file named NAME, cuts that file's temporary copy to half its bytes and kills itself
+# with SIGKILL: a kill in the middle of writing that file.
+KILLED_MID_FILE = textwrap.dedent("""
+    import os, runpy, signal, sys
+    from loader import files
+
+    name, package, *argv = sys.argv[1:]
+    fsync_path = files.fsync_path
+    def half_then_die(path):
+        path = os.fspath(path)
+        if os.path.basename(path).startswith(name) and os.path.isfile(path):
+            os.truncate(path, os.path.getsize(path) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        fsync_path(path)
+    files.fsync_path = half_then_die
+    sys.argv = [package, *argv]
+    runpy.run_module(package, run_name="__main__")
+""")
+
+
+def _killed_mid_file(name: str, package: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", KILLED_MID_FILE, name, package, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_an_error_while_writing_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "metrics.json"
+    files.write_text(target, "old")
+
+    def write_half():
+        with files.replacing(target) as temporary:
+            temporary.write_text("half of the new")
+            raise RuntimeError("stopped while writing")
+
+    with pytest.raises(RuntimeError):
+        write_half()
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_a_full_disk_names_the_target_and_removes_the_temporary(tmp_path):
+    target = tmp_path / "model.keras"
+
+    def fill_the_disk():
+        with files.replacing(target) as temporary:
+            temporary.write_bytes(b"abc")
+            raise OSError("245760 requested and 61312 written")  # numpy's short write
+
+    with pytest.raises(OSError, match="No space left") as caught:
+        fill_the_disk()
+    assert caught.value.errno == errno.ENOSPC
+    assert caught.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_kill_in_the_middle_of_a_store_leaves_the_previous_store_whole(tmp_path):
+    inputs = tmp_path / "in"
+    for index in range(4):
+        write_nifti(inputs / f"s{index}.nii.gz", blob_volume(index))
+    target = tmp_path / "s.h5"
+    args = [str(inputs), "-o", str(target), "--workers", "1", "--val-fraction", "0"]
+    assert preprocess_main(args) == 0
+    with open_store(target) as store:
+        before = store.uuid
+    killed = _killed_mid_file("store.h5", "preprocess", *args, "--overwrite")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with open_store(target) as store:  # the old store, whole and readable
+        assert store.uuid == before
+    assert preprocess_main([*args, "--resume"]) == 0  # the scans written before the kill
+    with open_store(target) as store:
+        assert store.uuid != before
+        assert len(store.subjects_table()["id"]) == 4
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "owner"])
+def test_a_kill_in_the_middle_of_a_scan_file_leaves_no_half_scan(tmp_path, name):
+    inputs = tmp_path / "in"
+    for index in range(3):
+        write_nifti(inputs / f"s{index}.nii.gz", blob_volume(index))
+    target = tmp_path / "s.h5"
+    args = [str(inputs), "-o", str(target), "--workers", "1", "--val-fraction", "0"]
+    killed = _killed_mid_file(name, "preprocess", *args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    partial = Path(f"{target}.partial")
+    assert not (partial / name).exists()  # not half of it: none of it
+    assert (partial / f"{name}{files.TEMPORARY_ENDING}").exists()
+    assert preprocess_main([*args, "--overwrite"]) == 0
+
+
+def test_a_kill_in_the_middle_of_a_scans_slices_keeps_the_scans_before_it(tmp_path):
+    inputs = tmp_path / "in"
+    for index in range(3):
+        write_nifti(inputs / f"s{index}.nii.gz", blob_volume(index))
+    target = tmp_path / "s.h5"
+    args = [str(inputs), "-o", str(target), "--workers", "1", "--val-fraction", "0"]
+    # scan files are named by a key: kill at the first .npy after one whole scan
+    script = KILLED_MID_FILE.replace(
+        "os.path.basename(path).startswith(name)",
+        "path.endswith('.npy.partial') and len(glob.glob(os.path.dirname(path) + '/*.npy')) == 1",
+    ).replace("import os,", "import glob, os,")
+    killed = subprocess.run(
+        [sys.executable, "-c", script, "", "preprocess", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    partial = Path(f"{target}.partial")
+    records = [
+        json.loads(p.read_text()) for p in partial.glob("*.json") if p.name != "manifest.json"
+    ]
+    assert len(records) == 1  # the scan finished before the kill, and only it
+    assert len(list(partial.glob("*.npy"))) == 1
+    assert preprocess_main([*args, "--resume"]) == 0
+    with open_store(target) as store:
+        assert len(store.subjects_table()["id"]) == 3
+
+
+def test_a_kill_in_the_middle_of_a_run_folders_last_file_leaves_no_half_file(
+    phantom_store, tmp_path
+):
+    run = tmp_path / "run"
+    args = [str(phantom_store), "-o", str(run), "--epochs", "1", "--workers", "1"]
+    killed = _killed_mid_file("metrics.json", "training", *args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (run / "metrics.json").exists()  # never half of one
+    assert (run / "predictions.csv").is_file()  # written whole just before
+    assert json.loads((run / "config.json").read_text())["settings"]["epochs"] == 1
+    assert training_main([*args, "--resume"]) == 0  # the run is not complete: resume scores
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 1
+
+
+def test_every_file_a_store_and_a_run_leave_is_written_by_the_one_helper(
+    phantom_bids, tmp_path, monkeypatch
+):
+    published = []
+    replacing = files.replacing
+
+    def spy(path, temporary=None):
+        published.append(os.path.abspath(path))
+        return replacing(path, temporary)
+
+    monkeypatch.setattr(files, "replacing", spy)
+    store = tmp_path / "s.h5"
+    args = [str(phantom_bids), "-o", str(store), "--label-column", "group", "--workers", "1"]
+    assert preprocess_main(args) == 0
+    preview = tmp_path / "preview.png"
+    assert loader_main([str(store), "--preview", str(preview)]) == 0
+    run = tmp_path / "run"
+    assert training_main([str(store), "-o", str(run), "--epochs", "1"]) == 0
+    written = [str(store), str(preview)] + [str(p) for p in run.iterdir()]
+    assert {"model.keras", "history.csv", "metrics.json", "predictions.csv", "config.json"} <= {
+        Path(p).name for p in written
+    }
+    assert all(os.path.abspath(p) in published for p in written), set(written) - set(published)
