@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loader import schema, table
+from loader import schema
 from loader.plan import aligned_blocks
 from loader.rows import RowLayout, row_layout
 from loader.schema import UNLABELLED_SPLIT
@@ -81,30 +81,6 @@ def check_agree(stores: list[Store]) -> None:
             raise ValueError(
                 f"stores read as one must agree on what a slice means; they differ in {difference}"
             )
-
-
-def merge_classes(per_store: list[tuple[list[str], np.ndarray]]) -> tuple[list[str], list]:
-    """One list of classes for several stores, and each store's indices remapped to it.
-
-    Args:
-        per_store: ``(class_names, indices)`` of each store (-1: no class).
-
-    Returns:
-        ``(class_names, [indices, ...])``.
-
-    Example:
-        >>> names, (a, b) = merge_classes([(["ad", "cn"], np.array([0, 1, -1])),
-        ...                                (["cn", "mci"], np.array([1, 0]))])
-        >>> names, a.tolist(), b.tolist()
-        (['ad', 'cn', 'mci'], [0, 1, -1], [2, 1])
-    """
-    names = table.class_names({name for store_names, _ in per_store for name in store_names})
-    position = {name: index for index, name in enumerate(names)}
-    remapped = []
-    for store_names, indices in per_store:
-        mapping = np.array([position[name] for name in store_names] + [-1], dtype=np.int32)
-        remapped.append(mapping[np.asarray(indices)])  # -1 picks the last entry: -1
-    return names, remapped
 
 
 @dataclass(frozen=True)

@@ -142,3 +142,27 @@ def class_indices(values, names: list[str]) -> np.ndarray:
     """
     index = {name: position for position, name in enumerate(names)}
     return np.array([index.get(v, -1) if v is not None else -1 for v in values], dtype=np.int32)
+
+
+def merge_classes(per_store: list[tuple[list[str], np.ndarray]]) -> tuple[list[str], list]:
+    """One list of classes for several stores, and each store's indices remapped to it.
+
+    Args:
+        per_store: ``(class_names, indices)`` of each store (-1: no class).
+
+    Returns:
+        ``(class_names, [indices, ...])``.
+
+    Example:
+        >>> names, (a, b) = merge_classes([(["ad", "cn"], np.array([0, 1, -1])),
+        ...                                (["cn", "mci"], np.array([1, 0]))])
+        >>> names, a.tolist(), b.tolist()
+        (['ad', 'cn', 'mci'], [0, 1, -1], [2, 1])
+    """
+    names = class_names({name for store_names, _ in per_store for name in store_names})
+    position = {name: index for index, name in enumerate(names)}
+    remapped = []
+    for store_names, indices in per_store:
+        mapping = np.array([position[name] for name in store_names] + [-1], dtype=np.int32)
+        remapped.append(mapping[np.asarray(indices)])  # -1 picks the last entry: -1
+    return names, remapped

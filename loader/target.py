@@ -158,8 +158,6 @@ def resolve_all(stores: list[Store], target: str | None = None, task: str | None
         ValueError: as :func:`resolve`, or stores whose column is numbers in one and text
             in another.
     """
-    from loader.stores import merge_classes
-
     targets = [resolve(store, target, task, labels, id_column) for store in stores]
     if len({t.task for t in targets}) > 1:
         raise ValueError(
@@ -169,6 +167,6 @@ def resolve_all(stores: list[Store], target: str | None = None, task: str | None
         names = max((t.class_names for t in targets), key=len)
         return [Target(t.name, t.task, names, t.values) for t in targets]
     if targets[0].task == CLASSIFICATION and len(targets) > 1:
-        names, values = merge_classes([(t.class_names, t.values) for t in targets])
+        names, values = table.merge_classes([(t.class_names, t.values) for t in targets])
         targets = [Target(t.name, t.task, names, v) for t, v in zip(targets, values, strict=True)]
     return targets

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from loader import H5Sequence, Store
-from loader.schema import SUBJECT_ID
+from loader.schema import SESSION, SUBJECT_ID
 from loader.store import StoreChangedError
 from loader.target import CLASSIFICATION, REGRESSION, SEGMENTATION, Target, resolve_all
 from training.errors import TrainingError
@@ -173,3 +175,34 @@ def class_weights(
         )
     total = per_class.sum()
     return {k: float(total / (len(per_class) * n)) if n else 0.0 for k, n in enumerate(per_class)}
+
+
+def sequence_facts(sequence: H5Sequence, stores: list[Store], targets: list[Target]) -> dict:
+    """Per row of an unshuffled epoch: target value, whether present, subject, session."""
+    pairs = np.concatenate([sequence.rows(i) for i in range(len(sequence))])
+    return row_facts(pairs, stores, targets)
+
+
+def row_facts(pairs: np.ndarray, stores: list[Store], targets: list[Target]) -> dict:
+    """Per row (``rows()`` of a sequence): target value, whether present, subject, session."""
+    if pairs.ndim == 1:
+        pairs = np.stack([np.zeros_like(pairs), pairs], axis=1)
+    facts = {
+        "values": np.empty(len(pairs), dtype=targets[0].values.dtype),
+        "present": np.empty(len(pairs), dtype=bool),
+        "ids": np.empty(len(pairs), dtype=object),
+        "sessions": np.empty(len(pairs), dtype=object),
+    }
+    for index in np.unique(pairs[:, 0]):
+        mine = pairs[:, 0] == index
+        local = pairs[mine, 1]
+        store, target = stores[index], targets[index]
+        start, stop = int(local.min()), int(local.max()) + 1  # a split is one contiguous range
+        scans = store.subject[start:stop][local - start]
+        table = store.subjects_table()
+        prefix = f"{Path(store.path).stem}/" if len(stores) > 1 else ""
+        facts["values"][mine] = target.values[scans]
+        facts["present"][mine] = target.present[scans]
+        facts["ids"][mine] = prefix + table[SUBJECT_ID][scans].astype(object)
+        facts["sessions"][mine] = table[SESSION][scans]
+    return facts

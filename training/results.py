@@ -11,8 +11,8 @@ import keras
 import numpy as np
 
 from loader import H5Sequence, Store, files
-from loader.schema import SESSION, SUBJECT_ID
 from loader.target import REGRESSION, SEGMENTATION, Target
+from training.data import sequence_facts
 from training.metrics import (
     class_probabilities,
     evaluate_outputs,
@@ -64,7 +64,7 @@ def evaluate(
             examples = examples or found  # validation's
             continue
         outputs = np.asarray(model.predict(sequence, verbose=0), dtype=np.float64)
-        facts = _row_facts(sequence, stores, targets)
+        facts = sequence_facts(sequence, stores, targets)
         keep = facts["present"]
         outputs = outputs.reshape(len(keep), -1)[keep]
         values, ids, sessions = (facts[name][keep] for name in ("values", "ids", "sessions"))
@@ -74,37 +74,6 @@ def evaluate(
             results[sequence.split] = evaluate_outputs(outputs, values, ids)
         rows += _prediction_rows(outputs, values, ids, sessions, target, sequence.split)
     return results, rows, examples
-
-
-def _row_facts(sequence: H5Sequence, stores: list[Store], targets: list[Target]) -> dict:
-    """Per row of an unshuffled epoch: target value, whether present, subject, session."""
-    pairs = np.concatenate([sequence.rows(i) for i in range(len(sequence))])
-    return row_facts(pairs, stores, targets)
-
-
-def row_facts(pairs: np.ndarray, stores: list[Store], targets: list[Target]) -> dict:
-    """Per row (``rows()`` of a sequence): target value, whether present, subject, session."""
-    if pairs.ndim == 1:
-        pairs = np.stack([np.zeros_like(pairs), pairs], axis=1)
-    facts = {
-        "values": np.empty(len(pairs), dtype=targets[0].values.dtype),
-        "present": np.empty(len(pairs), dtype=bool),
-        "ids": np.empty(len(pairs), dtype=object),
-        "sessions": np.empty(len(pairs), dtype=object),
-    }
-    for index in np.unique(pairs[:, 0]):
-        mine = pairs[:, 0] == index
-        local = pairs[mine, 1]
-        store, target = stores[index], targets[index]
-        start, stop = int(local.min()), int(local.max()) + 1  # a split is one contiguous range
-        scans = store.subject[start:stop][local - start]
-        table = store.subjects_table()
-        prefix = f"{Path(store.path).stem}/" if len(stores) > 1 else ""
-        facts["values"][mine] = target.values[scans]
-        facts["present"][mine] = target.present[scans]
-        facts["ids"][mine] = prefix + table[SUBJECT_ID][scans].astype(object)
-        facts["sessions"][mine] = table[SESSION][scans]
-    return facts
 
 
 def _prediction_rows(outputs, values, ids, sessions, target: Target, split: str) -> list[dict]:

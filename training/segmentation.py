@@ -13,6 +13,7 @@ from keras import ops
 
 from loader import H5Sequence, Store
 from loader.target import Target
+from training.data import row_facts
 
 SMOOTH = 1.0  # keeps the soft Dice of an empty label and batch at 1, its gradient finite
 
@@ -91,8 +92,6 @@ def evaluate_segmentation(
         one row per subject for ``predictions.csv``; and the validation slices with the most
         true foreground (``image``, ``true``, ``predicted``) for the picture.
     """
-    from training.results import row_facts
-
     class_names = targets[0].class_names
     labels = np.arange(1, len(class_names))
     overlap, total = np.zeros(len(labels)), np.zeros(len(labels))

@@ -1,0 +1,58 @@
+"""The import graph: data flows preprocess -> loader <- training, and no module circles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("preprocess", "loader", "training")
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at the top or inside a function."""
+    modules = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts): path
+        for package in PACKAGES
+        for path in (ROOT / package).glob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            found |= {t for t in targets if t in modules and t != name}
+        graph[name] = found
+    return graph
+
+
+def test_no_two_modules_import_each_other_even_inside_a_function():
+    graph = _imports()
+    done, path = set(), []
+
+    def visit(module: str) -> None:
+        if module in path:
+            raise AssertionError(f"import circle: {' -> '.join([*path, module])}")
+        if module in done or module.endswith(("__init__", "__main__")):
+            return
+        path.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+def test_imports_follow_the_data_flow():
+    for module, imported in _imports().items():
+        package = module.split(".")[0]
+        others = {name.split(".")[0] for name in imported} - {package}
+        allowed = {"preprocess": {"loader"}, "loader": set(), "training": {"loader"}}[package]
+        assert others <= allowed, f"{module} imports {sorted(others - allowed)}"
