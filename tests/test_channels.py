@@ -13,7 +13,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import blob_volume, write_nifti
+from helpers import blob_volume, free_port, interrupted_and_resumed, write_nifti
 from make_phantoms import reorder, write_bids
 
 from loader import H5Sequence
@@ -270,8 +270,6 @@ def test_the_preview_shows_every_channel_and_the_mask_contours(modality_store, t
 
 def test_a_segmentation_run_resumes_exactly(lesion_store, tmp_path):
     """The U-Net's batch-normalisation statistics and the Dice totals come back too."""
-    from test_resume import interrupted_and_resumed
-
     settings = {"target": "mask", "epochs": 1, "batch_size": 16, "checkpoint_every": 2}
     whole = train(lesion_store, tmp_path / "whole", progress=False, **settings)
     resumed = interrupted_and_resumed(lesion_store, tmp_path / "resumed", (0, 3), **settings)
@@ -284,9 +282,7 @@ def test_a_segmentation_run_resumes_exactly(lesion_store, tmp_path):
 
 def test_segmentation_trains_on_two_processes_with_jax(lesion_store, tmp_path):
     """The Dice metric resets on every backend (it once failed on JAX alone, too)."""
-    from test_distributed import _free_port
-
-    run, port = tmp_path / "run", _free_port()
+    run, port = tmp_path / "run", free_port()
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
     args = [str(lesion_store), "-o", str(run), "--target", "mask", "--epochs", "1"]
     args += ["--batch-size", "32", "--distributed", "--coordinator", f"127.0.0.1:{port}"]

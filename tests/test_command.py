@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from conftest import write_id_store
+from helpers import write_id_store
 
 import training
 from loader.cli import _parser as loader_parser

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import blob_volume, write_nifti
+from helpers import blob_volume, write_nifti
 
 from preprocess.discover import InputError, class_names, discover, find_layout, read_label_table
 from preprocess.splits import assign_splits, row_order

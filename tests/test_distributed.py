@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from helpers import free_port
 
 from loader.store import open_store
 from training.cli import main as training_main
@@ -36,14 +36,8 @@ np.save(out.replace("weights", "rows"), np.array(served))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_two_processes_train_one_model_on_their_own_shares(phantom_store, tmp_path):
-    port, run_dir = _free_port(), tmp_path / "run"
+    port, run_dir = free_port(), tmp_path / "run"
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
     processes = [
         subprocess.Popen(

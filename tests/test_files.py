@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import blob_volume, write_nifti
+from helpers import blob_volume, write_nifti
 
 from loader import files
 from loader.cli import main as loader_main

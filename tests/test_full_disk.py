@@ -6,7 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
-from conftest import blob_volume, write_nifti
+from helpers import blob_volume, write_nifti
 
 from loader.store import open_store
 from preprocess.cli import main as preprocess_main

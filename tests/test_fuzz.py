@@ -12,8 +12,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import NIBABEL_DATA, blob_volume, write_nifti
 from fuzz_preprocess import FIELDS, fuzz, mutate, sources
+from helpers import NIBABEL_DATA, blob_volume, write_nifti
 
 from loader.store import open_store
 from preprocess.cli import main as preprocess_main

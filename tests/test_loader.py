@@ -9,7 +9,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import decode_ids, write_id_store
+from helpers import decode_ids, write_id_store
 
 from loader import H5Sequence, StoreError, open_store
 from loader.plan import EpochPlan, aligned_blocks

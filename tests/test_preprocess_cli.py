@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import NIBABEL_DATA, assert_same_store_content, blob_volume, write_nifti
+from helpers import NIBABEL_DATA, assert_same_store_content, blob_volume, write_nifti
 from make_phantoms import write_bids
 
 from loader import schema

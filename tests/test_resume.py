@@ -15,6 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from helpers import interrupted_and_resumed, write_id_store
 
 from training.run import TrainingError, train
 
@@ -176,33 +177,8 @@ def test_resume_in_an_empty_folder_starts_the_run(phantom_store, reference, tmp_
     _assert_same_run(tmp_path / "run", reference)
 
 
-class _StopAt(keras.callbacks.Callback):
-    """Ctrl-C raised after batch ``batch`` of epoch ``epoch``: the process dies there as far
-    as the checkpoint knows (it saves nothing more)."""
-
-    def __init__(self, epoch: int, batch: int):
-        super().__init__()
-        self.at, self.epoch = (epoch, batch), 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if (self.epoch, batch) == self.at:
-            raise KeyboardInterrupt
-
-
-def interrupted_and_resumed(store, run_dir: Path, at: tuple[int, int], **settings):
-    """A run stopped after batch ``at[1]`` of epoch ``at[0]``, then resumed: the result."""
-    stopped = train(store, run_dir, progress=False, callbacks=[_StopAt(*at)], **settings)
-    assert stopped.interrupted
-    return train(store, run_dir, resume=True, progress=False, **settings)
-
-
 def test_several_stores_with_augmentation_resume_exactly(tmp_path):
     """Augmentation's random layers keep their seed states; two stores read as one."""
-    from conftest import write_id_store
-
     stores = [
         write_id_store(tmp_path / f"{name}.h5", seed=seed) for name, seed in [("a", 0), ("b", 1)]
     ]

@@ -7,7 +7,7 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import NIBABEL_DATA, blob_volume, write_nifti
+from helpers import NIBABEL_DATA, blob_volume, write_nifti
 from make_phantoms import reorder
 
 from preprocess.discover import Scan

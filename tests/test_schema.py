@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import decode_ids, write_id_store
+from helpers import decode_ids, write_id_store
 
 from loader import H5Sequence, StoreError, open_store, schema
 

@@ -12,7 +12,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import write_id_store
+from helpers import write_id_store
 from make_phantoms import write_bids
 
 from loader import H5Sequence, open_store, schema

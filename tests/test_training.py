@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import decode_ids, write_id_store
+from helpers import decode_ids, write_id_store
 
 import training
 from loader import H5Sequence, open_store

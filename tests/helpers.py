@@ -1,0 +1,131 @@
+"""What several test modules build: scans, stores whose rows carry their ids, free ports, runs
+stopped and resumed. Fixtures stay in ``conftest.py``; test modules import these by name."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import asdict
+from pathlib import Path
+
+import h5py
+import keras
+import nibabel as nib
+import numpy as np
+
+from preprocess.pipeline import Settings
+from preprocess.writer import Partial, scan_record
+from training.run import train
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+COARSE_VOXELS = ((4.0, 4.0, 4.0), (3.0, 3.0, 6.0), (5.0, 3.2, 3.2))
+
+
+def write_nifti(path: Path, data: np.ndarray, affine=None, dtype=None) -> Path:
+    """Save ``data`` as NIfTI (``affine`` defaults to 1 mm voxels)."""
+    image = nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine)
+    if dtype is not None:
+        image.set_data_dtype(np.dtype(dtype))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+    return path
+
+
+def blob_volume(seed: int, shape=(40, 44, 36), value: float = 100.0) -> np.ndarray:
+    """A seeded volume: a bright ellipsoid with noise in a dark background."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    radii = rng.uniform(0.5, 0.8, 3)
+    inside = sum((g / r) ** 2 for g, r in zip(grid, radii, strict=True)) <= 1
+    data = rng.normal(0, 2, shape).astype(np.float32)
+    data[inside] += value * rng.uniform(0.8, 1.2)
+    return data
+
+
+def iter_rows(dataset: h5py.Dataset, block: int = 512):
+    """A dataset in blocks of rows, never whole."""
+    for start in range(0, dataset.shape[0], block):
+        yield dataset[start : start + block]
+
+
+def assert_same_store_content(path_a: Path, path_b: Path) -> None:
+    """The two stores hold identical /images and /labels."""
+    with h5py.File(path_a, "r") as a, h5py.File(path_b, "r") as b:
+        for name in ("images", "labels"):
+            assert a[name].shape == b[name].shape
+            for block_a, block_b in zip(iter_rows(a[name]), iter_rows(b[name]), strict=True):
+                np.testing.assert_array_equal(block_a, block_b)
+
+
+def write_id_store(
+    path: Path,
+    scans: int = 12,
+    slices_per_scan: int = 20,
+    chunk_slices: int = 8,
+    dtype: str = "uint8",
+    compression: str = "none",
+    labelled: bool = True,
+    val_fraction: float = 0.25,
+    seed: int = 0,
+    classes: str = "ab",
+    unlabelled: int = 0,
+) -> Path:
+    """A store, written by the project's writer, whose slices carry their canonical row id.
+
+    Canonical row ``r`` (scan ``r // slices_per_scan``) holds ``r`` in pixels ``[0, 0:3]``
+    as base-256 digits (``decode_ids`` reads them back); scans take the ``classes`` in turn
+    (one letter each), one subject per scan; the last ``unlabelled`` scans have no label.
+    """
+    settings = Settings(
+        dtype=dtype,
+        normalize="percentile" if dtype == "uint8" else "none",
+        compression=compression,
+        chunk_slices=chunk_slices,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+    partial = Partial(path, {**asdict(settings), "inputs": []})
+    rng = np.random.default_rng(seed)
+    for scan in range(scans):
+        ids = scan * slices_per_scan + np.arange(slices_per_scan)
+        slices = rng.integers(0, 256, (slices_per_scan, 64, 64)).astype(dtype)
+        slices[:, 0, :3] = np.stack([ids // 65536, ids // 256 % 256, ids % 256], axis=1)
+        label = classes[scan % len(classes)] if labelled and scan < scans - unlabelled else None
+        record = scan_record(f"s{scan:03d}.nii", f"{scan:03d}", range(slices_per_scan), label=label)
+        partial.add(record, slices)
+    partial.finalize(sorted(set(classes)) if labelled else [])
+    return path
+
+
+def decode_ids(x: np.ndarray, scale: float = 255.0) -> np.ndarray:
+    """The row ids carried by a batch ``x`` of shape ``(b, h, w, 1)`` or ``(b, 1, h, w)``."""
+    digits = np.rint(x.reshape(len(x), -1)[:, :3] * scale).astype(np.int64)
+    return digits[:, 0] * 65536 + digits[:, 1] * 256 + digits[:, 2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class StopAt(keras.callbacks.Callback):
+    """Ctrl-C raised after batch ``batch`` of epoch ``epoch``: the process dies there as far
+    as the checkpoint knows (it saves nothing more)."""
+
+    def __init__(self, epoch: int, batch: int):
+        super().__init__()
+        self.at, self.epoch = (epoch, batch), 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise KeyboardInterrupt
+
+
+def interrupted_and_resumed(store, run_dir: Path, at: tuple[int, int], **settings):
+    """A run stopped after batch ``at[1]`` of epoch ``at[0]``, then resumed: the result."""
+    stopped = train(store, run_dir, progress=False, callbacks=[StopAt(*at)], **settings)
+    assert stopped.interrupted
+    return train(store, run_dir, resume=True, progress=False, **settings)
