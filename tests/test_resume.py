@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from helpers import interrupted_and_resumed, write_id_store
 
+from training.cli import main as training_main
 from training.run import TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,11 @@ def _training(store: Path, run_dir: Path, *more: str, **kwargs) -> subprocess.Co
     )  # fmt: skip
 
 
+def _train_here(store: Path, run_dir: Path, *more: str) -> int:
+    """The same command as :func:`_training`, in this process (no second TensorFlow start)."""
+    return training_main([str(store), "-o", str(run_dir), *OPTIONS, *more])
+
+
 def _assert_same_run(run_dir: Path, reference: Path) -> None:
     """The same best weights, history (each epoch once) and scores as the reference run."""
     assert (run_dir / "history.csv").read_bytes() == (reference / "history.csv").read_bytes()
@@ -84,8 +90,7 @@ def _assert_same_run(run_dir: Path, reference: Path) -> None:
 def reference(phantom_store, tmp_path_factory) -> Path:
     """The run never interrupted."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    done = _training(phantom_store, run_dir)
-    assert done.returncode == 0, done.stderr
+    assert _train_here(phantom_store, run_dir) == 0
     return run_dir
 
 
@@ -95,7 +100,7 @@ def reference(phantom_store, tmp_path_factory) -> Path:
     ids=["after-a-batch", "after-an-epoch-end-read-by-processes", "while-writing-a-checkpoint"],
 )
 def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrupted_one(
-    phantom_store, reference, tmp_path, where, at, readers
+    phantom_store, reference, tmp_path, capsys, where, at, readers
 ):
     run_dir = tmp_path / "run"
     killed = subprocess.run(
@@ -109,9 +114,8 @@ def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrup
     else:  # killed writing the third checkpoint: the second stands, the half-done one is left
         assert (run_dir / "checkpoint.npz.partial").exists()
         assert (state["epoch"], state["batch"]) == (0, 6)
-    resumed = _training(phantom_store, run_dir, "--resume", *readers)  # readers may differ
-    assert resumed.returncode == 0, resumed.stderr
-    assert "Traceback" not in resumed.stderr
+    assert _train_here(phantom_store, run_dir, "--resume", *readers) == 0  # readers may differ
+    assert "Traceback" not in capsys.readouterr().err
     _assert_same_run(run_dir, reference)
 
 
@@ -157,10 +161,7 @@ def test_sigterm_finishes_the_batch_checkpoints_and_the_printed_command_resumes(
     assert resume[-1] == "--resume"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["interrupted"] is True
-    finished = subprocess.run(
-        [sys.executable, *resume[1:]], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    assert finished.returncode == 0, finished.stderr
+    assert training_main(resume[3:]) == 0  # the printed command's arguments, in this process
     _assert_same_run(run_dir, reference)
 
 
@@ -172,8 +173,7 @@ def test_resume_refuses_other_settings_and_a_complete_run(phantom_store, referen
 
 
 def test_resume_in_an_empty_folder_starts_the_run(phantom_store, reference, tmp_path):
-    done = _training(phantom_store, tmp_path / "run", "--resume")
-    assert done.returncode == 0, done.stderr
+    assert _train_here(phantom_store, tmp_path / "run", "--resume") == 0
     _assert_same_run(tmp_path / "run", reference)
 
 
