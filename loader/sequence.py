@@ -9,7 +9,7 @@ import threading
 import keras
 import numpy as np
 
-from loader import schema
+from loader import schema, table
 from loader.plan import EpochPlan
 from loader.rows import prefetch_rows, read_rows
 from loader.store import StoreChangedError, StoreDamagedError, file_identity, open_h5
@@ -108,7 +108,7 @@ class H5Sequence(keras.utils.PyDataset):
         target: str | None = None,
         task: str | None = None,
         labels: str | os.PathLike | None = None,
-        id_column: str = "participant_id",
+        id_column: str = table.ID_COLUMN,
         shard: tuple[int, int] | None = None,
         verify: bool = True,
         **kwargs,

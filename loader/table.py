@@ -14,6 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from loader.schema import UNLABELLED
+
+ID_COLUMN = "participant_id"  # BIDS participants.tsv: the subject-id column, by default
+
 MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
@@ -33,7 +37,7 @@ def is_missing(value: str | None) -> bool:
 
 
 def read_table(
-    path: str | os.PathLike, id_column: str = "participant_id", notes: list | None = None
+    path: str | os.PathLike, id_column: str = ID_COLUMN, notes: list | None = None
 ) -> dict[str, dict]:
     """Read a table of subjects: subject id (without ``sub-``) -> {column: cell or None}.
 
@@ -141,7 +145,10 @@ def class_indices(values, names: list[str]) -> np.ndarray:
     [1, -1, 0, -1]
     """
     index = {name: position for position, name in enumerate(names)}
-    return np.array([index.get(v, -1) if v is not None else -1 for v in values], dtype=np.int32)
+    missing = UNLABELLED
+    return np.array(
+        [index.get(v, missing) if v is not None else missing for v in values], dtype=np.int32
+    )
 
 
 def merge_classes(per_store: list[tuple[list[str], np.ndarray]]) -> tuple[list[str], list]:
@@ -163,6 +170,6 @@ def merge_classes(per_store: list[tuple[list[str], np.ndarray]]) -> tuple[list[s
     position = {name: index for index, name in enumerate(names)}
     remapped = []
     for store_names, indices in per_store:
-        mapping = np.array([position[name] for name in store_names] + [-1], dtype=np.int32)
-        remapped.append(mapping[np.asarray(indices)])  # -1 picks the last entry: -1
+        mapping = np.array([position[name] for name in store_names] + [UNLABELLED], np.int32)
+        remapped.append(mapping[np.asarray(indices)])  # -1 picks the last entry: UNLABELLED
     return names, remapped

@@ -50,19 +50,12 @@ class Target:
         return self.values >= 0
 
 
-def columns(store: Store, labels: str | os.PathLike | None = None) -> list[str]:
-    """The columns a target can name: the store's labels table, or the joined table."""
-    if labels is not None:
-        return table.columns_of(table.read_table(labels))
-    return list(store.participants())
-
-
 def resolve(
     store: Store,
     target: str | None = None,
     task: str | None = None,
     labels: str | os.PathLike | None = None,
-    id_column: str = "participant_id",
+    id_column: str = table.ID_COLUMN,
 ) -> Target:
     """The target of a store: a column's values per scan, typed for the task.
 
@@ -151,7 +144,7 @@ def _column(store: Store, target: str, labels, id_column: str) -> tuple[str, np.
 
 
 def resolve_all(stores: list[Store], target: str | None = None, task: str | None = None,
-                labels=None, id_column: str = "participant_id") -> list[Target]:  # fmt: skip
+                labels=None, id_column: str = table.ID_COLUMN) -> list[Target]:  # fmt: skip
     """The target of each of several stores read as one: one task, classes merged by name.
 
     Raises:

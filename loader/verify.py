@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import h5py
 import numpy as np
@@ -106,7 +105,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if damaged else 0
 
     return run_main(parser, argv, body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

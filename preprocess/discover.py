@@ -225,7 +225,7 @@ def _scan_folder(folder: Path, layout: str, suffix: str, unreadable: list) -> li
 
 
 def read_subjects_table(
-    path: str | os.PathLike, id_column: str = "participant_id", notes: list | None = None
+    path: str | os.PathLike, id_column: str = table.ID_COLUMN, notes: list | None = None
 ) -> dict:
     """Read a table of subjects (``participants.tsv`` or a CSV): id -> {column: value or None}.
 
@@ -239,26 +239,6 @@ def read_subjects_table(
         return table.read_table(path, id_column, notes)
     except table.TableError as exc:
         raise InputError(str(exc)) from exc
-
-
-def read_label_table(
-    path: str | os.PathLike, column: str, id_column: str = "participant_id"
-) -> dict[str, str | None]:
-    """Read one column of subject labels from a BIDS ``participants.tsv`` or a CSV file.
-
-    Args:
-        path: a ``.tsv`` (tab-separated) or ``.csv`` (comma-separated) file with a header.
-        column: the column that holds the labels.
-        id_column: the column that holds subject ids, with or without ``sub-``.
-            Defaults to ``participant_id``.
-
-    Returns:
-        Subject id (without ``sub-``) -> label, None where the value is missing (``n/a``).
-
-    Raises:
-        InputError: the file is missing, unreadable, or lacks a column.
-    """
-    return column_of(read_subjects_table(path, id_column), column, path, id_column)
 
 
 def column_of(rows: dict[str, dict], column: str, where, id_column: str) -> dict:
@@ -294,7 +274,7 @@ def match_labels(
     Args:
         subject_ids: the scans' subject ids.
         table: subject id -> label (None where the table says ``n/a``), from
-            :func:`read_label_table`.
+            :func:`column_of`.
         table_name: the table's file and column, for the messages.
 
     Returns:
@@ -339,9 +319,6 @@ def match_labels(
             f"{_some(unmatched)}"
         )
     return labels, lines
-
-
-class_names = table.class_names
 
 
 def pair_files(

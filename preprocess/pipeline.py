@@ -26,14 +26,14 @@ import numpy as np
 import threadpoolctl
 from tqdm import tqdm
 
-from loader import schema
+from loader import schema, table
 from loader.options import SettingError, check_settings, option
+from loader.schema import UNLABELLED_SPLIT
 from loader.store import open_store
 from loader.table import NUMERIC, class_indices, column_kind, numeric_values
 from preprocess.discover import (
     LAYOUTS,
     Scan,
-    class_names,
     column_of,
     discover,
     match_labels,
@@ -43,7 +43,7 @@ from preprocess.discover import (
 from preprocess.errors import PreprocessError, ScanError
 from preprocess.shards import parse_shard, subjects_of_shard
 from preprocess.slices import AXES, kept_positions, label_slices, slices_at
-from preprocess.splits import UNLABELLED, assign_splits, quantile_strata, split_names
+from preprocess.splits import assign_splits, quantile_strata, split_names
 from preprocess.volume import (
     MAX_VOXELS,
     NORMALIZATIONS,
@@ -97,7 +97,7 @@ class Settings:
         default_text="none (unlabelled)", group=FINDING,
     )  # fmt: skip
     id_column: str = option(
-        "participant_id", "the column with subject ids", metavar="NAME", group=FINDING
+        table.ID_COLUMN, "the column with subject ids", metavar="NAME", group=FINDING
     )
     volume: int | None = option(
         None, "take volume K (from 0) of 4-D files, else they are rejected", metavar="K",
@@ -434,7 +434,7 @@ def find_scans(inputs: list[str], settings: Settings, report=print) -> Found:
             report(f"warning: {exc}; the store keeps no labels table")
         for line in notes:
             report(f"warning: {line}")
-    found = Found(scans, class_names(s.label for s in scans), rejected, participants)
+    found = Found(scans, table.class_names(s.label for s in scans), rejected, participants)
     if settings.label_column:
         column, files = settings.label_column, ", ".join(map(str, paths))
         values = column_of(participants, column, files, settings.id_column)
@@ -450,7 +450,7 @@ def find_scans(inputs: list[str], settings: Settings, report=print) -> Found:
                 {subject_id: numeric_values([value])[0] for subject_id, value in labels.items()}
             )
         else:
-            found.class_names = class_names(labels.values())
+            found.class_names = table.class_names(labels.values())
     return found
 
 
@@ -468,8 +468,8 @@ def split_assignment(found: Found, settings: Settings) -> tuple[list[str], dict[
         strata, settings.val_fraction, settings.test_fraction, settings.folds, settings.seed
     )
     names = split_names(settings.val_fraction, settings.test_fraction, settings.folds)
-    if UNLABELLED in assignment.values():
-        names.append(UNLABELLED)
+    if UNLABELLED_SPLIT in assignment.values():
+        names.append(UNLABELLED_SPLIT)
     return names, assignment
 
 

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from loader.schema import UNLABELLED_SPLIT as UNLABELLED
+from loader.schema import UNLABELLED_SPLIT
 
 
 def quantile_strata(values: dict[str, float], bins: int = 4) -> dict[str, int]:
@@ -70,7 +70,7 @@ def assign_splits(
     for label in sorted(groups):
         subjects = groups[label]
         if label < 0:
-            splits.update(dict.fromkeys(subjects, UNLABELLED))
+            splits.update(dict.fromkeys(subjects, UNLABELLED_SPLIT))
             continue
         order = np.random.default_rng([seed, label + 1]).permutation(len(subjects))
         subjects = [subjects[i] for i in order]

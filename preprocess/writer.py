@@ -31,8 +31,9 @@ import h5py
 import numpy as np
 
 from loader import files, schema, table
+from loader.schema import UNLABELLED_SPLIT
 from preprocess.errors import PreprocessError
-from preprocess.splits import UNLABELLED, assign_splits, row_order, split_names
+from preprocess.splits import assign_splits, row_order, split_names
 
 MANIFEST = "manifest.json"
 OWNER = "owner"  # the live run's pid, host and start time, beside its lock
@@ -374,8 +375,8 @@ def store_layout(
         fractions = (config["val_fraction"], config["test_fraction"], config["folds"])
         subject_split = assign_splits(subject_labels, *fractions, config["seed"])
         names = split_names(*fractions)
-        if UNLABELLED in subject_split.values():
-            names.append(UNLABELLED)
+        if UNLABELLED_SPLIT in subject_split.values():
+            names.append(UNLABELLED_SPLIT)
     else:
         names, subject_split = assignment
     scan_split = np.array([names.index(subject_split[r["subject_id"]]) for r in records])

@@ -25,8 +25,9 @@ from make_phantoms import write_bids
 
 from preprocess.cli import main as preprocess_main
 from training import train
-from training.checkpoints import BEST_MODEL, CHECKPOINT, RunState
+from training.checkpoints import RunState
 from training.model import build
+from training.run_folder import CHECKPOINT, MODEL
 
 
 def _time_writes(folder: Path) -> list[tuple[str, float, float]]:
@@ -40,7 +41,7 @@ def _time_writes(folder: Path) -> list[tuple[str, float, float]]:
     state.set_model(model)
     state.best_weights = model.get_weights()
     rows = []
-    for name, write in ((CHECKPOINT, state.save), (BEST_MODEL, state._save_best_model)):
+    for name, write in ((CHECKPOINT, state.save), (MODEL, state._save_best_model)):
         started = time.perf_counter()
         write()
         seconds = time.perf_counter() - started

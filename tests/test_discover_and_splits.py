@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from helpers import blob_volume, write_nifti
 
-from preprocess.discover import InputError, class_names, discover, find_layout, read_label_table
+from loader.table import ID_COLUMN, class_names
+from preprocess.discover import InputError, column_of, discover, find_layout, read_subjects_table
 from preprocess.splits import assign_splits, row_order
 
 
@@ -85,6 +86,11 @@ def test_label_table_csv_and_missing_column(tmp_path):
         InputError, match=r"no column 'group'; the columns are \['dx', 'participant_id'\]"
     ):
         read_label_table(table, "group")
+
+
+def read_label_table(path, column):
+    """One column of a labels table, as preprocess reads it."""
+    return column_of(read_subjects_table(path), column, path, ID_COLUMN)
 
 
 def test_class_names_sort_numbers_numerically():

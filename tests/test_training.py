@@ -22,7 +22,8 @@ from training.data import check_store
 from training.fitting import build_model
 from training.metrics import evaluate_outputs
 from training.results import evaluate
-from training.run import RUN_FILES, TrainingError, train
+from training.run import TrainingError, train
+from training.run_folder import RUN_FILES
 from training.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,10 +25,9 @@ import keras
 import numpy as np
 
 from loader import files
+from training import run_folder
 from training.errors import TrainingError
 
-CHECKPOINT = "checkpoint.npz"
-BEST_MODEL = "model.keras"
 _GROUPS = ("model", "optimizer", "metrics", "best")
 
 
@@ -76,7 +75,7 @@ class RunState(keras.callbacks.Callback):
     @property
     def path(self) -> Path:
         """The checkpoint file."""
-        return self.run_dir / CHECKPOINT
+        return self.run_dir / run_folder.CHECKPOINT
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -112,7 +111,7 @@ class RunState(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
     def _save_best_model(self) -> None:
-        final = self.run_dir / BEST_MODEL
+        final = self.run_dir / run_folder.MODEL
         with files.replacing(final, final.with_name("model.partial.keras")) as partial:
             self.model.save(partial)  # Keras wants the .keras ending
 
@@ -132,7 +131,7 @@ class RunState(keras.callbacks.Callback):
             for i, variable in enumerate(variables)
         }
         arrays.update({f"best.{i}": w for i, w in enumerate(self.best_weights or [])})
-        history = self.run_dir / "history.csv"
+        history = self.run_dir / run_folder.HISTORY
         state = {
             "epoch": self.epoch,
             "batch": self.batch,
@@ -189,7 +188,7 @@ class RunState(keras.callbacks.Callback):
         if self.batch:
             self._metrics = arrays["metrics"]
             _check_fits(self.model.metrics_variables, self._metrics, "metrics", self.path)
-        files.write_text(self.run_dir / "history.csv", state["history"])
+        files.write_text(self.run_dir / run_folder.HISTORY, state["history"])
         return True
 
 

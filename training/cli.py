@@ -53,6 +53,7 @@ with _native_stderr_silenced():  # load the backend and probe its devices, quiet
 
 from loader.exits import resume_command, run_main  # noqa: E402
 from loader.options import add_options, settings_from_args  # noqa: E402
+from training import run_folder  # noqa: E402
 from training.run import train  # noqa: E402
 from training.settings import Settings  # noqa: E402
 
@@ -138,13 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         for split, results in result.metrics.items():
             print(f"{split}: {_scores(results['slices'])} per slice; "
                   f"{_scores(results['subjects'])} per subject")  # fmt: skip
-        pictures = [
-            p
-            for p in ("curves.png", "confusion.png", "scatter.png", "segmentation.png")
-            if (run_dir / p).is_file()
-        ]
+        pictures = [p for p in run_folder.PICTURES if (run_dir / p).is_file()]
         print(f"pictures: {', '.join(str(run_dir / p) for p in pictures)}")
-        print(f"predictions per subject: {run_dir / 'predictions.csv'}")
+        print(f"predictions per subject: {run_dir / run_folder.PREDICTIONS}")
         return 0
 
     return run_main(

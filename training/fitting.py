@@ -11,7 +11,7 @@ import numpy as np
 
 from loader import H5Sequence, Store, files
 from loader.target import CLASSIFICATION, REGRESSION, SEGMENTATION, Target
-from training import segmentation
+from training import run_folder, segmentation
 from training.checkpoints import Rest, RunState, stop_at_batch_end
 from training.data import training_values
 from training.errors import TrainingError
@@ -177,7 +177,7 @@ def fit(
     if resume:
         state.set_model(model)
         state.restore(data["val"][0])
-    history_log = _History(run_dir / "history.csv")
+    history_log = _History(run_dir / run_folder.HISTORY)
     own = [history_log, state]  # the epoch's row is in history.csv before the checkpoint
     if show:
         from tqdm.keras import TqdmCallback

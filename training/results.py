@@ -12,6 +12,7 @@ import numpy as np
 
 from loader import H5Sequence, Store, files
 from loader.target import REGRESSION, SEGMENTATION, Target
+from training import run_folder
 from training.data import sequence_facts
 from training.metrics import (
     class_probabilities,
@@ -122,9 +123,9 @@ def write_results(
             ``val_dice``).
         examples: segmentation's validation slices, true and predicted masks.
     """
-    history = read_history(run_dir / "history.csv")
+    history = read_history(run_dir / run_folder.HISTORY)
     if history:
-        plot_curves(history, run_dir / "curves.png", summary["best_epoch"], monitor[4:])
+        plot_curves(history, run_dir / run_folder.CURVES, summary["best_epoch"], monitor[4:])
     document = {**summary, "target": target.name, "task": target.task}
     if metrics:
         document["splits"] = metrics
@@ -136,16 +137,16 @@ def write_results(
                     np.array([float(row["true"]) for row in mine]),
                     np.array([float(row["predicted"]) for row in mine]),
                 )
-            plot_scatter(points, target.name, run_dir / "scatter.png")
+            plot_scatter(points, target.name, run_dir / run_folder.SCATTER)
         elif target.task == SEGMENTATION:
             if examples:
-                plot_segmentation(examples, run_dir / "segmentation.png")
+                plot_segmentation(examples, run_dir / run_folder.SEGMENTATION_PICTURE)
         else:
-            plot_confusions(metrics, target.class_names, run_dir / "confusion.png")
+            plot_confusions(metrics, target.class_names, run_dir / run_folder.CONFUSION)
         text = io.StringIO(newline="")
         columns = SEGMENTATION_COLUMNS if target.task == SEGMENTATION else PREDICTION_COLUMNS
         writer = csv.DictWriter(text, columns)
         writer.writeheader()
         writer.writerows(predictions)
-        files.write_text(run_dir / "predictions.csv", text.getvalue())
-    files.write_text(run_dir / "metrics.json", json.dumps(document, indent=2))
+        files.write_text(run_dir / run_folder.PREDICTIONS, text.getvalue())
+    files.write_text(run_dir / run_folder.METRICS, json.dumps(document, indent=2))

@@ -34,8 +34,7 @@ from loader.options import SettingError
 from loader.store import StoreChangedError
 from loader.stores import check_agree, store_paths
 from loader.target import SEGMENTATION, Target
-from training import distributed
-from training.checkpoints import CHECKPOINT
+from training import distributed, run_folder
 from training.data import build_data, check_store, choose_target, class_weights
 from training.errors import TrainingError
 from training.fitting import MONITORS, build_model, fit
@@ -44,21 +43,7 @@ from training.plots import read_history
 from training.results import evaluate, write_results
 from training.settings import Settings
 
-__all__ = ["RUN_FILES", "Result", "Settings", "TrainingError", "train"]
-
-# What a run folder holds; --overwrite removes these and nothing else.
-RUN_FILES = (
-    "model.keras",
-    CHECKPOINT,
-    "history.csv",
-    "metrics.json",
-    "config.json",
-    "curves.png",
-    "confusion.png",
-    "scatter.png",
-    "segmentation.png",
-    "predictions.csv",
-)
+__all__ = ["Result", "Settings", "TrainingError", "train"]
 
 
 @dataclass
@@ -137,7 +122,7 @@ def train(
         resume = resume and _resumable(run_dir, config)
         if not resume:
             prepare_run_dir(run_dir, overwrite)
-            files.write_text(run_dir / "config.json", json.dumps(config, indent=2))
+            files.write_text(run_dir / run_folder.CONFIG, json.dumps(config, indent=2))
         keras.utils.set_random_seed(settings.seed)
         _deterministic_ops()
         data = build_data(opened, settings, target, test_split, process)
@@ -162,7 +147,7 @@ def train(
                 )
             except KeyboardInterrupt:  # the checkpoint says training is done: --resume scores
                 result.interrupted = True
-        history = read_history(run_dir / "history.csv")
+        history = read_history(run_dir / run_folder.HISTORY)
         result.epochs_run = len(history.get("loss", []))
         if history.get(monitor[0]):
             pick = np.argmax if monitor[1] == "max" else np.argmin
@@ -175,7 +160,7 @@ def train(
         }
         write_results(run_dir, summary, result.metrics, predictions, target, monitor[0], examples)
         if not result.interrupted:
-            (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the run is complete
+            (run_dir / run_folder.CHECKPOINT).unlink(missing_ok=True)  # the run is complete
         result.model = model
     return result
 
@@ -250,7 +235,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
             raise FileExistsError(
                 f"{run_dir}: exists and is not empty; use --overwrite to replace its run"
             )
-        for name in RUN_FILES:
+        for name in run_folder.RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -306,7 +291,7 @@ def _resumable(run_dir: Path, config: dict) -> bool:
         TrainingError: the run is complete, or was started with other settings, another
             target or model, or other stores.
     """
-    saved_path = run_dir / "config.json"
+    saved_path = run_dir / run_folder.CONFIG
     if not saved_path.is_file():
         return False
     try:
@@ -337,11 +322,11 @@ def _resumable(run_dir: Path, config: dict) -> bool:
             f"{run_dir}: --resume needs the stores the run read; "
             f"{', '.join(s['path'] for s in stores)} is not (it was rewritten?)"
         )
-    if not (run_dir / CHECKPOINT).is_file():
-        if (run_dir / "metrics.json").is_file() and not _interrupted(run_dir):
+    if not (run_dir / run_folder.CHECKPOINT).is_file():
+        if (run_dir / run_folder.METRICS).is_file() and not _interrupted(run_dir):
             raise TrainingError(f"{run_dir}: the run is complete; nothing to resume")
-        for name in RUN_FILES:
-            if name != "config.json":
+        for name in run_folder.RUN_FILES:
+            if name != run_folder.CONFIG:
                 (run_dir / name).unlink(missing_ok=True)
         return False
     return True
@@ -349,7 +334,7 @@ def _resumable(run_dir: Path, config: dict) -> bool:
 
 def _interrupted(run_dir: Path) -> bool:
     try:
-        return bool(json.loads((run_dir / "metrics.json").read_text()).get("interrupted"))
+        return bool(json.loads((run_dir / run_folder.METRICS).read_text()).get("interrupted"))
     except (OSError, ValueError):
         return True
 

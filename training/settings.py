@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loader import table
 from loader.options import SettingError, check_settings, option
 from loader.target import TASKS
 
@@ -42,7 +43,7 @@ class Settings:
         metavar="FILE", kind=str, default_text="the store's own table", group=TARGET,
     )  # fmt: skip
     id_column: str = option(
-        "participant_id", "the subject-id column of --labels", metavar="NAME", group=TARGET
+        table.ID_COLUMN, "the subject-id column of --labels", metavar="NAME", group=TARGET
     )
     train_split: tuple[str, ...] = option(
         ("train",), "one or more splits to train on, e.g. fold0 fold1 fold2", metavar="SPLIT",
