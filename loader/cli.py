@@ -40,9 +40,11 @@ class PreviewSettings:
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     parser = argparse.ArgumentParser(prog="python -m loader", description=__doc__)
     parser.add_argument(
-        "store", nargs="+", metavar="STORE",
+        "store",
+        nargs="+",
+        metavar="STORE",
         help="a store written by python -m preprocess; several, or a folder of them",
-    )  # fmt: skip
+    )
     return parser, add_options(parser, PreviewSettings)
 
 
@@ -68,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             if len(stores) > 1:
                 check_agree(stores)
                 total = sum(store.num_slices for store in stores)
-                print(f"\n{len(stores)} stores read as one: {total} slices; they agree on "
-                      "what a slice means")  # fmt: skip
+                print(
+                    f"\n{len(stores)} stores read as one: {total} slices; they agree on "
+                    "what a slice means"
+                )
             if settings.preview:
                 preview(stores[0], settings.preview, settings.count, settings.seed)
                 print(f"preview: {settings.preview} (of {stores[0].path})")
@@ -150,8 +154,15 @@ def preview(store: Store, path: str, count: int = 36, seed: int = 0) -> None:
         if len(parts) > 1:
             size = image.shape[1]
             for index, name in enumerate(channels):
-                ax.text((index + 0.5) * size, image.shape[0] - 2, name, color="cyan",
-                        fontsize=6, ha="center", va="bottom")  # fmt: skip
+                ax.text(
+                    (index + 0.5) * size,
+                    image.shape[0] - 2,
+                    name,
+                    color="cyan",
+                    fontsize=6,
+                    ha="center",
+                    va="bottom",
+                )
         title = f"sub-{table[SUBJECT_ID][scan]}"
         if label >= 0:
             title += f" {store.class_names[label]}"

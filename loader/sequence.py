@@ -289,9 +289,11 @@ class H5Sequence(keras.utils.PyDataset):
         if len(self._parts) == 1:
             return np.concatenate([np.arange(start, stop) for _, start, stop in runs])
         return np.concatenate(
-            [np.stack([np.full(stop - start, part), np.arange(start, stop)], 1)
-             for part, start, stop in runs]
-        )  # fmt: skip
+            [
+                np.stack([np.full(stop - start, part), np.arange(start, stop)], 1)
+                for part, start, stop in runs
+            ]
+        )
 
     def on_epoch_end(self) -> None:
         """Move to the next epoch's plan."""
@@ -334,9 +336,11 @@ class H5Sequence(keras.utils.PyDataset):
         if self._offset != 0:
             x += self._offset
         if self._channels == "first":
-            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if count > 1 else x.reshape(
-                num_rows, 1, height, width
-            )  # fmt: skip
+            x = (
+                np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+                if count > 1
+                else x.reshape(num_rows, 1, height, width)
+            )
         if not target:
             return x
         if segmentation:

@@ -141,9 +141,16 @@ def open_parts(paths, split, target, task, labels, id_column):
                 weighted |= not store_target.present[store.scans_in(names)].all()
             parts.append(
                 Part(
-                    store.path, store.uuid, store.identity, first_row, store.slice_shape,
-                    store.dtype, np.float32(store.scale), np.float32(store.offset),
-                    row_layout(store.images), row_layout(store.subject),
+                    store.path,
+                    store.uuid,
+                    store.identity,
+                    first_row,
+                    store.slice_shape,
+                    store.dtype,
+                    np.float32(store.scale),
+                    np.float32(store.offset),
+                    row_layout(store.images),
+                    row_layout(store.subject),
                     None if store_target is None else store_target.values,
                     None if store_target is None else store_target.present,
                     row_layout(store.masks) if target == MASK else None,
@@ -152,7 +159,7 @@ def open_parts(paths, split, target, task, labels, id_column):
                     store.chunk_slices,
                     store.num_slices,
                 )
-            )  # fmt: skip
+            )
             first_row += store.num_slices
     finally:
         for store in stores:

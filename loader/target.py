@@ -143,8 +143,13 @@ def _column(store: Store, target: str, labels, id_column: str) -> tuple[str, np.
     return kind, np.array(cells, dtype=object)
 
 
-def resolve_all(stores: list[Store], target: str | None = None, task: str | None = None,
-                labels=None, id_column: str = table.ID_COLUMN) -> list[Target]:  # fmt: skip
+def resolve_all(
+    stores: list[Store],
+    target: str | None = None,
+    task: str | None = None,
+    labels=None,
+    id_column: str = table.ID_COLUMN,
+) -> list[Target]:
     """The target of each of several stores read as one: one task, classes merged by name.
 
     Raises:

@@ -72,8 +72,9 @@ def _tables(h5: h5py.File, path: str) -> list[str]:
                 dataset[start : start + block] if dataset.shape else dataset[()]
             except (OSError, RuntimeError) as exc:
                 stop = min(start + block, length)
-                found.append(f"{path}: /{name} rows {start}-{stop - 1}: unreadable "
-                             f"({_first_line(exc)})")  # fmt: skip
+                found.append(
+                    f"{path}: /{name} rows {start}-{stop - 1}: unreadable ({_first_line(exc)})"
+                )
     return found
 
 

@@ -350,9 +350,11 @@ def pair_files(
         if masks:
             root = _bids_root(scan.path)
             if root not in derivatives:
-                derivatives[root] = [
-                    p for p in _walk(root / "derivatives") if is_nifti(p)
-                ] if (root / "derivatives").is_dir() else []  # fmt: skip
+                derivatives[root] = (
+                    [p for p in _walk(root / "derivatives") if is_nifti(p)]
+                    if (root / "derivatives").is_dir()
+                    else []
+                )
             wanted = {k: v for k, v in all_entities(scan.path.name).items()}
             matches = [
                 p

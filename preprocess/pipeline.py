@@ -76,37 +76,61 @@ class Settings:
 
     layout: str = option("auto", "how input folders are laid out", choices=LAYOUTS, group=FINDING)
     suffix: tuple[str, ...] = option(
-        ("T1w",), "BIDS suffixes (modalities) taken from BIDS trees; several become the "
-        "channels of each slice, resampled onto the first's grid", metavar="SUFFIX",
+        ("T1w",),
+        "BIDS suffixes (modalities) taken from BIDS trees; several become the "
+        "channels of each slice, resampled onto the first's grid",
+        metavar="SUFFIX",
         group=FINDING,
-    )  # fmt: skip
+    )
     masks: str | None = option(
-        None, "pair each scan with its BIDS-derivatives mask *_desc-DESC_mask (or _dseg)",
-        metavar="DESC", kind=str, group=FINDING,
-    )  # fmt: skip
+        None,
+        "pair each scan with its BIDS-derivatives mask *_desc-DESC_mask (or _dseg)",
+        metavar="DESC",
+        kind=str,
+        group=FINDING,
+    )
     masks_suffix: str | None = option(
-        None, "pair NAME.nii[.gz] with the mask NAME<SUFFIX>.nii[.gz] beside it (plain "
-        "folders), e.g. _mask", metavar="SUFFIX", kind=str, group=FINDING,
-    )  # fmt: skip
+        None,
+        "pair NAME.nii[.gz] with the mask NAME<SUFFIX>.nii[.gz] beside it (plain "
+        "folders), e.g. _mask",
+        metavar="SUFFIX",
+        kind=str,
+        group=FINDING,
+    )
     labels: str | None = option(
-        None, "a .tsv or .csv of subject labels", metavar="FILE", kind=str,
-        default_text="participants.tsv of BIDS inputs", group=FINDING,
-    )  # fmt: skip
+        None,
+        "a .tsv or .csv of subject labels",
+        metavar="FILE",
+        kind=str,
+        default_text="participants.tsv of BIDS inputs",
+        group=FINDING,
+    )
     label_column: str | None = option(
-        None, "the column with each subject's class", metavar="NAME", kind=str,
-        default_text="none (unlabelled)", group=FINDING,
-    )  # fmt: skip
+        None,
+        "the column with each subject's class",
+        metavar="NAME",
+        kind=str,
+        default_text="none (unlabelled)",
+        group=FINDING,
+    )
     id_column: str = option(
         table.ID_COLUMN, "the column with subject ids", metavar="NAME", group=FINDING
     )
     volume: int | None = option(
-        None, "take volume K (from 0) of 4-D files, else they are rejected", metavar="K",
-        kind=int, at_least=0, group=FINDING,
-    )  # fmt: skip
+        None,
+        "take volume K (from 0) of 4-D files, else they are rejected",
+        metavar="K",
+        kind=int,
+        at_least=0,
+        group=FINDING,
+    )
     max_voxels: int = option(
-        MAX_VOXELS, "reject a scan whose header claims more voxels per volume, before "
-        "reading it", metavar="N", at_least=1, group=FINDING,
-    )  # fmt: skip
+        MAX_VOXELS,
+        "reject a scan whose header claims more voxels per volume, before reading it",
+        metavar="N",
+        at_least=1,
+        group=FINDING,
+    )
     normalize: str = option(
         "percentile", "intensity scaling per volume", choices=NORMALIZATIONS, group=SLICES
     )
@@ -118,21 +142,30 @@ class Settings:
     )
     size: int = option(64, "side of the square slices", metavar="N", at_least=8, group=SLICES)
     context: int = option(
-        0, "store K neighbouring slices on each side as channels (2.5-D)", metavar="K",
-        at_least=0, group=SLICES,
-    )  # fmt: skip
+        0,
+        "store K neighbouring slices on each side as channels (2.5-D)",
+        metavar="K",
+        at_least=0,
+        group=SLICES,
+    )
     dtype: str = option(
-        "uint8", "stored type (uint8 needs percentile)", choices=schema.STORED_DTYPES,
+        "uint8",
+        "stored type (uint8 needs percentile)",
+        choices=schema.STORED_DTYPES,
         group=STORAGE,
-    )  # fmt: skip
+    )
     compression: str = option(
         "none", "HDF5 compression of the slices", choices=schema.COMPRESSIONS, group=STORAGE
     )
     chunk_slices: int = option(64, "slices per HDF5 chunk", metavar="C", at_least=1, group=STORAGE)
     val_fraction: float = option(
-        0.2, "share of each class's subjects for `val`", metavar="F", at_least=0, below=1,
+        0.2,
+        "share of each class's subjects for `val`",
+        metavar="F",
+        at_least=0,
+        below=1,
         group=SPLITS,
-    )  # fmt: skip
+    )
     test_fraction: float = option(
         0.0, "share for `test`", metavar="F", at_least=0, below=1, group=SPLITS
     )
@@ -141,14 +174,22 @@ class Settings:
     )
     seed: int = option(0, "seed of splits and row order", metavar="S", at_least=0, group=SPLITS)
     shard: str | None = option(
-        None, "write only part I of N (from 0) of the subjects, or auto: from a SLURM array "
-        "job or a Kubernetes Indexed Job", metavar="I/N", kind=str,
-        default_text="none (every subject)", group=SHARDS,
-    )  # fmt: skip
+        None,
+        "write only part I of N (from 0) of the subjects, or auto: from a SLURM array "
+        "job or a Kubernetes Indexed Job",
+        metavar="I/N",
+        kind=str,
+        default_text="none (every subject)",
+        group=SHARDS,
+    )
     shard_count: int | None = option(
-        None, "the shards of a Kubernetes Indexed Job, with --shard auto", metavar="N",
-        kind=int, at_least=1, group=SHARDS,
-    )  # fmt: skip
+        None,
+        "the shards of a Kubernetes Indexed Job, with --shard auto",
+        metavar="N",
+        kind=int,
+        at_least=1,
+        group=SHARDS,
+    )
 
     def __post_init__(self):
         if isinstance(self.suffix, str):
@@ -158,9 +199,10 @@ class Settings:
             raise SettingError("{suffix} names a modality twice", suffix=" ".join(self.suffix))
         if self.masks and self.masks_suffix:
             raise SettingError(
-                "{masks} (BIDS derivatives) and {masks_suffix} (plain folders) exclude each "
-                "other", masks=self.masks, masks_suffix=self.masks_suffix,
-            )  # fmt: skip
+                "{masks} (BIDS derivatives) and {masks_suffix} (plain folders) exclude each other",
+                masks=self.masks,
+                masks_suffix=self.masks_suffix,
+            )
         if self.folds == 1:
             raise SettingError("{folds} must be 0 (none) or at least 2", folds=self.folds)
         if self.val_fraction + self.test_fraction >= 1:
@@ -187,9 +229,13 @@ class RunOptions:
     """How a run goes, without changing what the store holds."""
 
     workers: int = option(
-        default_factory=default_workers, help="processes that compute slices", metavar="N",
-        at_least=1, default_text="CPUs, at most 8", group=RUNNING,
-    )  # fmt: skip
+        default_factory=default_workers,
+        help="processes that compute slices",
+        metavar="N",
+        at_least=1,
+        default_text="CPUs, at most 8",
+        group=RUNNING,
+    )
     overwrite: bool = option(
         False, "replace an existing store once the new one is complete", group=RUNNING
     )
@@ -198,9 +244,12 @@ class RunOptions:
         1024, "memory for the final shuffle", metavar="MB", at_least=1, group=RUNNING
     )
     scan_timeout: float = option(
-        600.0, "leave out a scan still not done after this many seconds (0: no limit)",
-        metavar="SECONDS", at_least=0, group=RUNNING,
-    )  # fmt: skip
+        600.0,
+        "leave out a scan still not done after this many seconds (0: no limit)",
+        metavar="SECONDS",
+        at_least=0,
+        group=RUNNING,
+    )
 
     def __post_init__(self):
         check_settings(self)
@@ -414,11 +463,15 @@ def find_scans(inputs: list[str], settings: Settings, report=print) -> Found:
         rejected += unpaired
         if not scans:
             raise PreprocessError(f"no scan has all its files: {unpaired[0][0]}: {unpaired[0][1]}")
-    paths = [settings.labels] if settings.labels else [
-        Path(item) / "participants.tsv"
-        for item in inputs
-        if (Path(item) / "participants.tsv").is_file()
-    ]  # fmt: skip
+    paths = (
+        [settings.labels]
+        if settings.labels
+        else [
+            Path(item) / "participants.tsv"
+            for item in inputs
+            if (Path(item) / "participants.tsv").is_file()
+        ]
+    )
     if settings.label_column and not paths:
         raise PreprocessError(
             "--label-column needs --labels FILE: no input folder has a participants.tsv"

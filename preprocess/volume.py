@@ -323,9 +323,14 @@ def on_grid(
     if reference.shape == source.shape and np.allclose(to_source, np.eye(4), atol=1e-4):
         return data, coverage  # the same grid
     out = ndimage.affine_transform(
-        data, to_source, output_shape=reference.shape, order=order, mode="constant",
-        cval=float(data.min()), prefilter=False,
-    )  # fmt: skip
+        data,
+        to_source,
+        output_shape=reference.shape,
+        order=order,
+        mode="constant",
+        cval=float(data.min()),
+        prefilter=False,
+    )
     return out.astype(np.float32, copy=False), coverage
 
 

@@ -74,13 +74,20 @@ def main(argv: list[str] | None = None) -> int:
         for every in (0, 20, 5, 1):
             started = time.perf_counter()
             result = train(
-                store, folder / f"run-{every}", epochs=args.epochs, patience=args.epochs,
-                batch_size=args.batch_size, checkpoint_every=every, progress=False,
-            )  # fmt: skip
+                store,
+                folder / f"run-{every}",
+                epochs=args.epochs,
+                patience=args.epochs,
+                batch_size=args.batch_size,
+                checkpoint_every=every,
+                progress=False,
+            )
             runs.append((every, result.epochs_run, time.perf_counter() - started))
         writes = _time_writes(folder)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.subjects} phantom "
-          f"subjects, batches of {args.batch_size}")  # fmt: skip
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.subjects} phantom "
+        f"subjects, batches of {args.batch_size}"
+    )
     print("| --checkpoint-every | epochs | seconds | vs epoch ends only |")
     print("|---|---|---|---|")
     for every, epochs, seconds in runs:

@@ -177,9 +177,14 @@ def export_png(images: np.ndarray, labels: np.ndarray, out: Path, count: int) ->
 def png_reader(folder: Path, size: int):
     def read() -> int:
         dataset = keras.utils.image_dataset_from_directory(
-            folder, color_mode="grayscale", image_size=(size, size), batch_size=BATCH,
-            shuffle=True, seed=0, verbose=False,
-        )  # fmt: skip
+            folder,
+            color_mode="grayscale",
+            image_size=(size, size),
+            batch_size=BATCH,
+            shuffle=True,
+            seed=0,
+            verbose=False,
+        )
         return sum(int(x.shape[0]) for x, _ in dataset.map(lambda x, y: (x / 255.0, y)))
 
     return read
@@ -349,10 +354,15 @@ def main(argv: list[str] | None = None) -> int:
             for cold in (False, True):
                 measured[cold] = rate(reader, files, cold, args.repeats)
             limit = limit or measured
-            rows.append((
-                name, f"{measured[False]:,.0f}", f"{measured[False] / limit[False]:.2f}x",
-                f"{measured[True]:,.0f}", f"{measured[True] / limit[True]:.2f}x",
-            ))  # fmt: skip
+            rows.append(
+                (
+                    name,
+                    f"{measured[False]:,.0f}",
+                    f"{measured[False] / limit[False]:.2f}x",
+                    f"{measured[True]:,.0f}",
+                    f"{measured[True] / limit[True]:.2f}x",
+                )
+            )
             print(
                 f"  {name}: warm {measured[False]:,.0f}/s, cold {measured[True]:,.0f}/s", flush=True
             )

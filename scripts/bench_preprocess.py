@@ -117,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=3, help="passes per measurement; the best counts"
     )
     parser.add_argument(
-        "--t1", action="store_true",
+        "--t1",
+        action="store_true",
         help="1 mm T1-sized scans (176 x 256 x 256 int16, gzipped) instead of the phantom set",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         bids = Path(folder) / "bids"

@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     for count, spent in seconds.items():
         rate = rows * args.epochs / spent
         ratio = seconds[1] / spent
-        print(f"| {'one process' if count == 1 else 'data parallel'} | {count} | {spent:.1f} | "
-              f"{rate:,.0f} | {ratio:.2f}x |")  # fmt: skip
+        print(
+            f"| {'one process' if count == 1 else 'data parallel'} | {count} | {spent:.1f} | "
+            f"{rate:,.0f} | {ratio:.2f}x |"
+        )
     return 0
 
 

@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             ),
         ]
         rates = [(name, rate(fn, files, False, args.repeats)) for name, fn, files in readers]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.gb:g} GiB, warm, "
-          f"best of {args.repeats}")  # fmt: skip
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.gb:g} GiB, warm, "
+        f"best of {args.repeats}"
+    )
     print("| reader | slices/s | vs memmap |")
     print("|---|---|---|")
     for name, value in rates:

@@ -30,11 +30,20 @@ from preprocess.pipeline import Settings, _process_or_reason
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 SOURCES = ("anatomical.nii", "standard.nii.gz", "example_nifti2.nii.gz", "functional.nii")
 FIELDS = (
-    "dim", "datatype", "bitpix", "vox_offset", "scl_slope", "scl_inter", "pixdim",
-    "qform", "sform", "magic", "truncate", "gzip",
-)  # fmt: skip
-NASTY = (0, -1, 1, 2, 3, 7, 255, 32767, -32768, 2**31 - 1, 1e30, -1e30, float("nan"),
-         float("inf"))  # fmt: skip
+    "dim",
+    "datatype",
+    "bitpix",
+    "vox_offset",
+    "scl_slope",
+    "scl_inter",
+    "pixdim",
+    "qform",
+    "sform",
+    "magic",
+    "truncate",
+    "gzip",
+)
+NASTY = (0, -1, 1, 2, 3, 7, 255, 32767, -32768, 2**31 - 1, 1e30, -1e30, float("nan"), float("inf"))
 SECONDS_PER_SCAN = 20  # the time bound of one case
 
 

@@ -193,8 +193,12 @@ def _write_flair(out: Path, where: Path, name: str, head: tuple, other) -> None:
     extras: dict = {}
     _, affine = head_phantom(copy.deepcopy(rng), group, voxel_size, age=age, extras=extras)
     mask, affine = reorder(extras["lesions"], affine, AXCODES[other.integers(len(AXCODES))])
-    save(out / "derivatives" / "lesions" / where / f"{name}_desc-lesion_mask.nii.gz", mask,
-         affine, "uint8")  # fmt: skip
+    save(
+        out / "derivatives" / "lesions" / where / f"{name}_desc-lesion_mask.nii.gz",
+        mask,
+        affine,
+        "uint8",
+    )
     grid = VOXEL_SIZES[other.integers(len(VOXEL_SIZES))]
     extras = {}
     _, affine = head_phantom(rng, group, grid, age=age, extras=extras)
@@ -211,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     parser.add_argument(
-        "--flair", action="store_true",
+        "--flair",
+        action="store_true",
         help="also a FLAIR per session and lesion masks under derivatives/lesions",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     if args.subjects < 1:
         print("error: --subjects must be at least 1", file=sys.stderr)

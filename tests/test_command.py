@@ -54,9 +54,14 @@ def test_every_setting_is_an_option_with_the_same_default(parser, classes, requi
             if isinstance(default, bool):
                 continue
             text = field.metadata["default_text"] or (
-                f"{default:g}" if isinstance(default, float) else " ".join(default)
-                if isinstance(default, tuple) else "none" if default is None else str(default)
-            )  # fmt: skip
+                f"{default:g}"
+                if isinstance(default, float)
+                else " ".join(default)
+                if isinstance(default, tuple)
+                else "none"
+                if default is None
+                else str(default)
+            )
             assert helps[field.name].endswith(f"(default: {text})")
 
 
@@ -100,11 +105,21 @@ def test_ctrl_c_ends_a_training_run_with_reader_processes_quickly(phantom_store,
     command += ["--epochs", "200", "--patience", "200", "--batch-size", "16"]
     command += ["--workers", "2", "--multiprocessing"]
     process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
-    _wait_for(lambda: len((run_dir / "history.csv").read_text().splitlines()) >= 2
-              if (run_dir / "history.csv").exists() else False, process)  # fmt: skip
+    )
+    _wait_for(
+        lambda: (
+            len((run_dir / "history.csv").read_text().splitlines()) >= 2
+            if (run_dir / "history.csv").exists()
+            else False
+        ),
+        process,
+    )
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole process group
     try:
         _, err = process.communicate(timeout=60)
@@ -130,9 +145,12 @@ def test_sigterm_stops_preprocess_with_the_whole_command_to_resume(tmp_path):
     args = [str(bids), "-o", str(target), "--label-column", "group", "--workers", "1"]
     args += ["--size", "32"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "preprocess", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "preprocess", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(lambda: len(list(partial_path(target).glob("*.json"))) >= 3, process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
@@ -155,8 +173,11 @@ def test_sigterm_stops_preprocess_with_the_whole_command_to_resume(tmp_path):
 def test_ctrl_c_while_tensorflow_loads_is_one_line(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "training", str(tmp_path / "s.h5"), "-o", str(tmp_path / "r")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.3)  # loading TensorFlow takes seconds
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)

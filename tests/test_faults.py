@@ -59,20 +59,35 @@ def test_unreadable_files_and_folders_are_named_and_the_rest_stored(bids, tmp_pa
     folder.chmod(0)
     try:
         done = _as_a_user(
-            [sys.executable, "-m", "preprocess", str(bids), "-o", str(tmp_path / "s.h5"),
-             "--label-column", "group", "--workers", "1", "--size", "32"],
+            [
+                sys.executable,
+                "-m",
+                "preprocess",
+                str(bids),
+                "-o",
+                str(tmp_path / "s.h5"),
+                "--label-column",
+                "group",
+                "--workers",
+                "1",
+                "--size",
+                "32",
+            ],
             cwd=ROOT,
-        )  # fmt: skip
+        )
     finally:
         folder.chmod(0o755)
         scan.chmod(0o644)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     rejected = [line for line in done.stderr.splitlines() if line.startswith("rejected: ")]
-    assert sorted(rejected) == sorted([
-        f"rejected: {folder}: cannot list the folder (permission denied): its scans are left out",
-        f"rejected: {scan}: cannot read the file: permission denied",
-    ])  # fmt: skip
+    assert sorted(rejected) == sorted(
+        [
+            f"rejected: {folder}: cannot list the folder (permission denied): "
+            "its scans are left out",
+            f"rejected: {scan}: cannot read the file: permission denied",
+        ]
+    )
     every = {p.name for p in bids.rglob("*_T1w.nii.gz")}
     missing = {scan.name} | {p.name for p in folder.glob("*_T1w.nii.gz")}
     with open_store(tmp_path / "s.h5") as store:
@@ -123,10 +138,22 @@ def test_readers_keep_the_store_they_opened_while_overwrite_replaces_it(bids, tm
     not_yet = H5Sequence(store_path, batch_size=16)  # made before, first read after
 
     writer = subprocess.Popen(
-        [sys.executable, "-m", "preprocess", *args, "--label-column", "sex", "--overwrite",
-         "--seed", "9"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "preprocess",
+            *args,
+            "--label-column",
+            "sex",
+            "--overwrite",
+            "--seed",
+            "9",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     while writer.poll() is None:  # python -m loader's view: always a whole store
         with open_store(store_path) as store:

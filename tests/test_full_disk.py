@@ -23,8 +23,10 @@ def test_a_full_disk_keeps_the_previous_store_and_the_scans_for_resume(
     disk, remount = small_disk
     inputs = tmp_path / "in"
     for index in range(8):
-        write_nifti(inputs / f"sub-{index:02d}" / "anat" / f"sub-{index:02d}_T1w.nii.gz",
-                    blob_volume(index, shape=(60, 64, 60)))  # fmt: skip
+        write_nifti(
+            inputs / f"sub-{index:02d}" / "anat" / f"sub-{index:02d}_T1w.nii.gz",
+            blob_volume(index, shape=(60, 64, 60)),
+        )
     target = disk / "s.h5"
     args = [str(inputs), "-o", str(target), "--workers", "1", "--val-fraction", "0"]
     assert preprocess_main([*args, "--dtype", "float32"]) == 0
@@ -73,8 +75,11 @@ def test_a_disk_full_at_a_checkpoint_keeps_the_last_one_for_resume(
     assert re.search(f"error: {re.escape(str(run))}{full}", err)  # the file that did not fit
     assert "Traceback" not in err
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoint.npz", "config.json", "history.csv", "model.keras",
-    ]  # fmt: skip
+        "checkpoint.npz",
+        "config.json",
+        "history.csv",
+        "model.keras",
+    ]
     remount("size=128m")  # space freed
     assert training_main([*args, "--resume"]) == 0
     with open(run / "history.csv") as handle:

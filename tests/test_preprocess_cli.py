@@ -244,9 +244,12 @@ def test_python_dash_m_preprocess_runs(tmp_path):
     write_nifti(tmp_path / "in/b.nii.gz", blob_volume(2))
     result = subprocess.run(
         [sys.executable, "-m", "preprocess", str(tmp_path / "in"), "-o", str(tmp_path / "s.h5")],
-        cwd=ROOT, capture_output=True, text=True, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
         env={**os.environ, "PYTHONWARNINGS": "error"},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote " in result.stdout
     assert "2 scans" in result.stdout
@@ -306,9 +309,11 @@ def test_a_second_run_on_a_store_being_written_touches_nothing(slow_bids, tmp_pa
     target = tmp_path / "s.h5"
     command = [sys.executable, "-m", "preprocess", str(slow_bids), "-o", str(target)]
     process = subprocess.Popen(
-        [*command, "--workers", "1"], cwd=ROOT, stdout=subprocess.DEVNULL,
+        [*command, "--workers", "1"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     try:
         deadline = time.monotonic() + 120
         while len(list(partial_path(target).glob("*.json"))) < 3:

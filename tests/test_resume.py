@@ -62,8 +62,12 @@ KILLED_RUN = textwrap.dedent("""
 def _training(store: Path, run_dir: Path, *more: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "training", str(store), "-o", str(run_dir), *OPTIONS, *more],
-        cwd=ROOT, capture_output=True, text=True, check=False, **kwargs,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        **kwargs,
+    )
 
 
 def _train_here(store: Path, run_dir: Path, *more: str) -> int:
@@ -105,8 +109,11 @@ def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrup
     run_dir = tmp_path / "run"
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_RUN, str(phantom_store), str(run_dir), where, str(at)],
-        cwd=ROOT, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     state = json.loads(str(np.load(run_dir / "checkpoint.npz")["state"]))
     if where == "batch":  # killed after batch 4 (0) of epoch 1: the checkpoint after 3 (0)
@@ -127,8 +134,12 @@ def test_a_killed_run_resumes_exactly_on_jax_too(phantom_store, tmp_path):
     run_dir = tmp_path / "run"
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_RUN, str(phantom_store), str(run_dir), "batch", "4"],
-        cwd=ROOT, capture_output=True, text=True, check=False, env=env,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     resumed = _training(phantom_store, run_dir, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr

@@ -107,8 +107,10 @@ def test_training_and_the_summary_read_the_shard_folder(sharded, tmp_path, capsy
     assert training_main(args) == 0
     config = json.loads((run_dir / "config.json").read_text())
     assert [Path(store["path"]).name for store in config["store"]] == [
-        "part0.h5", "part1.h5", "part2.h5",
-    ]  # fmt: skip
+        "part0.h5",
+        "part1.h5",
+        "part2.h5",
+    ]
     metrics = json.loads((run_dir / "metrics.json").read_text())["splits"]
     assert metrics["val"]["slices"]["count"] == val_rows
     with open(run_dir / "predictions.csv", newline="") as handle:

@@ -138,8 +138,14 @@ def test_a_table_joined_at_load_time(tmp_path):
         y[order][weight[order] == 1], [expected[s] for s in scans if s in expected]
     )
     assert y.dtype == np.float32
-    train(path, tmp_path / "run", target="score", labels=tmp_path / "late.tsv", epochs=1,
-                progress=False)  # fmt: skip
+    train(
+        path,
+        tmp_path / "run",
+        target="score",
+        labels=tmp_path / "late.tsv",
+        epochs=1,
+        progress=False,
+    )
     with open(tmp_path / "run" / "predictions.csv", newline="") as handle:
         scored = {row["subject"] for row in csv.DictReader(handle)}
     assert scored <= {"000", "001", "002", "004"}  # only subjects the table gives a value
@@ -163,13 +169,27 @@ def test_a_store_written_before_the_table_was_kept_trains_with_its_label(tmp_pat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--target", "height"], "no column 'height' in the store's labels table; its columns "
-         "are ['group', 'age', 'sex', 'iq']"),
+        (
+            ["--target", "height"],
+            "no column 'height' in the store's labels table; its columns "
+            "are ['group', 'age', 'sex', 'iq']",
+        ),
         (["--target", "sex", "--task", "regression"], "column 'sex' holds text, not numbers"),
-        (["--target", "age", "--test-split", "val", "--val-split", "train", "--train-split",
-          "test"], "no split 'test'"),
+        (
+            [
+                "--target",
+                "age",
+                "--test-split",
+                "val",
+                "--val-split",
+                "train",
+                "--train-split",
+                "test",
+            ],
+            "no split 'test'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_targets_are_refused_before_training(aged_store, tmp_path, capsys, args, message):
     assert training_main([str(aged_store), "-o", str(tmp_path / "run"), *args]) == 2
     assert message in capsys.readouterr().err
@@ -181,8 +201,11 @@ def test_a_target_with_one_class_or_no_value_in_a_split_is_refused(tmp_path):
     with h5py.File(path, "r+") as h5:  # add a labels table: one class, and a column empty in val
         ids = h5["subjects/id"].asstr()[()]
         split = h5["subjects/split"].asstr()[()]
-        h5.create_dataset("participants/site", data=np.array(["A"] * len(ids), dtype=object),
-                          dtype=h5py.string_dtype())  # fmt: skip
+        h5.create_dataset(
+            "participants/site",
+            data=np.array(["A"] * len(ids), dtype=object),
+            dtype=h5py.string_dtype(),
+        )
         h5.create_dataset("participants/score", data=np.where(split == "val", np.nan, 1.0))
         h5.attrs["participant_columns"] = json.dumps(
             [["site", "categorical"], ["score", "numeric"]]
@@ -205,13 +228,18 @@ def test_balanced_class_weights_and_augmentation(tmp_path):
     counts = np.bincount(labels)
     assert weights == pytest.approx({k: len(labels) / (2 * n) for k, n in enumerate(counts)})
     assert weights[1] > weights[0]  # the rarer class weighs more
-    run = train(path, tmp_path / "run", epochs=1, augment="flip", class_weight="balanced",
-                progress=False)  # fmt: skip
+    run = train(
+        path, tmp_path / "run", epochs=1, augment="flip", class_weight="balanced", progress=False
+    )
     assert run.epochs_run == 1
     model = keras.models.load_model(tmp_path / "run" / "model.keras")
     augmentation = model.get_layer("augmentation")
     assert [type(layer).__name__ for layer in augmentation.layers] == [
-        "RandomRotation", "RandomTranslation", "RandomZoom", "RandomContrast", "RandomFlip",
-    ]  # fmt: skip
+        "RandomRotation",
+        "RandomTranslation",
+        "RandomZoom",
+        "RandomContrast",
+        "RandomFlip",
+    ]
     x = np.random.default_rng(0).random((2, 64, 64, 1)).astype(np.float32)
     np.testing.assert_array_equal(augmentation(x, training=False), x)  # off outside training

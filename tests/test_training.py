@@ -183,9 +183,13 @@ def test_python_dash_m_training_runs_and_prints_only_what_the_user_needs(phantom
     command = [sys.executable, "-m", "training", str(phantom_store), "-o", str(tmp_path / "run")]
     quiet_by_us = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     result = subprocess.run(
-        [*command, "--epochs", "1"], cwd=ROOT, capture_output=True, text=True, check=False,
+        [*command, "--epochs", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
         env=quiet_by_us,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "per subject" in result.stdout
     assert (tmp_path / "run" / "metrics.json").is_file()
@@ -309,9 +313,13 @@ def test_a_store_replaced_during_the_run_stops_it_instead_of_mixing_two_stores(
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingError, match="the store changed during the run"):
         train(
-            path, run_dir, epochs=3, batch_size=64, progress=False,
+            path,
+            run_dir,
+            epochs=3,
+            batch_size=64,
+            progress=False,
             callbacks=[_ReplaceStore(path, other)],
-        )  # fmt: skip
+        )
     assert json.loads((run_dir / "config.json").read_text())["store"]["uuid"] == uuid
     assert not (run_dir / "metrics.json").exists()  # no scores of a mix of two stores
 

@@ -171,8 +171,10 @@ class RunState(keras.callbacks.Callback):
                         arrays[group].append((int(index), saved[key]))
         except (OSError, ValueError, KeyError) as exc:
             raise TrainingError(f"{self.path}: not a readable checkpoint ({exc})") from exc
-        arrays = {group: [a for _, a in sorted(pairs, key=lambda p: p[0])]
-                  for group, pairs in arrays.items()}  # fmt: skip
+        arrays = {
+            group: [a for _, a in sorted(pairs, key=lambda p: p[0])]
+            for group, pairs in arrays.items()
+        }
         x, y, *weight = sample_batch
         self.model.evaluate(x, y, sample_weight=weight[0] if weight else None, verbose=0)
         optimizer = self.model.optimizer

@@ -66,19 +66,22 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "store", nargs="+", metavar="STORE",
+        "store",
+        nargs="+",
+        metavar="STORE",
         help="a store from python -m preprocess; several stores, or a folder of them, read as one",
-    )  # fmt: skip
+    )
     parser.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="the run folder")
     flags = add_options(parser, Settings)
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the run in an existing RUN_DIR"
     )
     parser.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="continue the run in RUN_DIR from its last checkpoint (same options); start it "
         "when RUN_DIR holds none",
-    )  # fmt: skip
+    )
     return parser, flags
 
 
@@ -137,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             f"best epoch {result.best_epoch})"
         )
         for split, results in result.metrics.items():
-            print(f"{split}: {_scores(results['slices'])} per slice; "
-                  f"{_scores(results['subjects'])} per subject")  # fmt: skip
+            print(
+                f"{split}: {_scores(results['slices'])} per slice; "
+                f"{_scores(results['subjects'])} per subject"
+            )
         pictures = [p for p in run_folder.PICTURES if (run_dir / p).is_file()]
         print(f"pictures: {', '.join(str(run_dir / p) for p in pictures)}")
         print(f"predictions per subject: {run_dir / run_folder.PREDICTIONS}")

@@ -196,9 +196,11 @@ def fit(
             if state.batch and not _finished(state, settings):  # the rest of an epoch
                 state.offset = state.batch
                 model.fit(
-                    Rest(train, state.batch), epochs=state.epoch + 1,
-                    initial_epoch=state.epoch, **common,
-                )  # fmt: skip
+                    Rest(train, state.batch),
+                    epochs=state.epoch + 1,
+                    initial_epoch=state.epoch,
+                    **common,
+                )
             if not _finished(state, settings):
                 model.fit(train, epochs=settings.epochs, initial_epoch=state.epoch, **common)
     except KeyboardInterrupt:

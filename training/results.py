@@ -30,11 +30,23 @@ from training.plots import (
 from training.segmentation import evaluate_segmentation
 
 PREDICTION_COLUMNS = (
-    "subject", "sessions", "split", "true", "predicted", "probability", "slices",
-)  # fmt: skip
+    "subject",
+    "sessions",
+    "split",
+    "true",
+    "predicted",
+    "probability",
+    "slices",
+)
 SEGMENTATION_COLUMNS = (
-    "subject", "sessions", "split", "true_pixels", "predicted_pixels", "dice", "slices",
-)  # fmt: skip
+    "subject",
+    "sessions",
+    "split",
+    "true_pixels",
+    "predicted_pixels",
+    "dice",
+    "slices",
+)
 
 
 def evaluate(

@@ -134,9 +134,19 @@ def train(
         result = Result(run_dir, process=process)
         started = time.perf_counter()
         result.interrupted = _same_store(
-            opened, fit, model, data, settings, monitor, run_dir, progress, callbacks, weights,
-            resume, process[1] == 1,
-        )  # fmt: skip
+            opened,
+            fit,
+            model,
+            data,
+            settings,
+            monitor,
+            run_dir,
+            progress,
+            callbacks,
+            weights,
+            resume,
+            process[1] == 1,
+        )
         predictions, examples = [], {}
         if process[1] > 1:
             model = distributed.local_copy(model)

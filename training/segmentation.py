@@ -115,9 +115,15 @@ def evaluate_segmentation(
             mine = facts["ids"] == subject
             entry = per_subject.setdefault(
                 subject,
-                {"overlap": np.zeros(len(labels)), "total": np.zeros(len(labels)),
-                 "sessions": set(), "slices": 0, "true": 0, "predicted": 0},
-            )  # fmt: skip
+                {
+                    "overlap": np.zeros(len(labels)),
+                    "total": np.zeros(len(labels)),
+                    "sessions": set(),
+                    "slices": 0,
+                    "true": 0,
+                    "predicted": 0,
+                },
+            )
             entry["overlap"] += both[mine].sum(axis=0)
             entry["total"] += sums[mine].sum(axis=0)
             entry["sessions"].update(s for s in facts["sessions"][mine] if s)
@@ -149,12 +155,17 @@ def evaluate_segmentation(
     rows = []
     for subject, entry in per_subject.items():
         value = _mean(dice(entry["overlap"], entry["total"]))
-        rows.append({
-            "subject": subject, "sessions": ";".join(sorted(entry["sessions"])),
-            "split": sequence.split, "true_pixels": entry["true"],
-            "predicted_pixels": entry["predicted"],
-            "dice": "" if value is None else f"{value:.4f}", "slices": entry["slices"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "subject": subject,
+                "sessions": ";".join(sorted(entry["sessions"])),
+                "split": sequence.split,
+                "true_pixels": entry["true"],
+                "predicted_pixels": entry["predicted"],
+                "dice": "" if value is None else f"{value:.4f}",
+                "slices": entry["slices"],
+            }
+        )
     pictures = {
         key: [example[position] for example in examples]
         for position, key in enumerate(("image", "true", "predicted"), start=1)

@@ -29,80 +29,126 @@ class Settings:
     """
 
     target: str | None = option(
-        None, "column of the store's labels table to predict, or mask (segmentation of a "
-        "store written with --masks)", metavar="COLUMN", kind=str,
-        default_text="the store's labels (its --label-column)", group=TARGET,
-    )  # fmt: skip
+        None,
+        "column of the store's labels table to predict, or mask (segmentation of a "
+        "store written with --masks)",
+        metavar="COLUMN",
+        kind=str,
+        default_text="the store's labels (its --label-column)",
+        group=TARGET,
+    )
     task: str | None = option(
-        None, "what kind of question", choices=TASKS, kind=str,
+        None,
+        "what kind of question",
+        choices=TASKS,
+        kind=str,
         default_text="from the target: numbers are regression, text classification, mask "
-        "segmentation", group=TARGET,
-    )  # fmt: skip
+        "segmentation",
+        group=TARGET,
+    )
     labels: str | None = option(
-        None, "a .tsv or .csv joined by subject id, for labels that came after preprocessing",
-        metavar="FILE", kind=str, default_text="the store's own table", group=TARGET,
-    )  # fmt: skip
+        None,
+        "a .tsv or .csv joined by subject id, for labels that came after preprocessing",
+        metavar="FILE",
+        kind=str,
+        default_text="the store's own table",
+        group=TARGET,
+    )
     id_column: str = option(
         table.ID_COLUMN, "the subject-id column of --labels", metavar="NAME", group=TARGET
     )
     train_split: tuple[str, ...] = option(
-        ("train",), "one or more splits to train on, e.g. fold0 fold1 fold2", metavar="SPLIT",
+        ("train",),
+        "one or more splits to train on, e.g. fold0 fold1 fold2",
+        metavar="SPLIT",
         group=DATA,
-    )  # fmt: skip
+    )
     val_split: str = option(
         "val", "split for early stopping and validation", metavar="SPLIT", group=DATA
     )
     test_split: str | None = option(
-        None, "split to test on", metavar="SPLIT", kind=str,
-        default_text="`test` when the store has one", group=DATA,
-    )  # fmt: skip
+        None,
+        "split to test on",
+        metavar="SPLIT",
+        kind=str,
+        default_text="`test` when the store has one",
+        group=DATA,
+    )
     batch_size: int = option(256, "slices per batch", metavar="N", at_least=1, group=DATA)
     workers: int = option(
         1, "threads (or processes) reading batches", metavar="N", at_least=1, group=DATA
     )
     use_multiprocessing: bool = option(
-        False, "read batches in processes instead of threads", flag="--multiprocessing",
+        False,
+        "read batches in processes instead of threads",
+        flag="--multiprocessing",
         group=DATA,
-    )  # fmt: skip
+    )
     channels: str = option("last", "tensor layout", choices=("last", "first"), group=DATA)
     epochs: int = option(100, "at most this many epochs", metavar="N", at_least=1, group=MODEL)
     patience: int = option(
-        10, "early stopping patience (epochs without a better validation score)", metavar="N",
-        at_least=0, group=MODEL,
-    )  # fmt: skip
+        10,
+        "early stopping patience (epochs without a better validation score)",
+        metavar="N",
+        at_least=0,
+        group=MODEL,
+    )
     learning_rate: float = option(1e-3, "Adam's learning rate", metavar="LR", group=MODEL)
     seed: int = option(
         0, "seed of the weights and the batch order", metavar="S", at_least=0, group=MODEL
     )
     augment: str = option(
-        "none", "random rotations, shifts, zoom and contrast in training (flip: also "
-        "left-right flips)", choices=AUGMENTATIONS, const="on", group=MODEL,
-    )  # fmt: skip
+        "none",
+        "random rotations, shifts, zoom and contrast in training (flip: also left-right flips)",
+        choices=AUGMENTATIONS,
+        const="on",
+        group=MODEL,
+    )
     checkpoint_every: int = option(
-        0, "also write a checkpoint every N batches, not only at epoch ends (0)", metavar="N",
-        at_least=0, group=MODEL,
-    )  # fmt: skip
+        0,
+        "also write a checkpoint every N batches, not only at epoch ends (0)",
+        metavar="N",
+        at_least=0,
+        group=MODEL,
+    )
     class_weight: str = option(
-        "none", "weigh classes by their inverse frequency in the training splits",
-        choices=CLASS_WEIGHTS, group=MODEL,
-    )  # fmt: skip
+        "none",
+        "weigh classes by their inverse frequency in the training splits",
+        choices=CLASS_WEIGHTS,
+        group=MODEL,
+    )
 
     distributed: bool = option(
-        False, "train data-parallel over several processes with keras.distribution on JAX",
+        False,
+        "train data-parallel over several processes with keras.distribution on JAX",
         group=HOSTS,
-    )  # fmt: skip
+    )
     coordinator: str | None = option(
-        None, "HOST:PORT of process 0", metavar="HOST:PORT", kind=str,
-        default_text="from KERAS_DISTRIBUTION_JOB_ADDRESSES or the cluster", group=HOSTS,
-    )  # fmt: skip
+        None,
+        "HOST:PORT of process 0",
+        metavar="HOST:PORT",
+        kind=str,
+        default_text="from KERAS_DISTRIBUTION_JOB_ADDRESSES or the cluster",
+        group=HOSTS,
+    )
     num_processes: int | None = option(
-        None, "how many processes train together", metavar="N", kind=int, at_least=1,
-        default_text="from KERAS_DISTRIBUTION_NUM_PROCESSES or the cluster", group=HOSTS,
-    )  # fmt: skip
+        None,
+        "how many processes train together",
+        metavar="N",
+        kind=int,
+        at_least=1,
+        default_text="from KERAS_DISTRIBUTION_NUM_PROCESSES or the cluster",
+        group=HOSTS,
+    )
     process_id: int | None = option(
-        None, "this process's index, from 0", metavar="I", kind=int, at_least=0,
-        default_text="from KERAS_DISTRIBUTION_PROCESS_ID or the cluster", group=HOSTS,
-    )  # fmt: skip
+        None,
+        "this process's index, from 0",
+        metavar="I",
+        kind=int,
+        at_least=0,
+        default_text="from KERAS_DISTRIBUTION_PROCESS_ID or the cluster",
+        group=HOSTS,
+    )
 
     def __post_init__(self):
         if isinstance(self.train_split, str | list):  # one name, or a list, from the API
