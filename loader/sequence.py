@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 
 from loader import schema, table
+from loader.options import SettingError, check_settings, option
 from loader.plan import EpochPlan
 from loader.rows import prefetch_rows, read_rows
 from loader.store import StoreChangedError, StoreDamagedError, file_identity, open_h5
@@ -19,6 +21,22 @@ from loader.target import SEGMENTATION, Target
 # How many batches ahead to ask the kernel for (prefetch=True): cold shuffled reads,
 # slices/s on a 0.25 GiB store: 1 ahead 348 k, 2 ahead 435 k, 4 ahead 443 k (warm unchanged).
 PREFETCH_AHEAD = 2
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """How a sequence reads, declared once like every setting: checked (and its mistakes
+    worded) as the command lines' settings are."""
+
+    batch_size: int = option(32, "rows per batch", at_least=1)
+    shuffle: bool = option(False, "permute the runs each epoch")
+    seed: int = option(0, "seed of the permutation", at_least=0)
+    channels: str = option("last", "tensor layout", choices=("last", "first"))
+    prefetch: bool = option(True, "ask the kernel to read a batch ahead")
+    verify: bool = option(True, "check every chunk read against its checksum")
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 class H5Sequence(keras.utils.PyDataset):
@@ -114,33 +132,16 @@ class H5Sequence(keras.utils.PyDataset):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        paths = store_paths(path)
-        _check_int("batch_size", batch_size, minimum=1)
-        _check_int("seed", seed, minimum=0)
-        for name, value in (("shuffle", shuffle), ("prefetch", prefetch), ("verify", verify)):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be a bool; received {name}={value!r}")
-        if channels not in ("last", "first"):
-            raise ValueError(
-                f'`channels` must be "last" or "first"; received channels={channels!r}'
-            )
+        self._settings = ReadSettings(batch_size, shuffle, seed, channels, prefetch, verify)
         if split is not None and not isinstance(split, str | list | tuple):
             raise TypeError(f"`split` must be a str, a list of str or None; received {split!r}")
-        if shard is not None:
-            shard = _check_shard(shard)
-
+        self._shard = None if shard is None else _check_shard(shard)
         if self.use_multiprocessing:
             _quiet_forked_workers()
+        paths = store_paths(path)
         one_file = isinstance(path, str | os.PathLike) and not os.path.isdir(path)
         self._path = paths[0] if one_file else paths
         self._split = split
-        self._batch_size = batch_size
-        self._shuffle = shuffle
-        self._seed = seed
-        self._channels = channels
-        self._prefetch = prefetch
-        self._shard = shard
-        self._verify = verify
         self._epoch = 0
         self._parts, self._blocks, self._chunk_rows, self._target, self._weighted = open_parts(
             paths, split, target, task, labels, id_column
@@ -151,10 +152,10 @@ class H5Sequence(keras.utils.PyDataset):
         self._scale, self._offset = first.scale, first.offset
         self._first_rows = np.array([part.first_row for part in self._parts], dtype=np.int64)
         self._plan = self._epoch_plan(self._epoch)
-        if shard is not None and len(self._plan) < shard[1]:
+        if shard is not None and len(self._plan) < self._shard[1]:
             raise ValueError(
                 f"`shard` needs at least one batch per host: {len(self._plan)} batches of "
-                f"{batch_size} for {shard[1]} hosts; received shard={shard}"
+                f"{batch_size} for {self._shard[1]} hosts; received shard={shard}"
             )
         self._init_process_state()
 
@@ -181,9 +182,10 @@ class H5Sequence(keras.utils.PyDataset):
 
     def __repr__(self) -> str:
         shard = f", shard={self._shard}" if self._shard else ""
+        read = self._settings
         return (
-            f"H5Sequence({self._path!r}, split={self._split!r}, batch_size={self._batch_size}, "
-            f"shuffle={self._shuffle}, seed={self._seed}, channels={self._channels!r}{shard}, "
+            f"H5Sequence({self._path!r}, split={self._split!r}, batch_size={read.batch_size}, "
+            f"shuffle={read.shuffle}, seed={read.seed}, channels={read.channels!r}{shard}, "
             f"workers={self.workers}, use_multiprocessing={self.use_multiprocessing})"
         )
 
@@ -210,7 +212,7 @@ class H5Sequence(keras.utils.PyDataset):
     @property
     def batch_size(self) -> int:
         """Rows per batch."""
-        return self._batch_size
+        return self._settings.batch_size
 
     @property
     def num_slices(self) -> int:
@@ -251,13 +253,17 @@ class H5Sequence(keras.utils.PyDataset):
 
     @epoch.setter
     def epoch(self, value: int) -> None:
-        _check_int("epoch", value, minimum=0)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"`epoch` must be int; received epoch={value!r}")
+        if value < 0:
+            raise SettingError("{epoch} must be at least 0", epoch=value)
         self._epoch = value
         self._plan = self._epoch_plan(value)
 
     def _epoch_plan(self, epoch: int) -> EpochPlan:
+        read = self._settings
         return EpochPlan(
-            self._blocks, self._batch_size, self._shuffle, self._seed, epoch, self._chunk_rows
+            self._blocks, read.batch_size, read.shuffle, read.seed, epoch, self._chunk_rows
         )
 
     def __len__(self) -> int:
@@ -316,7 +322,7 @@ class H5Sequence(keras.utils.PyDataset):
         for part_index, start, stop in runs:
             part, (fd, h5) = self._parts[part_index], files[part_index]
             end = position + stop - start
-            if self._verify and part.checksums is not None:
+            if self._settings.verify and part.checksums is not None:
                 _read_checked(part, start, stop, stored[position:end], fd, h5 and h5[0])
             else:
                 read_rows(part.images, start, stop, stored[position:end], fd, h5 and h5[0])
@@ -325,7 +331,9 @@ class H5Sequence(keras.utils.PyDataset):
             elif target:
                 read_rows(part.subjects, start, stop, scans[position:end], fd, h5 and h5[1])
             position = end
-        if self._prefetch:  # hint the batch PREFETCH_AHEAD on (all of them up to it at first)
+        if (
+            self._settings.prefetch
+        ):  # hint the batch PREFETCH_AHEAD on (all of them up to it at first)
             first = index + 1 if index == 0 else index + PREFETCH_AHEAD
             for ahead in range(first, min(index + PREFETCH_AHEAD + 1, len(self))):
                 for part_index, start, stop in self._local_runs(self._plan_batch(ahead)):
@@ -335,7 +343,7 @@ class H5Sequence(keras.utils.PyDataset):
             np.multiply(stored, self._scale, out=x, casting="unsafe")
         if self._offset != 0:
             x += self._offset
-        if self._channels == "first":
+        if self._settings.channels == "first":
             x = (
                 np.ascontiguousarray(x.transpose(0, 3, 1, 2))
                 if count > 1
@@ -457,13 +465,6 @@ def _quiet_forked_workers() -> None:
 
     os.register_at_fork(after_in_child=in_child)
     _QUIET_WORKERS.append(in_child)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"`{name}` must be an int; received {name}={value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}; received {name}={value}")
 
 
 def _batch_index(index, length: int) -> int:

@@ -173,10 +173,10 @@ def test_bad_batch_indices(id_store, index, error):
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"batch_size": 0}, ValueError, "`batch_size` must be an int >= 1; received batch_size=0"),
-        ({"batch_size": 2.5}, TypeError, "`batch_size` must be an int"),
-        ({"shuffle": "yes"}, TypeError, "`shuffle` must be a bool"),
-        ({"channels": "middle"}, ValueError, "`channels` must be"),
+        ({"batch_size": 0}, ValueError, "`batch_size` must be at least 1; received batch_size=0"),
+        ({"batch_size": 2.5}, TypeError, "`batch_size` must be int; received batch_size=2.5"),
+        ({"shuffle": "yes"}, TypeError, "`shuffle` must be bool; received shuffle='yes'"),
+        ({"channels": "middle"}, ValueError, "`channels` must be one of last, first"),
         ({"split": 3}, TypeError, "`split` must be"),
     ],
 )
