@@ -114,65 +114,96 @@ def train(
     process = _start_processes(settings)
     with _open(store) as opened, _own_run_dir(run_dir, process) as run_dir:
         targets = choose_target(opened, settings)
-        target = targets[0]
         if model_fn is None:
-            model_fn = unet if target.task == SEGMENTATION else build
+            model_fn = unet if targets[0].task == SEGMENTATION else build
         test_split = check_store(opened, settings, targets, report)
-        config = run_config(opened, settings, test_split, model_fn, target, process)
+        config = run_config(opened, settings, test_split, model_fn, targets[0], process)
         resume = resume and _resumable(run_dir, config)
         if not resume:
             prepare_run_dir(run_dir, overwrite)
             files.write_text(run_dir / run_folder.CONFIG, json.dumps(config, indent=2))
-        keras.utils.set_random_seed(settings.seed)
-        _deterministic_ops()
-        data = build_data(opened, settings, target, test_split, process)
-        model = build_model(model_fn, opened, settings, targets)
-        monitor = MONITORS[target.task]
-        weights = (
-            class_weights(opened, settings, targets) if settings.class_weight != "none" else None
-        )
-        result = Result(run_dir, process=process)
-        started = time.perf_counter()
-        result.interrupted = _same_store(
+        return _fit_and_score(
             opened,
-            fit,
-            model,
-            data,
             settings,
-            monitor,
+            targets,
+            test_split,
+            model_fn,
             run_dir,
-            progress,
-            callbacks,
-            weights,
+            process,
             resume,
-            process[1] == 1,
+            progress=progress,
+            callbacks=callbacks,
         )
-        predictions, examples = [], {}
-        if process[1] > 1:
-            model = distributed.local_copy(model)
-        if not result.interrupted and process[0] == 0:
-            try:
-                result.metrics, predictions, examples = _same_store(
-                    opened, evaluate, model, data, opened, targets
-                )
-            except KeyboardInterrupt:  # the checkpoint says training is done: --resume scores
-                result.interrupted = True
-        history = read_history(run_dir / run_folder.HISTORY)
-        result.epochs_run = len(history.get("loss", []))
-        if history.get(monitor[0]):
-            pick = np.argmax if monitor[1] == "max" else np.argmin
-            result.best_epoch = int(pick(history[monitor[0]])) + 1
-        summary = {
-            "epochs_run": result.epochs_run,
-            "best_epoch": result.best_epoch,
-            "interrupted": result.interrupted,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        write_results(run_dir, summary, result.metrics, predictions, target, monitor[0], examples)
-        if not result.interrupted:
-            (run_dir / run_folder.CHECKPOINT).unlink(missing_ok=True)  # the run is complete
-        result.model = model
+
+
+def _fit_and_score(
+    stores: list[Store],
+    settings: Settings,
+    targets: list[Target],
+    test_split: str | None,
+    model_fn,
+    run_dir: Path,
+    process: tuple[int, int],
+    resume: bool,
+    progress: bool | None,
+    callbacks,
+) -> Result:
+    """Build the data and the model, fit, score, and write the results into ``run_dir``."""
+    target = targets[0]
+    keras.utils.set_random_seed(settings.seed)
+    _deterministic_ops()
+    data = build_data(stores, settings, target, test_split, process)
+    model = build_model(model_fn, stores, settings, targets)
+    monitor = MONITORS[target.task]
+    weights = class_weights(stores, settings, targets) if settings.class_weight != "none" else None
+    result = Result(run_dir, process=process)
+    started = time.perf_counter()
+    result.interrupted = _same_store(
+        stores,
+        fit,
+        model,
+        data,
+        settings,
+        monitor,
+        run_dir,
+        progress,
+        callbacks,
+        weights,
+        resume,
+        process[1] == 1,
+    )
+    predictions, examples = [], {}
+    if process[1] > 1:
+        model = distributed.local_copy(model)
+    if not result.interrupted and process[0] == 0:
+        try:
+            result.metrics, predictions, examples = _same_store(
+                stores, evaluate, model, data, stores, targets
+            )
+        except KeyboardInterrupt:  # the checkpoint says training is done: --resume scores
+            result.interrupted = True
+    result.epochs_run, result.best_epoch = _epochs(run_dir, monitor)
+    summary = {
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "interrupted": result.interrupted,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_results(run_dir, summary, result.metrics, predictions, target, monitor[0], examples)
+    if not result.interrupted:
+        (run_dir / run_folder.CHECKPOINT).unlink(missing_ok=True)  # the run is complete
+    result.model = model
     return result
+
+
+def _epochs(run_dir: Path, monitor: tuple[str, str]) -> tuple[int, int | None]:
+    """Epochs run and the best one (numbered from 1), from ``history.csv``."""
+    history = read_history(run_dir / run_folder.HISTORY)
+    best = None
+    if history.get(monitor[0]):
+        pick = np.argmax if monitor[1] == "max" else np.argmin
+        best = int(pick(history[monitor[0]])) + 1
+    return len(history.get("loss", [])), best
 
 
 def _start_processes(settings: Settings) -> tuple[int, int]:
