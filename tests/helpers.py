@@ -1,5 +1,6 @@
-"""What several test modules build: scans, stores whose rows carry their ids, free ports, runs
-stopped and resumed. Fixtures stay in ``conftest.py``; test modules import these by name."""
+"""What several test modules build: scans, stores whose rows carry their ids, free ports.
+Fixtures stay in ``conftest.py``; test modules import these by name (runs stopped and
+resumed are in ``run_helpers.py``, which loads Keras)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import h5py
-import keras
 import nibabel as nib
 import numpy as np
 
 from preprocess.pipeline import Settings
 from preprocess.writer import Partial, scan_record
-from training.run import train
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 COARSE_VOXELS = ((4.0, 4.0, 4.0), (3.0, 3.0, 6.0), (5.0, 3.2, 3.2))
@@ -106,26 +105,3 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-class StopAt(keras.callbacks.Callback):
-    """Ctrl-C raised after batch ``batch`` of epoch ``epoch``: the process dies there as far
-    as the checkpoint knows (it saves nothing more)."""
-
-    def __init__(self, epoch: int, batch: int):
-        super().__init__()
-        self.at, self.epoch = (epoch, batch), 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if (self.epoch, batch) == self.at:
-            raise KeyboardInterrupt
-
-
-def interrupted_and_resumed(store, run_dir: Path, at: tuple[int, int], **settings):
-    """A run stopped after batch ``at[1]`` of epoch ``at[0]``, then resumed: the result."""
-    stopped = train(store, run_dir, progress=False, callbacks=[StopAt(*at)], **settings)
-    assert stopped.interrupted
-    return train(store, run_dir, resume=True, progress=False, **settings)

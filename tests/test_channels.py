@@ -13,8 +13,9 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from helpers import blob_volume, free_port, interrupted_and_resumed, write_nifti
+from helpers import blob_volume, free_port, write_nifti
 from make_phantoms import reorder, write_bids
+from run_helpers import interrupted_and_resumed
 
 from loader import H5Sequence
 from loader.store import open_store

@@ -15,7 +15,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from helpers import interrupted_and_resumed, write_id_store
+from helpers import write_id_store
+from run_helpers import interrupted_and_resumed
 
 from training.cli import main as training_main
 from training.run import TrainingError, train

@@ -93,37 +93,47 @@ def evaluate_segmentation(
         true foreground (``image``, ``true``, ``predicted``) for the picture.
     """
     class_names = targets[0].class_names
-    labels = np.arange(1, len(class_names))
-    overlap, total = np.zeros(len(labels)), np.zeros(len(labels))
-    per_subject: dict[str, dict] = {}
-    losses, examples = [], []  # (true area, image, true, predicted): the largest few only
+    tally = DiceTally(len(class_names))
     for index in range(len(sequence)):
         x, y = sequence[index]
         probabilities = np.asarray(model.predict_on_batch(x))
-        losses.append(float(dice_cross_entropy(y, probabilities)) * len(x))
+        tally.add(x, y, probabilities, row_facts(sequence.rows(index), stores, targets))
+    scores = tally.scores(class_names[1:], sequence.num_slices)
+    return scores, tally.rows(sequence.split), tally.pictures()
+
+
+class DiceTally:
+    """Pixels predicted, true and both, per label, pooled and per subject, batch by batch;
+    the loss; and the few slices with the most true foreground.
+
+    Args:
+        num_classes: labels of the masks, background (0) included.
+        examples: how many slices to keep for the picture.
+    """
+
+    def __init__(self, num_classes: int, examples: int = 8):
+        self.labels = np.arange(1, num_classes)
+        self.overlap, self.total = np.zeros(len(self.labels)), np.zeros(len(self.labels))
+        self.per_subject: dict[str, dict] = {}
+        self.loss = 0.0
+        self.keep = examples
+        self.examples = []  # (true area, image, true, predicted): the largest few only
+
+    def add(self, x, y, probabilities: np.ndarray, facts: dict) -> None:
+        """One batch: images, true masks ``(b, h, w, 1)``, softmax outputs, row facts."""
+        self.loss += float(dice_cross_entropy(y, probabilities)) * len(x)
         predicted = probabilities.argmax(-1)
         true = y[..., 0].astype(np.int64)
         # per row and label: pixels in both, and pixels predicted plus true
-        hit = predicted[..., None] == labels
-        want = true[..., None] == labels
+        hit = predicted[..., None] == self.labels
+        want = true[..., None] == self.labels
         both = (hit & want).sum(axis=(1, 2))
         sums = hit.sum(axis=(1, 2)) + want.sum(axis=(1, 2))
-        overlap += both.sum(axis=0)
-        total += sums.sum(axis=0)
-        facts = row_facts(sequence.rows(index), stores, targets)
+        self.overlap += both.sum(axis=0)
+        self.total += sums.sum(axis=0)
         for subject in np.unique(facts["ids"]):
             mine = facts["ids"] == subject
-            entry = per_subject.setdefault(
-                subject,
-                {
-                    "overlap": np.zeros(len(labels)),
-                    "total": np.zeros(len(labels)),
-                    "sessions": set(),
-                    "slices": 0,
-                    "true": 0,
-                    "predicted": 0,
-                },
-            )
+            entry = self.per_subject.setdefault(subject, self._new_subject())
             entry["overlap"] += both[mine].sum(axis=0)
             entry["total"] += sums[mine].sum(axis=0)
             entry["sessions"].update(s for s in facts["sessions"][mine] if s)
@@ -131,46 +141,59 @@ def evaluate_segmentation(
             entry["true"] += int((true[mine] > 0).sum())
             entry["predicted"] += int((predicted[mine] > 0).sum())
         area = (true > 0).sum(axis=(1, 2))
-        examples += [(area[r], x[r], true[r], predicted[r]) for r in np.argsort(area)[-8:]]
-        examples = sorted(examples, key=lambda example: -example[0])[:8]
-    pooled = dice(overlap, total)
-    subject_scores = [dice(e["overlap"], e["total"]) for e in per_subject.values()]
-    mean_per_label = []
-    for label in range(len(labels)):
-        values = [s[label] for s in subject_scores if s[label] is not None]
-        mean_per_label.append(float(np.mean(values)) if values else None)
-    names = class_names[1:]
-    scores = {
-        "slices": {
-            "loss": sum(losses) / max(sequence.num_slices, 1),
-            "dice": dict(zip(names, pooled, strict=True)),
-            "mean_dice": _mean(pooled),
-        },
-        "subjects": {
-            "count": len(per_subject),
-            "dice": dict(zip(names, mean_per_label, strict=True)),
-            "mean_dice": _mean(mean_per_label),
-        },
-    }
-    rows = []
-    for subject, entry in per_subject.items():
-        value = _mean(dice(entry["overlap"], entry["total"]))
-        rows.append(
-            {
-                "subject": subject,
-                "sessions": ";".join(sorted(entry["sessions"])),
-                "split": sequence.split,
-                "true_pixels": entry["true"],
-                "predicted_pixels": entry["predicted"],
-                "dice": "" if value is None else f"{value:.4f}",
-                "slices": entry["slices"],
-            }
-        )
-    pictures = {
-        key: [example[position] for example in examples]
-        for position, key in enumerate(("image", "true", "predicted"), start=1)
-    }
-    return scores, rows, pictures
+        found = [(area[r], x[r], true[r], predicted[r]) for r in np.argsort(area)[-self.keep :]]
+        self.examples = sorted(self.examples + found, key=lambda e: -e[0])[: self.keep]
+
+    def _new_subject(self) -> dict:
+        zeros = np.zeros(len(self.labels))
+        fields = {"overlap": zeros, "total": zeros.copy(), "sessions": set()}
+        return fields | {"slices": 0, "true": 0, "predicted": 0}
+
+    def scores(self, names: list[str], num_slices: int) -> dict:
+        """Slice level pools every pixel; subject level averages each subject's Dice."""
+        pooled = dice(self.overlap, self.total)
+        subject_scores = [dice(e["overlap"], e["total"]) for e in self.per_subject.values()]
+        mean_per_label = []
+        for label in range(len(self.labels)):
+            values = [s[label] for s in subject_scores if s[label] is not None]
+            mean_per_label.append(float(np.mean(values)) if values else None)
+        return {
+            "slices": {
+                "loss": self.loss / max(num_slices, 1),
+                "dice": dict(zip(names, pooled, strict=True)),
+                "mean_dice": _mean(pooled),
+            },
+            "subjects": {
+                "count": len(self.per_subject),
+                "dice": dict(zip(names, mean_per_label, strict=True)),
+                "mean_dice": _mean(mean_per_label),
+            },
+        }
+
+    def rows(self, split: str) -> list[dict]:
+        """One row per subject for ``predictions.csv``."""
+        rows = []
+        for subject, entry in self.per_subject.items():
+            value = _mean(dice(entry["overlap"], entry["total"]))
+            rows.append(
+                {
+                    "subject": subject,
+                    "sessions": ";".join(sorted(entry["sessions"])),
+                    "split": split,
+                    "true_pixels": entry["true"],
+                    "predicted_pixels": entry["predicted"],
+                    "dice": "" if value is None else f"{value:.4f}",
+                    "slices": entry["slices"],
+                }
+            )
+        return rows
+
+    def pictures(self) -> dict:
+        """The kept slices: ``image``, ``true`` and ``predicted`` lists."""
+        return {
+            key: [example[position] for example in self.examples]
+            for position, key in enumerate(("image", "true", "predicted"), start=1)
+        }
 
 
 def _mean(values: list[float | None]) -> float | None:
