@@ -46,7 +46,8 @@ def small_disk(tmp_path):
         ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        reason = mounted.stderr.decode().strip()
+        pytest.skip(f"needs root, as CI runs: cannot mount a tmpfs ({reason})")
 
     def remount(options: str) -> None:
         subprocess.run(["mount", "-o", f"remount,{options}", str(disk)], check=True)

@@ -41,7 +41,7 @@ def _as_a_user(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
             command, cwd=cwd, capture_output=True, text=True, check=False, preexec_fn=drop
         )
     except subprocess.SubprocessError as exc:  # prctl refused (a container without it)
-        pytest.skip(f"cannot drop root's file access here: {exc}")
+        pytest.skip(f"needs root, as CI runs: cannot drop file-access capabilities ({exc})")
 
 
 @pytest.fixture
