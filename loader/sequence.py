@@ -331,9 +331,7 @@ class H5Sequence(keras.utils.PyDataset):
             elif target:
                 read_rows(part.subjects, start, stop, scans[position:end], fd, h5 and h5[1])
             position = end
-        if (
-            self._settings.prefetch
-        ):  # hint the batch PREFETCH_AHEAD on (all of them up to it at first)
+        if self._settings.prefetch:  # hint the batch PREFETCH_AHEAD on (at first all up to it)
             first = index + 1 if index == 0 else index + PREFETCH_AHEAD
             for ahead in range(first, min(index + PREFETCH_AHEAD + 1, len(self))):
                 for part_index, start, stop in self._local_runs(self._plan_batch(ahead)):

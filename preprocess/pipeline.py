@@ -553,39 +553,19 @@ def run(
     """
     started = time.perf_counter()
     options = RunOptions() if options is None else options
-    overwrite, resume = options.overwrite, options.resume
     output = Path(output)
     summary = Summary(output)
-    if output.is_dir():
-        raise PreprocessError(f"{output}: is a folder; give the store's file name")
-    if not output.parent.is_dir():
-        raise PreprocessError(f"{output.parent}: no such folder for the store")
-    has_partial = partial_path(output).exists()
-    if output.exists() and not overwrite and not (resume and has_partial):
-        left = f" and no {partial_path(output)} is left to resume" if resume else ""
-        raise FileExistsError(f"{output}: exists{left}; use --overwrite to replace it")
-
+    _check_output(output, options)
     shard = parse_shard(settings.shard, settings.shard_count)
     found = find_scans(inputs, settings, report)
     with warnings.catch_warnings(record=True) as caught:  # e.g. a class too small for a split
         warnings.simplefilter("always")
         assignment = split_assignment(found, settings)
-    scans = found.scans
-    if shard is not None:  # every shard saw every subject: all agree on splits and classes
-        mine = subjects_of_shard([s.subject_id for s in scans], *shard)
-        if not mine:
-            raise PreprocessError(
-                f"--shard {shard[0]}/{shard[1]} has no subjects: "
-                f"{len({s.subject_id for s in scans})} subjects for {shard[1]} shards"
-            )
-        scans = [scan for scan in scans if scan.subject_id in mine]
+    scans = _scans_of_shard(found.scans, shard)
     for path, reason in found.rejected:
         _reject(summary, report, path, reason)
-    config = {**asdict(settings), "inputs": [os.path.abspath(item) for item in inputs]}
-    config["suffix"] = list(settings.suffix)  # as JSON gives it back
-    config["labels"] = settings.labels and os.path.abspath(settings.labels)
-    config["shard"] = shard and f"{shard[0]}/{shard[1]}"
-    with Partial(output, config, resume=resume, overwrite=overwrite) as partial:
+    config = store_config(settings, inputs, shard)
+    with Partial(output, config, resume=options.resume, overwrite=options.overwrite) as partial:
         done = partial.done()
         summary.resumed = sum(scan.source in done for scan in scans)
         todo = [scan for scan in scans if scan.source not in done]
@@ -609,6 +589,42 @@ def run(
     summary.size_bytes = output.stat().st_size
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _check_output(output: Path, options: RunOptions) -> None:
+    """Refuse a store path that is a folder, in no folder, or taken (unless told)."""
+    if output.is_dir():
+        raise PreprocessError(f"{output}: is a folder; give the store's file name")
+    if not output.parent.is_dir():
+        raise PreprocessError(f"{output.parent}: no such folder for the store")
+    resumable = options.resume and partial_path(output).exists()
+    if output.exists() and not options.overwrite and not resumable:
+        left = f" and no {partial_path(output)} is left to resume" if options.resume else ""
+        raise FileExistsError(f"{output}: exists{left}; use --overwrite to replace it")
+
+
+def _scans_of_shard(scans: list[Scan], shard: tuple[int, int] | None) -> list[Scan]:
+    """The scans this shard writes (all without shards): every shard saw every subject, so
+    all agree on splits and classes."""
+    if shard is None:
+        return scans
+    mine = subjects_of_shard([s.subject_id for s in scans], *shard)
+    if not mine:
+        raise PreprocessError(
+            f"--shard {shard[0]}/{shard[1]} has no subjects: "
+            f"{len({s.subject_id for s in scans})} subjects for {shard[1]} shards"
+        )
+    return [scan for scan in scans if scan.subject_id in mine]
+
+
+def store_config(settings: Settings, inputs: list[str], shard) -> dict:
+    """Every setting that changes the store's content, as JSON gives it back: the store's
+    ``config`` attribute, and what ``--resume`` must match."""
+    config = {**asdict(settings), "inputs": [os.path.abspath(item) for item in inputs]}
+    config["suffix"] = list(settings.suffix)
+    config["labels"] = settings.labels and os.path.abspath(settings.labels)
+    config["shard"] = shard and f"{shard[0]}/{shard[1]}"
+    return config
 
 
 def same_files(records) -> list[str]:

@@ -53,25 +53,7 @@ def build_model(
     regression = target.task == REGRESSION
     num_classes = 0 if regression else len(target.class_names)
     base = model_fn(num_classes, shape, data_format)
-    units = base.output_shape[-1]
-    if regression:
-        fits, loss, wanted = units == 1, "mean_squared_error", "(None, 1) (one linear unit)"
-        metrics = [
-            keras.metrics.MeanAbsoluteError(name="mae"),
-            keras.metrics.RootMeanSquaredError(name="rmse"),
-        ]
-    else:
-        two = units == 1 and num_classes == 2
-        fits = two or units == num_classes
-        loss = "binary_crossentropy" if two else "sparse_categorical_crossentropy"
-        wanted = f"(None, {num_classes}) (softmax)"
-        wanted += " or (None, 1) (sigmoid)" if num_classes == 2 else ""
-        metrics = ["accuracy"]
-    if not fits or len(base.output_shape) != 2:
-        raise TrainingError(
-            f"model_fn's output has shape {base.output_shape}; for {target.task} of "
-            f"{target.name or 'the labels'} it must be {wanted}"
-        )
+    loss, metrics = _loss_and_metrics(base.output_shape, target, num_classes)
     model = base
     if settings.augment != "none" or regression:
         inputs = keras.Input(shape)
@@ -90,6 +72,30 @@ def build_model(
         weighted_metrics=metrics,  # rows without a target value have weight 0
     )
     return model
+
+
+def _loss_and_metrics(output_shape: tuple, target: Target, num_classes: int) -> tuple:
+    """The loss and metrics for a model's output shape; a shape that fits none is refused."""
+    units = output_shape[-1]
+    if target.task == REGRESSION:
+        fits, loss, wanted = units == 1, "mean_squared_error", "(None, 1) (one linear unit)"
+        metrics = [
+            keras.metrics.MeanAbsoluteError(name="mae"),
+            keras.metrics.RootMeanSquaredError(name="rmse"),
+        ]
+    else:
+        two = units == 1 and num_classes == 2
+        fits = two or units == num_classes
+        loss = "binary_crossentropy" if two else "sparse_categorical_crossentropy"
+        wanted = f"(None, {num_classes}) (softmax)"
+        wanted += " or (None, 1) (sigmoid)" if num_classes == 2 else ""
+        metrics = ["accuracy"]
+    if not fits or len(output_shape) != 2:
+        raise TrainingError(
+            f"model_fn's output has shape {output_shape}; for {target.task} of "
+            f"{target.name or 'the labels'} it must be {wanted}"
+        )
+    return loss, metrics
 
 
 def _segmentation_model(model_fn, shape, data_format, settings, target) -> keras.Model:
