@@ -22,20 +22,23 @@ from training.cli import main as training_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A process that runs a command and, when the one write helper is about to publish the
-# file named NAME, cuts that file's temporary copy to half its bytes and kills itself
-# with SIGKILL: a kill in the middle of writing that file.
+# A process that runs a command and, the time after SKIP times that the one write helper
+# is about to publish a file whose temporary path matches PATTERN, cuts that temporary
+# copy to half its bytes and kills itself with SIGKILL: a kill in the middle of that file.
 KILLED_MID_FILE = textwrap.dedent("""
-    import os, runpy, signal, sys
+    import os, re, runpy, signal, sys
     from loader import files
 
-    name, package, *argv = sys.argv[1:]
+    pattern, skip, package, *argv = sys.argv[1:]
+    seen = [0]
     fsync_path = files.fsync_path
     def half_then_die(path):
         path = os.fspath(path)
-        if os.path.basename(path).startswith(name) and os.path.isfile(path):
-            os.truncate(path, os.path.getsize(path) // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
+        if re.search(pattern, path) and os.path.isfile(path):
+            seen[0] += 1
+            if seen[0] > int(skip):
+                os.truncate(path, os.path.getsize(path) // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
         fsync_path(path)
     files.fsync_path = half_then_die
     sys.argv = [package, *argv]
@@ -43,14 +46,24 @@ KILLED_MID_FILE = textwrap.dedent("""
 """)
 
 
-def _killed_mid_file(name: str, package: str, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", KILLED_MID_FILE, name, package, *argv],
+def _killed_mid_file(pattern: str, package: str, *argv: str, skip: int = 0):
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_FILE, pattern, str(skip), package, *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=False,
     )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
+def _preprocess_args(tmp_path: Path, scans: int) -> list[str]:
+    """Arguments of a preprocess run of ``scans`` seeded scans into ``tmp_path/s.h5``."""
+    inputs = tmp_path / "in"
+    for index in range(scans):
+        write_nifti(inputs / f"s{index}.nii.gz", blob_volume(index))
+    target = tmp_path / "s.h5"
+    return [str(inputs), "-o", str(target), "--workers", "1", "--val-fraction", "0"]
 
 
 def test_an_error_while_writing_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -84,16 +97,12 @@ def test_a_full_disk_names_the_target_and_removes_the_temporary(tmp_path):
 
 
 def test_a_kill_in_the_middle_of_a_store_leaves_the_previous_store_whole(tmp_path):
-    inputs = tmp_path / "in"
-    for index in range(4):
-        write_nifti(inputs / f"s{index}.nii.gz", blob_volume(index))
+    args = _preprocess_args(tmp_path, 4)
     target = tmp_path / "s.h5"
-    args = [str(inputs), "-o", str(target), "--workers", "1", "--val-fraction", "0"]
     assert preprocess_main(args) == 0
     with open_store(target) as store:
         before = store.uuid
-    killed = _killed_mid_file("store.h5", "preprocess", *args, "--overwrite")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    _killed_mid_file(r"/store\.h5$", "preprocess", *args, "--overwrite")
     with open_store(target) as store:  # the old store, whole and readable
         assert store.uuid == before
     assert preprocess_main([*args, "--resume"]) == 0  # the scans written before the kill
@@ -104,46 +113,23 @@ def test_a_kill_in_the_middle_of_a_store_leaves_the_previous_store_whole(tmp_pat
 
 @pytest.mark.parametrize("name", ["manifest.json", "owner"])
 def test_a_kill_in_the_middle_of_a_scan_file_leaves_no_half_scan(tmp_path, name):
-    inputs = tmp_path / "in"
-    for index in range(3):
-        write_nifti(inputs / f"s{index}.nii.gz", blob_volume(index))
-    target = tmp_path / "s.h5"
-    args = [str(inputs), "-o", str(target), "--workers", "1", "--val-fraction", "0"]
-    killed = _killed_mid_file(name, "preprocess", *args)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    partial = Path(f"{target}.partial")
+    args = _preprocess_args(tmp_path, 3)
+    _killed_mid_file(f"/{name}\\.partial$", "preprocess", *args)
+    partial = tmp_path / "s.h5.partial"
     assert not (partial / name).exists()  # not half of it: none of it
     assert (partial / f"{name}{files.TEMPORARY_ENDING}").exists()
     assert preprocess_main([*args, "--overwrite"]) == 0
 
 
 def test_a_kill_in_the_middle_of_a_scans_slices_keeps_the_scans_before_it(tmp_path):
-    inputs = tmp_path / "in"
-    for index in range(3):
-        write_nifti(inputs / f"s{index}.nii.gz", blob_volume(index))
-    target = tmp_path / "s.h5"
-    args = [str(inputs), "-o", str(target), "--workers", "1", "--val-fraction", "0"]
-    # scan files are named by a key: kill at the first .npy after one whole scan
-    script = KILLED_MID_FILE.replace(
-        "os.path.basename(path).startswith(name)",
-        "path.endswith('.npy.partial') and len(glob.glob(os.path.dirname(path) + '/*.npy')) == 1",
-    ).replace("import os,", "import glob, os,")
-    killed = subprocess.run(
-        [sys.executable, "-c", script, "", "preprocess", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    partial = Path(f"{target}.partial")
-    records = [
-        json.loads(p.read_text()) for p in partial.glob("*.json") if p.name != "manifest.json"
-    ]
+    args = _preprocess_args(tmp_path, 3)
+    _killed_mid_file(r"\.npy\.partial$", "preprocess", *args, skip=1)  # the second scan's
+    partial = tmp_path / "s.h5.partial"
+    records = [p for p in partial.glob("*.json") if p.name != "manifest.json"]
     assert len(records) == 1  # the scan finished before the kill, and only it
     assert len(list(partial.glob("*.npy"))) == 1
     assert preprocess_main([*args, "--resume"]) == 0
-    with open_store(target) as store:
+    with open_store(tmp_path / "s.h5") as store:
         assert len(store.subjects_table()["id"]) == 3
 
 
@@ -152,8 +138,7 @@ def test_a_kill_in_the_middle_of_a_run_folders_last_file_leaves_no_half_file(
 ):
     run = tmp_path / "run"
     args = [str(phantom_store), "-o", str(run), "--epochs", "1", "--workers", "1"]
-    killed = _killed_mid_file("metrics.json", "training", *args)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    _killed_mid_file(r"/metrics\.json\.partial$", "training", *args)
     assert not (run / "metrics.json").exists()  # never half of one
     assert (run / "predictions.csv").is_file()  # written whole just before
     assert json.loads((run / "config.json").read_text())["settings"]["epochs"] == 1
