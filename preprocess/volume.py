@@ -397,20 +397,6 @@ def normalization(
     raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}; received {method!r}")
 
 
-def normalize(data: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
-    """Scale a float32 volume's intensities in place, by :func:`normalization`.
-
-    Returns:
-        ``data``, changed.
-    """
-    a, b, clip = normalization(data, mask, method)
-    np.multiply(data, np.float32(a), out=data)
-    np.add(data, np.float32(b), out=data)
-    if clip:
-        np.clip(data, 0, 1, out=data)
-    return data
-
-
 def _in_memory_order(data: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     """Views of ``data`` and ``others`` with their axes reordered as ``data`` lies in memory.
 
