@@ -52,6 +52,20 @@ def child_epoch(store: str, batch_size: int, workers: int) -> None:
     print(json.dumps({"slices": sequence.num_slices, "seconds": seconds, "rss_peak": peak}))
 
 
+def child_read(store: str, batch_size: int) -> None:
+    """One shuffled, checked epoch through H5Sequence alone, no model: what the loader
+    delivers from this disk under the limit; prints a JSON line like :func:`child_epoch`."""
+    from loader import H5Sequence
+
+    sequence = H5Sequence(store, batch_size=batch_size, shuffle=True)
+    started = time.perf_counter()
+    for index in range(len(sequence)):
+        sequence[index]
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"slices": sequence.num_slices, "seconds": seconds, "rss_peak": peak}))
+
+
 def child_in_memory(num_slices: int) -> None:
     """Hold the slices in memory as compactly as they can be: their uint8 bytes.
 
@@ -148,10 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=1, help="H5Sequence reader threads (default: 1)"
     )
     parser.add_argument("--child-epoch", help=argparse.SUPPRESS)
+    parser.add_argument("--child-read", help=argparse.SUPPRESS)
     parser.add_argument("--child-in-memory", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_epoch:
         child_epoch(args.child_epoch, args.batch_size, args.workers)
+        return 0
+    if args.child_read:
+        child_read(args.child_read, args.batch_size)
         return 0
     if args.child_in_memory:
         child_in_memory(args.child_in_memory)
@@ -180,29 +198,23 @@ def main(argv: list[str] | None = None) -> int:
                 write_large_store(store, gib)
             with open_store(store) as opened:
                 num_slices = opened.num_slices
-            if cgroup:
-                cgroup.reset()
-            status, measured, anonymous = run_child(
-                [
-                    "--child-epoch",
-                    str(store),
-                    "--batch-size",
-                    str(args.batch_size),
-                    "--workers",
-                    str(args.workers),
-                ],
-                cgroup,
-            )
-            group_peak = cgroup.peak if cgroup else None
-            if status == 0 and measured:
-                speed = measured["slices"] / measured["seconds"]
-                peaks = (_mib(measured["rss_peak"]), _mib(anonymous), _mib(group_peak))
-                name = f"{gib:g} GiB store, one epoch of model.fit(H5Sequence)"
-                rows.append((name, f"{num_slices:,}", "finished", f"{speed:,.0f}", *peaks))
-            else:
-                name = f"{gib:g} GiB store, one epoch"
-                rows.append((name, f"{num_slices:,}", f"failed ({status})", "-", "-", "-", "-"))
-            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+            for mode, what in (
+                ("--child-read", "one epoch of H5Sequence alone (no model)"),
+                ("--child-epoch", "one epoch of model.fit(H5Sequence)"),
+            ):
+                if cgroup:
+                    cgroup.reset()
+                options = ["--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+                status, measured, anonymous = run_child([mode, str(store), *options], cgroup)
+                group_peak = cgroup.peak if cgroup else None
+                name = f"{gib:g} GiB store, {what}"
+                if status == 0 and measured:
+                    speed = measured["slices"] / measured["seconds"]
+                    peaks = (_mib(measured["rss_peak"]), _mib(anonymous), _mib(group_peak))
+                    rows.append((name, f"{num_slices:,}", "finished", f"{speed:,.0f}", *peaks))
+                else:
+                    rows.append((name, f"{num_slices:,}", f"failed ({status})", *"----"))
+                print(f"  {rows[-1]}", file=sys.stderr, flush=True)
         biggest = 4 if 4 in args.sizes else max(args.sizes)
         num_slices = int(biggest * 2**30 // 4096)
         if cgroup:

@@ -1,11 +1,15 @@
 """Benchmark python -m preprocess against only loading the same scans with nibabel (the floor).
 
-The scans are a phantom BIDS tree (``make_phantoms``: gzipped NIfTI, mixed data types,
-random voxel orders, uneven voxels). Everything runs warm (files read once before) in one
-run, so the ratios compare like with like. A second table splits one worker's time into
-its stages.
+Both run as a user runs them: a new process each (``python -m preprocess ...``, and a
+``python -c`` that loads every scan with nibabel in the same number of processes), so
+start-up, the worker pool and finalising the store count. The scans are a phantom BIDS
+tree (``make_phantoms``: gzipped NIfTI, mixed data types, random voxel orders, uneven
+voxels), or with ``--t1`` 1 mm T1-sized heads. Everything runs warm (files read once
+before) in one run, the commands take turns in every repeat, and the median counts. A
+second table gives the command's fixed costs, a third splits one worker's time into its
+stages.
 
-    python scripts/bench_preprocess.py --subjects 24
+    python scripts/bench_preprocess.py --t1 --subjects 48
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import argparse
 import hashlib
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -27,6 +33,9 @@ from preprocess import RunOptions, Settings, run
 from preprocess.discover import discover
 from preprocess.slices import cut_slices
 from preprocess.volume import foreground, load_volume, normalization
+from preprocess.writer import Partial
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def warm(paths) -> None:
@@ -34,18 +43,79 @@ def warm(paths) -> None:
         Path(path).read_bytes()
 
 
-def nibabel_load(paths) -> None:
-    for path in paths:
-        nib.load(path).get_fdata(dtype=np.float32)
+# The floor, as a process: load every scan (float32, as a model wants) in N processes.
+NIBABEL_LOAD = """
+import sys
+from concurrent.futures import ProcessPoolExecutor
+import nibabel as nib
+import numpy as np
 
-
-def _load_one(path) -> None:
+def load(path):
     nib.load(path).get_fdata(dtype=np.float32)
 
-
-def nibabel_load_parallel(paths, workers: int = 2) -> None:
+workers, paths = int(sys.argv[1]), sys.argv[2:]
+if workers == 1:
+    for path in paths:
+        load(path)
+else:
     with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(_load_one, paths))
+        list(pool.map(load, paths))
+"""
+
+
+def command_seconds(command: list[str]) -> float:
+    """Wall seconds of a command run as a new process."""
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
+    return time.perf_counter() - started
+
+
+def fixed_costs(bids: Path, store: Path, settings: Settings) -> dict[str, float]:
+    """What the command pays whatever the number of scans: start-up and imports, the
+    worker pool's server, finalising the store (timed inside one more in-process run)."""
+    costs = {
+        "python -m preprocess --help (start-up, imports)": command_seconds(
+            [sys.executable, "-m", "preprocess", "--help"]
+        ),
+        "the workers' forkserver (a second start-up and import)": float(
+            subprocess.run(
+                [sys.executable, "-c", FORKSERVER_START],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            ).stdout
+        ),
+    }
+    finalize, spent = Partial.finalize, []
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return finalize(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - started)
+
+    Partial.finalize = timed
+    try:
+        options = RunOptions(workers=2, overwrite=True)
+        run([str(bids)], store, settings, options, progress=False, report=lambda line: None)
+    finally:
+        Partial.finalize = finalize
+    costs["finalising the store"] = spent[0]
+    return costs
+
+
+FORKSERVER_START = """
+import multiprocessing, time
+started = time.perf_counter()
+context = multiprocessing.get_context("forkserver")
+context.set_forkserver_preload(["preprocess.pipeline"])
+process = context.Process(target=int)
+process.start()
+process.join()
+print(time.perf_counter() - started)
+"""
 
 
 def write_t1_sized(folder: Path, count: int) -> None:
@@ -99,15 +169,6 @@ def stages(paths, settings: Settings) -> dict[str, float]:
     return spent
 
 
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,32 +195,23 @@ def main(argv: list[str] | None = None) -> int:
         voxels = sum(int(np.prod(nib.load(p).shape)) for p in paths)
         warm(paths)
         settings = Settings() if args.t1 else Settings(label_column="group")
-        timings = {
-            "nibabel load only (1 process, the floor)": best_time(
-                lambda: nibabel_load(paths), args.repeats
-            ),
-            "nibabel load only (2 processes)": best_time(
-                lambda: nibabel_load_parallel(paths), args.repeats
-            ),
-        }
+        store = Path(folder) / "store.h5"
+        labels = [] if args.t1 else ["--label-column", "group"]
+        commands = {}
         for workers in (1, 2):
-
-            def preprocess(workers=workers):
-                run(
-                    [str(bids)],
-                    Path(folder) / "store.h5",
-                    settings,
-                    RunOptions(workers=workers, overwrite=True),
-                    progress=False,
-                    report=lambda line: None,
-                )
-
-            timings[f"python -m preprocess --workers {workers}"] = best_time(
-                preprocess, args.repeats
-            )
+            nibabel = [sys.executable, "-c", NIBABEL_LOAD, str(workers), *map(str, paths)]
+            preprocess = [sys.executable, "-m", "preprocess", str(bids), "-o", str(store)]
+            preprocess += [*labels, "--workers", str(workers), "--overwrite"]
+            commands[f"nibabel load only, {workers} process(es) (the floor)"] = nibabel
+            commands[f"python -m preprocess --workers {workers}"] = preprocess
+        runs = {name: [] for name in commands}
+        for _ in range(args.repeats):
+            for name, command in commands.items():
+                runs[name].append(command_seconds(command))
+        timings = {name: statistics.median(values) for name, values in runs.items()}
+        costs = fixed_costs(bids, store, settings)
         spent = stages(paths, settings)
 
-    floor = timings["nibabel load only (1 process, the floor)"]
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, nibabel {nib.__version__}"
@@ -167,14 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{len(paths)} scans, {megabytes:.0f} MB gzipped NIfTI, "
         f"{voxels / len(paths) / 1e6:.1f} M voxels a scan on average; "
-        f"warm cache, best of {args.repeats}"
+        f"warm cache, median of {args.repeats}, each a new process"
     )
     print()
-    print("| what | seconds | scans/s | MB/s of input | time vs nibabel load |")
+    print("| what | seconds | scans/s | MB/s of input | time vs nibabel load, same processes |")
     print("|---|---|---|---|---|")
-    for name, seconds in timings.items():
+    floors = list(timings.values())[::2]
+    for index, (name, seconds) in enumerate(timings.items()):
         rates = f"{len(paths) / seconds:.1f} | {megabytes / seconds:.0f}"
-        print(f"| {name} | {seconds:.2f} | {rates} | {seconds / floor:.2f}x |")
+        print(f"| {name} | {seconds:.2f} | {rates} | {seconds / floors[index // 2]:.2f}x |")
+    print()
+    print("| the command's fixed costs | seconds |")
+    print("|---|---|")
+    for name, seconds in costs.items():
+        print(f"| {name} | {seconds:.2f} |")
     print()
     total = sum(spent.values())
     print("| one worker's stages | seconds | share |")
