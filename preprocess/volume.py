@@ -348,7 +348,7 @@ def foreground(data: np.ndarray) -> np.ndarray:
     Returns:
         A boolean mask, never empty for a volume that is not constant.
     """
-    low, high = np.percentile(data[::2, ::2, ::2], [2, 98])  # an eighth of the voxels
+    low, high = percentiles(data[::2, ::2, ::2], (2, 98))  # an eighth of the voxels
     threshold = low + 0.1 * (high - low)
     if data.dtype.kind in "iu":  # the same test on integers, without a float copy
         threshold = data.dtype.type(np.floor(threshold))
@@ -356,6 +356,38 @@ def foreground(data: np.ndarray) -> np.ndarray:
     if not mask.any():  # nearly all voxels share one value: take the rest
         mask = data > data.min()
     return mask
+
+
+def percentiles(values: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
+    """``np.percentile(values, q)`` (its default, linear method), bit for bit.
+
+    Integers of at most 16 bits are counted in a histogram instead of partitioned: the
+    order statistics come from its running sum (a T1 scan's foreground, 1.75 M int16
+    values: ~3 ms against ~10 ms), then numpy's own interpolation runs on them, in the
+    stored type as numpy does it. Other types go to ``np.percentile``.
+
+    >>> data = np.array([7, 1, 3, 3, 100], dtype=np.int16)
+    >>> percentiles(data, (0.5, 50, 99.5)).tolist() == np.percentile(data, (0.5, 50, 99.5)).tolist()
+    True
+    """
+    values = np.asarray(values)
+    if values.dtype.kind not in "iu" or values.dtype.itemsize > 2 or values.size == 0:
+        return np.percentile(values, q)
+    flat = values.reshape(-1)
+    low = int(flat.min())
+    counts = np.bincount(flat.astype(np.int32) - low)
+    below = np.cumsum(counts)  # below[v] = how many values are at most low + v
+    n = flat.size
+    virtual = (n - 1) * np.true_divide(np.asarray(q, dtype=np.float64), 100)
+    previous = np.floor(virtual)
+    gamma = virtual - previous
+    order = np.stack([previous, np.minimum(previous + 1, n - 1)]).astype(np.intp)
+    # the k-th smallest value: the first v with more than k values at most v
+    a, b = ((np.searchsorted(below, k, side="right") + low).astype(values.dtype) for k in order)
+    diff = b - a  # numpy's _lerp, in the stored type
+    result = np.add(a, diff * gamma)
+    np.subtract(b, diff * (1 - gamma), out=result, where=gamma >= 0.5, casting="unsafe")
+    return result
 
 
 def normalization(
@@ -385,7 +417,7 @@ def normalization(
     values = _in_memory_order(data, mask)  # a contiguous read of the voxels
     values = values[0][values[1]]
     if method == "percentile":
-        low, high = np.percentile(values, PERCENTILES, overwrite_input=True)
+        low, high = percentiles(values, PERCENTILES)
         if high <= low:  # a foreground of (almost) one value: use the whole range
             low, high = float(data.min()), float(data.max())
         return float(1 / (high - low)), float(-low / (high - low)), True
