@@ -11,6 +11,7 @@ import concurrent.futures as futures
 import contextlib
 import functools
 import hashlib
+import itertools
 import multiprocessing
 import os
 import signal
@@ -648,7 +649,11 @@ def same_files(records) -> list[str]:
 
 
 def _compute(todo, settings, options, partial, summary, report, progress) -> None:
-    """Process ``todo``, writing each scan as it finishes; at most 2 x workers in flight."""
+    """Process ``todo``, writing each scan as it finishes; at most 2 x workers in flight.
+
+    Until the first worker's result arrives (the workers' server starts a Python and
+    imports this package first, ~0.3 s), this process computes scans itself.
+    """
     workers, timeout = options.workers, options.scan_timeout
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=len(todo), unit="scan", disable=not show, file=sys.stderr) as bar:
@@ -671,12 +676,13 @@ def _compute(todo, settings, options, partial, summary, report, progress) -> Non
             return
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["preprocess.pipeline"])
-        pending = {}
         queue = iter(todo)
         with futures.ProcessPoolExecutor(
             workers, mp_context=context, initializer=_one_blas_thread
         ) as pool:
+            pending = {}
             try:
+                _start_pool(pool, queue, pending, 2 * workers, settings, timeout, finish)
                 while True:
                     while len(pending) < 2 * workers and (scan := next(queue, None)) is not None:
                         work = pool.submit(_process_or_reason, scan, settings, timeout)
@@ -692,9 +698,37 @@ def _compute(todo, settings, options, partial, summary, report, progress) -> Non
                     f"{partial.path}: rerun with --resume"
                 ) from exc
             except BaseException:
-                for future in pending:
+                for future in list(pending):  # the start-up thread may still be adding
                     future.cancel()
                 raise
+
+
+def _start_pool(pool, queue, pending: dict, count: int, settings, timeout: float, finish) -> None:
+    """Hand the pool its first ``count`` scans (into ``pending``: future -> scan) and
+    compute more here while it starts.
+
+    The first ``submit`` waits for the workers' server to start a Python and import this
+    package (~0.3 s); a helper thread waits for it instead, and this process computes scans
+    (one BLAS thread, like a worker) until the pool has them.
+    """
+    first = list(itertools.islice(queue, count))
+    failed = []
+
+    def submit() -> None:
+        try:
+            for scan in first:
+                pending[pool.submit(_process_or_reason, scan, settings, timeout)] = scan
+        except BaseException as exc:  # a broken pool: raised below, in this thread
+            failed.append(exc)
+
+    starter = threading.Thread(target=submit, name="start-workers", daemon=True)
+    starter.start()
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        while starter.is_alive() and (scan := next(queue, None)) is not None:
+            finish(scan, _process_or_reason(scan, settings, timeout))
+    starter.join()
+    if failed:
+        raise failed[0]
 
 
 def _one_blas_thread() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ from make_phantoms import write_bids
 from loader import schema
 from loader.store import open_store
 from preprocess.cli import main
+from preprocess.discover import Scan
+from preprocess.pipeline import Settings, _start_pool
 from preprocess.writer import partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +92,33 @@ def test_same_settings_same_content_whatever_the_workers_and_buffer(phantom_bids
     with open_store(tmp_path / "one.h5") as a, open_store(tmp_path / "two.h5") as b:
         assert a.uuid != b.uuid
     assert not partial_path(tmp_path / "small.h5").exists()
+
+
+def test_this_process_computes_scans_while_the_workers_start(tmp_path):
+    """The pool's first submit waits for its server to start (here: 0.5 s); meanwhile the
+    main process computes the scans after the ones handed to the pool."""
+    scans = []
+    for index in range(8):
+        path = write_nifti(tmp_path / f"s{index}.nii.gz", blob_volume(index))
+        scans.append(Scan(path, path.name, f"{index:02d}", "", None))
+
+    class SlowToStart(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):
+            if not getattr(self, "started", False):
+                time.sleep(0.5)
+                self.started = True
+            return super().submit(*args, **kwargs)
+
+    here, pending = [], {}
+    with SlowToStart(1) as pool:
+        queue = iter(scans)
+        _start_pool(pool, queue, pending, 2, Settings(), 0.0, lambda scan, _: here.append(scan))
+        assert sorted(scan.subject_id for scan in pending.values()) == ["00", "01"]
+        assert len(here) >= 1  # computed here while the pool was starting
+        assert here == scans[2 : 2 + len(here)]  # the scans after the pool's, in order
+        results = [future.result() for future in pending]
+    assert all(not isinstance(result, str) for result in results)  # computed, not rejected
+    assert list(queue) == scans[2 + len(here) :]  # the rest is left for the loop
 
 
 def test_rejected_scans_are_named_and_the_rest_is_written(tmp_path, capsys):
