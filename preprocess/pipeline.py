@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import itertools
+import multiprocessing
 import os
 import signal
 import sys
@@ -52,7 +53,6 @@ from preprocess.volume import (
     normalization,
     on_grid,
 )
-from preprocess.workers import worker_context
 from preprocess.writer import Partial, partial_path, scan_record
 
 FINDING = "finding scans and labels"
@@ -674,9 +674,11 @@ def _compute(todo, settings, options, partial, summary, report, progress) -> Non
             for scan in todo:
                 finish(scan, _process_or_reason(scan, settings, timeout))
             return
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["preprocess.pipeline"])
         queue = iter(todo)
         with futures.ProcessPoolExecutor(
-            workers, mp_context=worker_context(), initializer=_one_blas_thread
+            workers, mp_context=context, initializer=_one_blas_thread
         ) as pool:
             pending = {}
             try:
