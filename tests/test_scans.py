@@ -144,6 +144,20 @@ def test_zscore_normalisation_standardises_the_foreground():
     assert out[mask].std() == pytest.approx(1, abs=1e-4)
 
 
+def test_scans_of_other_sizes_read_one_after_another_load_exactly(tmp_path):
+    """The buffer reused for the gzipped bytes never leaks one scan's bytes into the next."""
+    shapes = [(40, 44, 36), (12, 10, 8), (50, 40, 30), (12, 10, 8)]
+    paths = [
+        write_nifti(tmp_path / f"s{i}.nii.gz", blob_volume(i, shape), dtype="int16")
+        for i, shape in enumerate(shapes)
+    ]
+    for path in paths:
+        expected = nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32)
+        volume = load_volume(path)
+        intensities = np.asarray(volume.voxels, np.float64) * volume.slope + volume.inter
+        np.testing.assert_allclose(intensities, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_four_d_needs_a_volume_choice():
     with pytest.raises(ScanError, match=r"4-D with 2 volumes.*--volume"):
         load_volume(NIBABEL_DATA / "example4d.nii.gz")
