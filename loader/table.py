@@ -145,9 +145,8 @@ def class_indices(values, names: list[str]) -> np.ndarray:
     [1, -1, 0, -1]
     """
     index = {name: position for position, name in enumerate(names)}
-    missing = UNLABELLED
     return np.array(
-        [index.get(v, missing) if v is not None else missing for v in values], dtype=np.int32
+        [index.get(v, UNLABELLED) if v is not None else UNLABELLED for v in values], np.int32
     )
 
 
