@@ -651,8 +651,8 @@ def same_files(records) -> list[str]:
 def _compute(todo, settings, options, partial, summary, report, progress) -> None:
     """Process ``todo``, writing each scan as it finishes; at most 2 x workers in flight.
 
-    Until the first worker's result arrives (the workers' server starts a Python and
-    imports this package first, ~0.3 s), this process computes scans itself.
+    While the pool starts (its first submit waits for the workers' server to start a
+    Python and import this package, ~0.3 s), this process computes scans itself.
     """
     workers, timeout = options.workers, options.scan_timeout
     show = sys.stderr.isatty() if progress is None else progress
