@@ -11,7 +11,7 @@ DEMO := demo
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,jax]"
+	$(BIN)/python -m pip install --quiet -e ".[test,jax,mni]"
 	touch $(INSTALLED)
 
 test: $(INSTALLED)

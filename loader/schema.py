@@ -10,7 +10,8 @@ an older store lacks (:func:`read_attribute`); the README's schema table is
 
 Shape rules use ``N`` (rows, one per slice), ``M`` (scans, rows of the subjects table),
 ``S`` (the side of a slice), ``C`` (channels per slice; a last size written ``C?`` is
-there only when it is more than one) and ``N/K`` (chunks of ``K`` rows, rounded up).
+there only when it is more than one), ``N/K`` (chunks of ``K`` rows, rounded up) and ``P``
+(the template planes a standard-space store keeps).
 
 Growing the schema: add entries with ``since=SCHEMA_VERSION + 1`` and a ``default`` for
 stores written before, then raise :data:`SCHEMA_VERSION`. A reader accepts every version
@@ -28,7 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Datasets of N rows, one per slice.
 IMAGES = "images"
@@ -49,6 +50,14 @@ SUBJECT_SPLIT = "split"
 AFFINE = "affine"
 SHAPE = "shape"
 VOXEL_SIZE = "voxel_size"
+TO_TEMPLATE = "to_template"  # schema 4
+SIMILARITY = "similarity"  # schema 4
+
+# The TEMPLATE group (schema 4, standard-space stores only): the template's brain, cut as
+# the scans' slices are, for drawing its outline over them.
+TEMPLATE = "template"
+TEMPLATE_BRAIN = "template/brain"
+TEMPLATE_SLICE = "template/slice"
 
 # The PARTICIPANTS group (schema 2): the whole labels table, one dataset of M rows per
 # column (each scan's subject's value), named by participant_key(column).
@@ -63,6 +72,9 @@ ATTR_CLASS_NAMES = "class_names"
 ATTR_SPLITS = "splits"
 ATTR_COMPLETE = "complete"
 ATTR_PARTICIPANT_COLUMNS = "participant_columns"
+ATTR_SPACE = "space"  # schema 4
+ATTR_TEMPLATE = "template"  # schema 4
+SPACES = ("native", "mni")
 
 # Attributes of IMAGES: a stored value v means the intensity v * scale + offset.
 ATTR_SCALE = "scale"
@@ -187,6 +199,38 @@ ENTRIES = (
     ),
     _dataset(f"{SUBJECTS}/{SHAPE}", ["int32"], ("M", 3), "shape of the canonical volume"),
     _dataset(f"{SUBJECTS}/{VOXEL_SIZE}", ["float32"], ("M", 3), "mm, of the canonical volume"),
+    _dataset(
+        f"{SUBJECTS}/{TO_TEMPLATE}",
+        ["float64"],
+        ("M", 4, 4),
+        "scanner world (mm) -> template world, the registration; NaN in native space",
+        since=4,
+        default=np.nan,
+    ),
+    _dataset(
+        f"{SUBJECTS}/{SIMILARITY}",
+        ["float32"],
+        ["M"],
+        "correlation of the registered scan with the template in its brain; NaN in native space",
+        since=4,
+        default=np.nan,
+    ),
+    _dataset(
+        TEMPLATE_BRAIN,
+        ["uint8"],
+        ("P", "S", "S"),
+        "the template's brain (1) cut at each kept plane as the slices are; --space mni only",
+        since=4,
+        optional=True,
+    ),
+    _dataset(
+        TEMPLATE_SLICE,
+        ["int16"],
+        ["P"],
+        "the template plane of each row of /template/brain, the same numbers as /slice",
+        since=4,
+        optional=True,
+    ),
     _attribute("", ATTR_SCHEMA, "int", "the schema version the store was written with"),
     _attribute("", ATTR_UUID, "str", "new for every store written"),
     _attribute("", ATTR_CREATED, "str", "ISO 8601, UTC"),
@@ -194,6 +238,22 @@ ENTRIES = (
     _attribute("", ATTR_CLASS_NAMES, "json", "label k means `class_names[k]`"),
     _attribute("", ATTR_SPLITS, "json", "`{name: [start, stop)}`, contiguous row ranges in order"),
     _attribute("", ATTR_COMPLETE, "bool", "set last; a store without it is refused"),
+    _attribute(
+        "",
+        ATTR_SPACE,
+        "str",
+        "`native` (each scan's own grid) or `mni` (registered to the template)",
+        since=4,
+        default="native",
+    ),
+    _attribute(
+        "",
+        ATTR_TEMPLATE,
+        "json",
+        "`mni`: the template's name, file, shape, affine, axis and kept planes; else null",
+        since=4,
+        default=None,
+    ),
     _dataset(
         f"{PARTICIPANTS}/*",
         ["float64", "str"],
@@ -407,6 +467,8 @@ def problems(h5: h5py.File) -> list[str]:
     sizes["N/K"] = -(-images[0] // rows)
     if f"{SUBJECTS}/{SUBJECT_ID}" in h5:
         sizes["M"] = h5[f"{SUBJECTS}/{SUBJECT_ID}"].shape[0]
+    if TEMPLATE_SLICE in h5:
+        sizes["P"] = h5[TEMPLATE_SLICE].shape[0]
     for declared in ENTRIES:
         if declared.since > version:
             continue

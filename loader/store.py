@@ -216,6 +216,24 @@ class Store:
         return schema.read_attribute(self._file, schema.ATTR_CONFIG)
 
     @cached_property
+    def space(self) -> str:
+        """``native`` (each scan's own grid) or ``mni`` (registered to the template)."""
+        return str(schema.read_attribute(self._file, schema.ATTR_SPACE))
+
+    @cached_property
+    def template(self) -> dict | None:
+        """The template of a standard-space store (name, file, shape, affine, axis, slab);
+        None in native space."""
+        return schema.read_attribute(self._file, schema.ATTR_TEMPLATE)
+
+    def template_brain(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(planes, brain)``: the template's brain cut at each kept plane as the slices
+        are, ``(P, S, S)`` uint8; None in native space."""
+        if schema.TEMPLATE_SLICE not in self._file:
+            return None
+        return self._file[schema.TEMPLATE_SLICE][()], self._file[schema.TEMPLATE_BRAIN][()]
+
+    @cached_property
     def class_names(self) -> list[str]:
         """Class names; label ``k`` means ``class_names[k]``. Empty without labels."""
         return list(schema.read_attribute(self._file, schema.ATTR_CLASS_NAMES))
@@ -262,6 +280,11 @@ class Store:
             group = self._file[SUBJECTS]
             table = {}
             for name in SUBJECT_COLUMNS:
+                declared = schema.entry(f"{SUBJECTS}/{name}")
+                if declared.since > self.version:  # an older store: the declared default
+                    rows = (len(group[schema.SUBJECT_ID]), *declared.shape[1:])
+                    table[name] = np.full(rows, declared.default, declared.dtypes[0])
+                    continue
                 dataset = group[name]
                 if dataset.dtype.kind in "OS":
                     table[name] = dataset.asstr()[()].astype(object)

@@ -82,4 +82,8 @@ def _format(summary: Summary) -> str:
     ]
     if summary.rejected:
         lines.append(f"{len(summary.rejected)} rejected scan(s), each named above with its reason")
+    lines += [
+        f"check registration: {source} (similarity {similarity:.2f})"
+        for source, similarity in summary.check_registration
+    ]
     return "\n".join(lines)

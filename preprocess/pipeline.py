@@ -45,9 +45,11 @@ from preprocess.errors import PreprocessError, ScanError
 from preprocess.shards import parse_shard, subjects_of_shard
 from preprocess.slices import AXES, kept_positions, label_slices, slices_at
 from preprocess.splits import assign_splits, quantile_strata, split_names
+from preprocess.standard import SPACES, load_template, moved, register
 from preprocess.volume import (
     MAX_VOXELS,
     NORMALIZATIONS,
+    coverage,
     foreground,
     load_volume,
     normalization,
@@ -60,6 +62,7 @@ SLICES = "slices"
 STORAGE = "storage"
 SPLITS = "splits (per subject, stratified by label)"
 SHARDS = "shards (one store per part of the subjects, e.g. a scheduler's array job)"
+SPACE = "space (--space mni needs: pip install 'slicestore[mni]')"
 RUNNING = "running"
 
 
@@ -149,6 +152,22 @@ class Settings:
         at_least=0,
         group=SLICES,
     )
+    space: str = option(
+        "native",
+        "native: each scan's own grid; mni: N4 bias correction and an affine registration "
+        "to the MNI152 template, slices cut from its grid (slice k = template plane k)",
+        choices=SPACES,
+        group=SPACE,
+    )
+    min_similarity: float = option(
+        0.0,
+        "with --space mni, leave out a scan whose correlation with the template after "
+        "registration is below this (0: keep all; low ones are listed)",
+        metavar="R",
+        at_least=0,
+        below=1,
+        group=SPACE,
+    )
     dtype: str = option(
         "uint8",
         "stored type (uint8 needs percentile)",
@@ -212,6 +231,12 @@ class Settings:
                 val_fraction=self.val_fraction,
                 test_fraction=self.test_fraction,
             )
+        if self.min_similarity and self.space != "mni":
+            raise SettingError(
+                "{min_similarity} applies to {space} mni only",
+                min_similarity=self.min_similarity,
+                space=self.space,
+            )
         if self.dtype == "uint8" and self.normalize != "percentile":
             raise SettingError(
                 "{dtype} uint8 holds intensities in [0, 1] only: it needs {normalize} "
@@ -269,13 +294,17 @@ class Summary:
     slices_per_split_class: dict[str, Counter] = field(default_factory=dict)
     size_bytes: int = 0
     seconds: float = 0.0
+    check_registration: list[tuple[str, float]] = field(default_factory=list)
 
 
 def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray, np.ndarray | None]:
     """Load, check, normalise and slice one scan (runs in a worker process).
 
-    The first modality's foreground chooses the slices; every further modality is
-    resampled onto its grid and normalised on its own; the mask is resampled by label.
+    In native space the first modality's foreground chooses the slices; every further
+    modality is resampled onto its grid and normalised on its own; the mask is resampled
+    by label. In standard space (``--space mni``) the first modality is registered to the
+    template and every slice is a plane of the template's slab; further modalities and the
+    mask follow its transform.
 
     Returns:
         ``(record, slices, masks)``: the JSON-able facts of the scan, its slices in the stored
@@ -286,37 +315,32 @@ def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray, np.n
         ScanError: the scan cannot be used.
     """
     volume = load_volume(scan.path, settings.volume, max_voxels=settings.max_voxels)
-    mask = foreground(volume.voxels)
-    positions = kept_positions(mask, settings.axis, settings.min_foreground)
-    cut = functools.partial(
-        slices_at,
-        positions=positions,
-        voxel_size=volume.voxel_size,
-        axis=settings.axis,
-        size=settings.size,
-        context=settings.context,
-    )
-    if settings.context and settings.context >= volume.shape[AXES[settings.axis]]:
+    depth = volume.shape[AXES[settings.axis]]
+    if settings.context and settings.context >= depth and settings.space == "native":
         raise ScanError(
-            f"--context {settings.context} but the volume has only "
-            f"{volume.shape[AXES[settings.axis]]} {settings.axis} slices"
+            f"--context {settings.context} but the volume has only {depth} {settings.axis} slices"
         )
-    scale = normalization(volume.voxels, mask, settings.normalize, volume.slope, volume.inter)
-    channels = [cut(volume.voxels, scale=scale)]
     notes = list(volume.notes)
+    others = []
     for suffix, path in zip(settings.suffix[1:], scan.others, strict=True):
         other = _named(path, load_volume, path, settings.volume, False, settings.max_voxels)
-        data, coverage = on_grid(other, volume)
-        if coverage < MIN_COVERAGE:
-            notes.append(f"{suffix} {path.name} covers only {coverage:.0%} of the reference grid")
+        covered = coverage(other, volume)
+        if covered < MIN_COVERAGE:
+            notes.append(f"{suffix} {path.name} covers only {covered:.0%} of the reference grid")
         notes += [f"{path.name}: {note}" for note in other.notes]
-        own = foreground(data)
-        channels.append(cut(data, scale=normalization(data, own, settings.normalize)))
+        others.append(other)
+    labels = None if scan.mask is None else _named(scan.mask, _mask_volume, scan.mask, settings)
+    if labels is not None and coverage(labels, volume) < 0.999:
+        raise ScanError(
+            f"{scan.mask.name}: the mask covers only {coverage(labels, volume):.0%} of the "
+            "scan's field of view"
+        )
+    if settings.space == "mni":
+        positions, channels, masks, facts = _standard(volume, others, labels, settings)
+    else:
+        positions, channels, masks, facts = _native(volume, others, labels, settings)
     slices = channels[0] if len(channels) == 1 else _channels_last(channels)
     slices = schema.encode_intensities(slices, settings.dtype)
-    masks = None
-    if scan.mask is not None:
-        masks = _named(scan.mask, _mask_slices, scan.mask, volume, positions, settings)
     with open(scan.path, "rb") as handle:
         sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
     record = scan_record(
@@ -330,10 +354,77 @@ def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray, np.n
         shape=volume.shape,
         voxel_size=volume.voxel_size,
         notes=notes,
+        **facts,
     )
     if masks is not None:
         record["mask_labels"] = np.unique(masks).tolist()
     return record, slices, masks
+
+
+def _native(volume, others, labels, settings: Settings):
+    """``(positions, channels, masks, facts)`` cut from the scan's own grid."""
+    mask = foreground(volume.voxels)
+    positions = kept_positions(mask, settings.axis, settings.min_foreground)
+    cut = functools.partial(
+        slices_at,
+        positions=positions,
+        voxel_size=volume.voxel_size,
+        axis=settings.axis,
+        size=settings.size,
+        context=settings.context,
+    )
+    scale = normalization(volume.voxels, mask, settings.normalize, volume.slope, volume.inter)
+    channels = [cut(volume.voxels, scale=scale)]
+    for other in others:
+        data, _ = on_grid(other, volume)
+        channels.append(cut(data, scale=normalization(data, foreground(data), settings.normalize)))
+    masks = None
+    if labels is not None:
+        on_reference, _ = on_grid(labels, volume, order=0, data=labels.voxels)
+        masks = label_slices(
+            on_reference.astype(np.uint8),
+            positions,
+            volume.voxel_size,
+            settings.axis,
+            settings.size,
+        )
+    return positions, channels, masks, {}
+
+
+def _standard(volume, others, labels, settings: Settings):
+    """``(positions, channels, masks, facts)`` cut from the template's grid: the scan
+    registered, its other modalities and mask moved with it."""
+    template = load_template(settings.axis, settings.min_foreground)
+    registration = register(volume, template, settings.context)
+    if registration.similarity < settings.min_similarity:
+        raise ScanError(
+            f"registration similarity {registration.similarity:.2f} is below "
+            f"--min-similarity {settings.min_similarity:g}: left out (check the scan)"
+        )
+    to_template, planes = registration.to_template, registration.planes
+    positions = template.positions
+    cut = functools.partial(
+        slices_at,
+        positions=positions - planes[0],
+        voxel_size=template.voxel_size,
+        axis=settings.axis,
+        size=settings.size,
+        context=settings.context,
+    )
+    brain = template.slab(template.brain, planes)
+    data = registration.data
+    channels = [cut(data, scale=normalization(data, brain, settings.normalize))]
+    for other in others:
+        data = moved(other, to_template, template, planes)
+        channels.append(cut(data, scale=normalization(data, brain, settings.normalize)))
+    masks = None
+    if labels is not None:
+        on_template = moved(labels, to_template, template, planes, labels=True)
+        masks = label_slices(
+            on_template, positions - planes[0], template.voxel_size, settings.axis, settings.size
+        )
+    facts = {"to_template": to_template, "similarity": registration.similarity}
+    return positions, channels, masks, facts
 
 
 MIN_COVERAGE = 0.5  # a further modality covering less of the reference grid gets a warning
@@ -352,20 +443,19 @@ def _named(path: Path, function, *args):
         raise ScanError(f"{path.name}: {exc}") from exc
 
 
-def _mask_slices(path: Path, reference, positions: np.ndarray, settings: Settings) -> np.ndarray:
-    """The label mask of a scan, resampled onto its grid (nearest voxel) and cut by label."""
+def _mask_volume(path: Path, settings: Settings):
+    """A label mask as a volume of uint8 labels.
+
+    Raises:
+        ScanError: not integer-valued, or labels outside 0 to 255.
+    """
     labels = load_volume(path, settings.volume, True, settings.max_voxels)
     values = labels.data
     if not np.array_equal(values, np.round(values)):
         raise ScanError("the mask is not integer-valued (labels 0, 1, ...)")
     if values.min() < 0 or values.max() > 255:
         raise ScanError(f"mask labels must be 0 to 255; found {values.min():g} to {values.max():g}")
-    on_reference, coverage = on_grid(labels, reference, order=0, data=values)
-    if coverage < 0.999:
-        raise ScanError(f"the mask covers only {coverage:.0%} of the scan's field of view")
-    return label_slices(
-        on_reference.astype(np.uint8), positions, reference.voxel_size, settings.axis, settings.size
-    )
+    return replace(labels, voxels=values.astype(np.uint8), slope=1.0, inter=0.0)
 
 
 def _process_or_reason(scan: Scan, settings: Settings, timeout: float = 0.0):
@@ -566,6 +656,15 @@ def run(
     for path, reason in found.rejected:
         _reject(summary, report, path, reason)
     config = store_config(settings, inputs, shard)
+    template = None
+    if settings.space == "mni":  # the template and its slab, decided once for every scan
+        standard = load_template(settings.axis, settings.min_foreground)
+        template = (standard.facts(), standard.positions, standard.brain_slices(settings.size))
+        first, last = template[0]["slab"]
+        report(
+            f"standard space: {template[0]['name']}, {settings.axis} planes {first} to {last} "
+            f"({len(standard.positions)} slices a scan)"
+        )
     with Partial(output, config, resume=options.resume, overwrite=options.overwrite) as partial:
         done = partial.done()
         summary.resumed = sum(scan.source in done for scan in scans)
@@ -580,8 +679,9 @@ def run(
         for line in same_files(partial.done().values()):
             summary.warnings.append(line)
             report(f"warning: {line}")
+        summary.check_registration = poor_registrations(partial.done().values())
         summary.splits = partial.finalize(
-            found.class_names, options.buffer_mb << 20, found.participants, assignment
+            found.class_names, options.buffer_mb << 20, found.participants, assignment, template
         )
     for warning in caught:
         summary.warnings.append(f"{output}: {warning.message}")
@@ -626,6 +726,28 @@ def store_config(settings: Settings, inputs: list[str], shard) -> dict:
     config["labels"] = settings.labels and os.path.abspath(settings.labels)
     config["shard"] = shard and f"{shard[0]}/{shard[1]}"
     return config
+
+
+# A registration is listed for checking when its similarity is below CHECK_FLOOR, or
+# CHECK_MARGIN below the median of the run's scans (when there are CHECK_AMONG or more).
+CHECK_FLOOR, CHECK_MARGIN, CHECK_AMONG = 0.5, 0.15, 3
+
+
+def poor_registrations(records) -> list[tuple[str, float]]:
+    """``(source, similarity)`` of the scans whose registration is far below the rest,
+    worst first.
+
+    >>> poor_registrations([{"source": f"{k}.nii", "similarity": s}
+    ...                     for k, s in enumerate([0.9, 0.88, 0.91, 0.6, None])])
+    [('3.nii', 0.6)]
+    """
+    scored = [(r["source"], r["similarity"]) for r in records if r.get("similarity") is not None]
+    if not scored:
+        return []
+    limit = CHECK_FLOOR
+    if len(scored) >= CHECK_AMONG:
+        limit = max(limit, float(np.median([s for _, s in scored])) - CHECK_MARGIN)
+    return sorted(((source, s) for source, s in scored if s < limit), key=lambda item: item[1])
 
 
 def same_files(records) -> list[str]:

@@ -338,15 +338,9 @@ def on_grid(
     """
     data = source.data if data is None else data
     to_source = np.linalg.inv(source.affine) @ reference.affine
-    # the reference's voxel centres, every 4th along each axis, in the source's voxels
-    grid = np.stack(
-        np.meshgrid(*[np.arange(0, n, 4) for n in reference.shape], indexing="ij"), -1
-    ).reshape(-1, 3)
-    points = grid @ to_source[:3, :3].T + to_source[:3, 3]
-    inside = np.all((points > -0.5) & (points < np.array(source.shape) - 0.5), axis=1)
-    coverage = float(inside.mean())
+    covered = coverage(source, reference)
     if reference.shape == source.shape and np.allclose(to_source, np.eye(4), atol=1e-4):
-        return data, coverage  # the same grid
+        return data, covered  # the same grid
     out = ndimage.affine_transform(
         data,
         to_source,
@@ -356,7 +350,19 @@ def on_grid(
         cval=float(data.min()),
         prefilter=False,
     )
-    return out.astype(np.float32, copy=False), coverage
+    return out.astype(np.float32, copy=False), covered
+
+
+def coverage(source: Volume, reference: Volume) -> float:
+    """The share of the reference's voxels that lie inside the source's field of view
+    (through their affines; every 4th voxel along each axis is tested)."""
+    to_source = np.linalg.inv(source.affine) @ reference.affine
+    grid = np.stack(
+        np.meshgrid(*[np.arange(0, n, 4) for n in reference.shape], indexing="ij"), -1
+    ).reshape(-1, 3)
+    points = grid @ to_source[:3, :3].T + to_source[:3, 3]
+    inside = np.all((points > -0.5) & (points < np.array(source.shape) - 0.5), axis=1)
+    return float(inside.mean())
 
 
 def foreground(data: np.ndarray) -> np.ndarray:

@@ -67,6 +67,8 @@ def scan_record(
     shape=(0, 0, 0),
     voxel_size=(0.0, 0.0, 0.0),
     notes=(),
+    to_template=None,
+    similarity: float | None = None,
 ) -> dict:
     """The JSON-able facts of one scan that :meth:`Partial.add` keeps beside its slices.
 
@@ -81,6 +83,8 @@ def scan_record(
         shape: of the canonical volume.
         voxel_size: of the canonical volume, mm.
         notes: warnings about the scan.
+        to_template: scanner world -> template world (``--space mni``). Defaults to None.
+        similarity: the registered scan's correlation with the template. Defaults to None.
     """
     positions = [int(p) for p in positions]
     return {
@@ -95,6 +99,8 @@ def scan_record(
         "num_slices": len(positions),
         "positions": positions,
         "notes": list(notes),
+        "to_template": None if to_template is None else np.asarray(to_template).tolist(),
+        "similarity": None if similarity is None else float(similarity),
     }
 
 
@@ -211,6 +217,7 @@ class Partial:
         buffer_bytes: int = 1 << 30,
         participants: dict[str, dict] | None = None,
         assignment: tuple[list[str], dict[str, str]] | None = None,
+        template: tuple[dict, np.ndarray, np.ndarray] | None = None,
     ) -> dict:
         """Write the store from the finished scans and rename it over the target.
 
@@ -222,6 +229,9 @@ class Partial:
             assignment: the split names in row order and each subject's split, as decided
                 for the whole run (all shards); by default, computed from the written
                 scans' labels.
+            template: a standard-space store's template: its facts (the ``template``
+                attribute), the planes kept and its brain cut at them. Defaults to None
+                (native space).
 
         Returns:
             Split name -> ``[start, stop)`` rows.
@@ -237,7 +247,12 @@ class Partial:
             ):
                 self._write_images(h5, records, layout, buffer_bytes)
                 _write_tables(h5, records, layout, participants or {})
-                _write_attributes(h5, self.config, class_names, layout.ranges)
+                if template is not None:
+                    schema.create_dataset(h5, schema.TEMPLATE_SLICE, template[1])
+                    schema.create_dataset(h5, schema.TEMPLATE_BRAIN, template[2])
+                _write_attributes(
+                    h5, self.config, class_names, layout.ranges, template and template[0]
+                )
         except BaseException:  # a full disk, an interrupt: free the space, keep the scans
             for leftover in self.path.glob("bucket-*"):
                 leftover.unlink()
@@ -398,7 +413,9 @@ def _write_tables(h5: h5py.File, records: list[dict], layout: StoreLayout, parti
     schema.set_attribute(h5, schema.ATTR_PARTICIPANT_COLUMNS, columns)
 
 
-def _write_attributes(h5: h5py.File, config: dict, class_names: list[str], ranges) -> None:
+def _write_attributes(
+    h5: h5py.File, config: dict, class_names: list[str], ranges, template: dict | None
+) -> None:
     """The store's root attributes, ``complete`` last (after everything else is flushed)."""
     set_attribute = functools.partial(schema.set_attribute, h5)
     set_attribute(schema.ATTR_SCHEMA, schema.SCHEMA_VERSION)
@@ -407,6 +424,8 @@ def _write_attributes(h5: h5py.File, config: dict, class_names: list[str], range
     set_attribute(schema.ATTR_CONFIG, config)
     set_attribute(schema.ATTR_CLASS_NAMES, class_names)
     set_attribute(schema.ATTR_SPLITS, ranges)
+    set_attribute(schema.ATTR_SPACE, config.get("space", "native"))
+    set_attribute(schema.ATTR_TEMPLATE, template)
     h5.flush()
     set_attribute(schema.ATTR_COMPLETE, True)
 
@@ -425,6 +444,16 @@ def _write_subjects(
         schema.AFFINE: np.reshape([r["affine"] for r in records], (-1, 4, 4)),
         schema.SHAPE: np.reshape([r["shape"] for r in records], (-1, 3)),
         schema.VOXEL_SIZE: np.reshape([r["voxel_size"] for r in records], (-1, 3)),
+        schema.TO_TEMPLATE: np.reshape(
+            [
+                np.full((4, 4), np.nan) if r.get("to_template") is None else r["to_template"]
+                for r in records
+            ],
+            (-1, 4, 4),
+        ),
+        schema.SIMILARITY: [
+            np.nan if r.get("similarity") is None else r["similarity"] for r in records
+        ],
     }
     for name in schema.SUBJECT_COLUMNS:
         schema.create_dataset(h5, f"{schema.SUBJECTS}/{name}", columns[name])

@@ -1,0 +1,328 @@
+"""Standard space (``--space mni``): heads moved by known affines come back onto the template.
+
+The heads are one head image (the MNI152 template given a skull, scalp and neck,
+``scripts/make_heads.py``) moved by known maps and sampled on scanner grids of different
+voxel orders and sizes, with a bias field and noise: the stored transform is compared with
+the truth in millimetres over the template's brain.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+
+import numpy as np
+import pytest
+from helpers import assert_same_store_content, write_nifti
+from make_heads import known_motion, moved_head, scanner_grid, template_head, write_head
+
+from loader import open_store, schema
+from preprocess import pipeline
+from preprocess.cli import main
+from preprocess.pipeline import RunOptions, Settings, run
+from preprocess.standard import load_template
+
+# (shape, voxel size, voxel order) of each subject's T1: no two alike
+GRIDS = [
+    ((88, 110, 100), (2.0, 2.0, 2.0), "RAS"),
+    ((120, 150, 60), (1.5, 1.5, 3.0), "LPS"),
+    ((110, 70, 130), (1.6, 2.6, 1.6), "PIR"),
+]
+FLAIR_GRID = ((70, 90, 60), (2.5, 2.5, 3.0), "LAS")
+LESION_MM = np.array([30.0, -20.0, 20.0])  # template world: a sphere of label 1 around it
+LESION_RADIUS = 12.0
+
+
+def _brain_points(count: int = 2000) -> np.ndarray:
+    template = load_template("axial", 0.05)
+    inside = np.argwhere(template.brain)
+    picked = inside[np.random.default_rng(0).choice(len(inside), count, replace=False)]
+    return picked @ template.affine[:3, :3].T + template.affine[:3, 3]
+
+
+def _error_mm(estimate: np.ndarray, truth: np.ndarray) -> float:
+    """Mean distance over the brain between where two scanner-to-template maps send points."""
+    points = np.c_[_brain_points(), np.ones(2000)]
+    scanner = points @ np.linalg.inv(truth).T  # where the truth puts each template point
+    return float(np.linalg.norm((scanner @ estimate.T - points)[:, :3], axis=1).mean())
+
+
+def _lesion(affine: np.ndarray, shape, to_template: np.ndarray) -> np.ndarray:
+    grid = np.indices(shape).reshape(3, -1).T
+    world = grid @ affine[:3, :3].T + affine[:3, 3]
+    in_template = world @ to_template[:3, :3].T + to_template[:3, 3]
+    inside = np.linalg.norm(in_template - LESION_MM, axis=1) < LESION_RADIUS
+    return inside.reshape(shape).astype(np.uint8)
+
+
+def _bids(root, seed: int = 0, grids=GRIDS, flair: bool = True) -> dict[str, np.ndarray]:
+    """A BIDS tree of moved heads (T1w, FLAIR on another grid, a lesion mask on a third);
+    returns subject id -> the true scanner-to-template map."""
+    rng = np.random.default_rng(seed)
+    truths = {}
+    (root / "participants.tsv").parent.mkdir(parents=True, exist_ok=True)
+    rows = ["participant_id\tgroup"]
+    for index, (shape, voxel, order) in enumerate(grids):
+        subject = f"{index + 1:02d}"
+        anat = root / f"sub-{subject}" / "anat"
+        anat.mkdir(parents=True)
+        truths[subject] = write_head(anat / f"sub-{subject}_T1w.nii.gz", rng, shape, voxel, order)
+        rows.append(f"sub-{subject}\t{'ab'[index % 2]}")
+        if not flair:
+            continue
+        flair_shape, flair_voxel, flair_order = FLAIR_GRID
+        affine = scanner_grid(flair_shape, flair_voxel, flair_order)
+        t1_like = moved_head(truths[subject], affine, flair_shape, rng).astype(np.float32)
+        write_nifti(anat / f"sub-{subject}_FLAIR.nii.gz", np.sqrt(t1_like) * 50, affine, np.int16)
+        masks = root / "derivatives" / "lesions" / f"sub-{subject}" / "anat"
+        masks.mkdir(parents=True)
+        mask_affine = scanner_grid((90, 100, 90), (3.0, 3.0, 3.0), "RPI")  # covers the T1
+        lesion = _lesion(mask_affine, (90, 100, 90), truths[subject])
+        write_nifti(masks / f"sub-{subject}_desc-lesion_mask.nii.gz", lesion, mask_affine, np.uint8)
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
+    return truths
+
+
+MNI = dict(space="mni", suffix=("T1w", "FLAIR"), masks="lesion", label_column="group", size=32)
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory):
+    """A BIDS tree of three moved heads and its standard-space store (two workers), made
+    once for the whole test session, whichever pytest-xdist worker comes first."""
+    root = tmp_path_factory.getbasetemp().parent / "mni-study"
+    root.mkdir(exist_ok=True)
+    store = root / "mni.h5"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not store.exists():
+            truths = _bids(root / "bids")
+            np.save(root / "truths.npy", np.stack([truths[k] for k in sorted(truths)]))
+            summary = run([str(root / "bids")], store, Settings(**MNI), RunOptions(workers=2))
+            assert summary.rejected == []
+    stacked = np.load(root / "truths.npy")
+    truths = {f"{index + 1:02d}": matrix for index, matrix in enumerate(stacked)}
+    return root, truths, store
+
+
+def test_the_stored_transform_is_within_2_mm_of_the_truth(study):
+    _, truths, store = study
+    template = load_template("axial", 0.05)
+    with open_store(store) as opened:
+        table = opened.subjects_table()
+        assert opened.space == "mni"
+        assert opened.template["name"] == "MNI152NLin2009aSym"
+        assert opened.template["slab"] == [int(template.positions[0]), int(template.positions[-1])]
+        for subject, estimate, similarity in zip(
+            table[schema.SUBJECT_ID],
+            table[schema.TO_TEMPLATE],
+            table[schema.SIMILARITY],
+            strict=True,
+        ):
+            assert _error_mm(estimate, truths[subject]) < 2.0
+            assert similarity > 0.7  # coarse grids (3 mm) blur: below 1
+        # every scan gives the same planes: the template's slab
+        subjects, planes = opened.subject[()], opened.slice_index[()]
+        for scan in range(len(table[schema.SUBJECT_ID])):
+            assert np.array_equal(np.sort(planes[subjects == scan]), template.positions)
+        brain_planes, brain = opened.template_brain()
+        assert np.array_equal(brain_planes, template.positions)
+        assert brain.shape == (len(template.positions), 32, 32)
+
+
+def _slices_by_plane(store, channel: int = 0) -> dict[int, dict[int, np.ndarray]]:
+    """plane -> scan -> the stored slice (small stores only)."""
+    with open_store(store) as opened:
+        images = opened.images[()]
+        subjects, planes = opened.subject[()], opened.slice_index[()]
+    if images.ndim == 4:
+        images = images[..., channel]
+    result: dict[int, dict[int, np.ndarray]] = {}
+    for row, (scan, plane) in enumerate(zip(subjects, planes, strict=True)):
+        result.setdefault(int(plane), {})[int(scan)] = images[row].astype(np.float64)
+    return result
+
+
+def _agreement(store) -> float:
+    """The mean correlation between two scans' slices at the same /slice number."""
+    values = []
+    for by_scan in _slices_by_plane(store).values():
+        scans = sorted(by_scan)
+        for a, b in itertools.pairwise(scans):
+            x, y = by_scan[a].ravel(), by_scan[b].ravel()
+            if x.std() > 0 and y.std() > 0:
+                values.append(np.corrcoef(x, y)[0, 1])
+    return float(np.mean(values))
+
+
+def test_one_slice_number_is_one_anatomy_far_better_than_in_native_space(study, tmp_path):
+    root, _, store = study
+    native = tmp_path / "native.h5"
+    run([str(root / "bids")], native, Settings(label_column="group", size=32), report=print)
+    mni, scanner = _agreement(store), _agreement(native)
+    assert mni > 0.9
+    assert mni > scanner + 0.3
+
+
+def test_the_second_modality_and_the_mask_land_on_the_t1s_anatomy(study):
+    _, _, store = study
+    template = load_template("axial", 0.05)
+    with open_store(store) as opened:
+        images, masks = opened.images[()], opened.masks[()]
+        planes = opened.slice_index[()]
+        assert opened.channel_names == ["T1w", "FLAIR"]
+    # FLAIR is a monotone function of the same head, on another grid: aligned, it correlates
+    t1, flair = images[..., 0].astype(float), images[..., 1].astype(float)
+    inside = (t1 > 0) | (flair > 0)
+    assert np.corrcoef(t1[inside], flair[inside])[0, 1] > 0.9
+    # the lesion is a sphere at a known place of the template: its slices are where it is
+    grid = np.indices(template.image.shape).reshape(3, -1).T
+    world = grid @ template.affine[:3, :3].T + template.affine[:3, 3]
+    sphere = (np.linalg.norm(world - LESION_MM, axis=1) < LESION_RADIUS).reshape(
+        template.image.shape
+    )
+    from preprocess.slices import label_slices
+
+    expected = label_slices(sphere.astype(np.uint8), planes, template.voxel_size, "axial", 32)
+    overlap = (
+        2 * np.sum((masks == 1) & (expected == 1)) / (np.sum(masks == 1) + np.sum(expected == 1))
+    )
+    assert overlap > 0.8
+
+
+def test_one_or_two_workers_and_a_second_run_write_the_same_store(study, tmp_path):
+    root, _, store = study
+    again = tmp_path / "again.h5"
+    run([str(root / "bids")], again, Settings(**MNI), RunOptions(workers=1), report=print)
+    assert_same_store_content(store, again)
+
+
+def test_shards_and_resume_give_the_same_rows(study, tmp_path, monkeypatch):
+    root, _, store = study
+    inputs = [str(root / "bids")]
+    shard = tmp_path / "shard1.h5"
+    run(inputs, shard, Settings(**MNI, shard="1/2"), RunOptions(workers=1), report=print)
+    with open_store(store) as whole, open_store(shard) as part:
+        ids = list(part.subjects_table()[schema.SUBJECT_ID])
+        assert 0 < len(ids) < 3
+        for subject in ids:
+            mine = _rows_of(part, subject)
+            theirs = _rows_of(whole, subject)
+            assert np.array_equal(mine, theirs)
+    # a run stopped after its first scan, then resumed
+    resumed = tmp_path / "resumed.h5"
+    real = pipeline.process_scan
+    calls = []
+
+    def stop_second(scan, settings):
+        calls.append(scan)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(scan, settings)
+
+    monkeypatch.setattr(pipeline, "process_scan", stop_second)
+    with pytest.raises(KeyboardInterrupt):
+        run(inputs, resumed, Settings(**MNI), RunOptions(workers=1), report=print)
+    monkeypatch.setattr(pipeline, "process_scan", real)
+    summary = run(
+        inputs, resumed, Settings(**MNI), RunOptions(workers=1, resume=True), report=print
+    )
+    assert summary.resumed == 1
+    assert_same_store_content(store, resumed)
+
+
+def _rows_of(store, subject: str) -> np.ndarray:
+    """A subject's slices in plane order."""
+    index = list(store.subjects_table()[schema.SUBJECT_ID]).index(subject)
+    rows = np.flatnonzero(store.subject[()] == index)
+    rows = rows[np.argsort(store.slice_index[()][rows])]
+    return store.images[()][rows]
+
+
+def test_a_store_written_before_standard_space_reads_as_native():
+    from pathlib import Path
+
+    with open_store(Path(__file__).parent / "data" / "schema3.h5") as opened:
+        assert opened.version == 3
+        assert opened.space == "native"
+        assert opened.template is None
+        assert opened.template_brain() is None
+        table = opened.subjects_table()
+        assert table[schema.TO_TEMPLATE].shape == (8, 4, 4)
+        assert np.isnan(table[schema.TO_TEMPLATE]).all()
+        assert np.isnan(table[schema.SIMILARITY]).all()
+        assert opened.channel_names == ["T1w", "FLAIR"]
+
+
+def test_odd_inputs_register_or_get_one_line_each(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    head, head_affine = template_head()
+    # a skull-stripped scan, moved: registers
+    stripped_truth = known_motion(rng)
+    template = load_template("axial", 0.05)
+    affine = scanner_grid((90, 110, 90), (2.0, 2.0, 2.0), "RAS")
+    matrix = np.linalg.inv(template.affine) @ stripped_truth @ affine
+    from scipy import ndimage
+
+    stripped = ndimage.affine_transform(template.image, matrix, output_shape=(90, 110, 90), order=1)
+    write_nifti(folder / "stripped.nii.gz", stripped * 8, affine, np.int16)
+    # a scan already in MNI space (the head on the template's own grid, 2 mm): registers
+    write_nifti(
+        folder / "in_mni.nii.gz",
+        head[::2, ::2, ::2] * 8,
+        head_affine @ np.diag([2, 2, 2, 1]),
+        np.int16,
+    )
+    # a huge field of view: the head in a 400 mm box of 4 mm voxels: registers
+    huge_truth = known_motion(rng, 0.5)
+    huge_affine = scanner_grid((100, 100, 100), (4.0, 4.0, 4.0), "LAS")
+    write_nifti(
+        folder / "huge.nii.gz", moved_head(huge_truth, huge_affine, (100,) * 3, rng), huge_affine
+    )
+    # a sphere and noise: not heads; a scan of two slices: not a volume to register
+    grid = np.indices((64, 64, 64)) - 31.5
+    write_nifti(
+        folder / "sphere.nii.gz",
+        (np.sqrt((grid**2).sum(0)) < 25) * 1000.0,
+        np.diag([2, 2, 2, 1]),
+        np.int16,
+    )
+    write_nifti(
+        folder / "noise.nii.gz", rng.normal(500, 100, (60, 70, 60)), np.diag([3, 3, 3, 1]), np.int16
+    )
+    write_nifti(folder / "thin.nii.gz", rng.normal(500, 100, (128, 128, 2)), np.eye(4), np.int16)
+    status = main(
+        [
+            str(folder),
+            "-o",
+            str(tmp_path / "odd.h5"),
+            "--space",
+            "mni",
+            "--size",
+            "32",
+            "--workers",
+            "2",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert status == 1
+    lines = (out + err).splitlines()
+    assert any(
+        line.startswith(f"rejected: {folder / 'thin.nii.gz'}: cannot register") for line in lines
+    )
+    for name in ("sphere", "noise"):
+        flagged = [line for line in lines if f"{name}.nii.gz" in line]
+        assert flagged, lines
+        assert flagged[0].split(":")[0] in ("check registration", "rejected"), lines
+    with open_store(tmp_path / "odd.h5") as opened:
+        table = opened.subjects_table()
+        found = {
+            path.split("/")[-1]: m
+            for path, m in zip(table[schema.SOURCE_PATH], table[schema.TO_TEMPLATE], strict=True)
+        }
+    assert _error_mm(found["stripped.nii.gz"], stripped_truth) < 2.0
+    assert _error_mm(found["in_mni.nii.gz"], np.eye(4)) < 2.0
+    assert _error_mm(found["huge.nii.gz"], huge_truth) < 2.0
+    assert "traceback" not in (out + err).lower()
