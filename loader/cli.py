@@ -1,6 +1,7 @@
 """Describe a store: slices, subjects, splits and classes, the settings it was made with, its size.
 
-With --preview, also draw a grid of random slices with their subject and label.
+With --preview, also draw a grid of random slices with their subject and label; with --qc,
+the registrations of a standard-space store (--space mni) under the template's outline.
 ``python -m loader verify STORE...`` checks every chunk against its checksum instead.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 from loader import files
 from loader.exits import run_main
 from loader.options import add_options, check_settings, option, settings_from_args
+from loader.qc import registration_picture
 from loader.schema import SOURCE_PATH, SUBJECT_ID, SUBJECT_SPLIT, VIEW_SIDES
 from loader.store import Store, open_store
 from loader.stores import check_agree, store_paths
@@ -31,6 +33,13 @@ class PreviewSettings:
         None, "draw a grid of random slices into this PNG", metavar="OUT.png", kind=str
     )
     count: int = option(36, "slices in the preview", metavar="N", at_least=1)
+    qc: str | None = option(
+        None,
+        "a --space mni store: draw its worst registrations and two random ones in three "
+        "planes under the template's brain outline into this PNG",
+        metavar="OUT.png",
+        kind=str,
+    )
     seed: int = option(0, "which random slices", metavar="S", at_least=0)
 
     def __post_init__(self):
@@ -59,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace) -> int:
         settings = settings_from_args(PreviewSettings, args)
-        if settings.preview:
-            folder = os.path.dirname(os.path.abspath(settings.preview))
+        for picture in (settings.preview, settings.qc):
+            folder = os.path.dirname(os.path.abspath(picture or "."))
             if not os.path.isdir(folder):
-                raise FileNotFoundError(f"{settings.preview}: no such folder for the preview")
+                raise FileNotFoundError(f"{picture}: no such folder for the picture")
         paths = store_paths(args.store)
         with contextlib.ExitStack() as stack:
             stores = [stack.enter_context(open_store(path)) for path in paths]
@@ -77,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             if settings.preview:
                 preview(stores[0], settings.preview, settings.count, settings.seed)
                 print(f"preview: {settings.preview} (of {stores[0].path})")
+            if settings.qc:
+                drawn = registration_picture(stores[0], settings.qc, seed=settings.seed)
+                print(f"registration check: {settings.qc} ({len(drawn)} scans of {stores[0].path})")
         return 0
 
     return run_main(parser, argv, body, flags)

@@ -57,6 +57,7 @@ def store_paths(paths) -> list[str]:
 def first_difference(a: Store, b: Store) -> str | None:
     """What two stores disagree on that changes what a slice means; None when they agree."""
     facts = [
+        ("space", a.space, b.space),
         ("slice shape", a.slice_shape, b.slice_shape),
         ("channels", a.channel_names, b.channel_names),
         ("stored type", str(a.dtype), str(b.dtype)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +18,14 @@ from helpers import assert_same_store_content, write_nifti
 from make_heads import known_motion, moved_head, scanner_grid, template_head, write_head
 
 from loader import open_store, schema
+from loader.cli import main as loader_main
+from loader.qc import chosen_scans
 from preprocess import pipeline
 from preprocess.cli import main
 from preprocess.pipeline import RunOptions, Settings, run
 from preprocess.standard import load_template
 
+SCHEMA3 = Path(__file__).parent / "data" / "schema3.h5"  # written before standard space
 # (shape, voxel size, voxel order) of each subject's T1: no two alike
 GRIDS = [
     ((88, 110, 100), (2.0, 2.0, 2.0), "RAS"),
@@ -240,9 +244,7 @@ def _rows_of(store, subject: str) -> np.ndarray:
 
 
 def test_a_store_written_before_standard_space_reads_as_native():
-    from pathlib import Path
-
-    with open_store(Path(__file__).parent / "data" / "schema3.h5") as opened:
+    with open_store(SCHEMA3) as opened:
         assert opened.version == 3
         assert opened.space == "native"
         assert opened.template is None
@@ -326,3 +328,33 @@ def test_odd_inputs_register_or_get_one_line_each(tmp_path, capsys):
     assert _error_mm(found["in_mni.nii.gz"], np.eye(4)) < 2.0
     assert _error_mm(found["huge.nii.gz"], huge_truth) < 2.0
     assert "traceback" not in (out + err).lower()
+
+
+def test_the_registration_picture_draws_the_worst_scans_first(study, tmp_path, capsys):
+    _, _, store = study
+    picture = tmp_path / "qc.png"
+    assert loader_main([str(store), "--qc", str(picture)]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"registration check: {picture} (3 scans of {store})" in capsys.readouterr().out
+    with open_store(store) as opened:
+        similarity = opened.subjects_table()[schema.SIMILARITY]
+    assert chosen_scans(similarity, 1, 0, 0) == [int(np.argmin(similarity))]
+
+
+def test_the_registration_picture_of_a_native_store_is_one_line(tmp_path, capsys):
+    picture = tmp_path / "qc.png"
+    native = SCHEMA3
+    assert loader_main([str(native), "--qc", str(picture)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "needs a store made with --space mni" in err
+    assert len(err.splitlines()) == 1
+    assert not picture.exists()
+
+
+def test_stores_in_different_spaces_are_not_read_as_one(study):
+    from loader.stores import first_difference
+
+    _, _, store = study
+    with open_store(store) as mni, open_store(SCHEMA3) as old:
+        assert first_difference(mni, old).startswith("space: 'mni' in")

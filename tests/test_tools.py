@@ -63,4 +63,4 @@ def test_loader_names_a_folder_and_a_missing_preview_folder(phantom_store, tmp_p
     assert loader_main([str(phantom_store), "--preview", str(tmp_path / "no" / "p.png")]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing printed before the one-line error
-    assert captured.err == f"error: {tmp_path / 'no' / 'p.png'}: no such folder for the preview\n"
+    assert captured.err == f"error: {tmp_path / 'no' / 'p.png'}: no such folder for the picture\n"
