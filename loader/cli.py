@@ -20,7 +20,7 @@ from loader import files
 from loader.exits import run_main
 from loader.options import add_options, check_settings, option, settings_from_args
 from loader.qc import registration_picture
-from loader.schema import SOURCE_PATH, SUBJECT_ID, SUBJECT_SPLIT, VIEW_SIDES
+from loader.schema import SIMILARITY, SOURCE_PATH, SUBJECT_ID, SUBJECT_SPLIT, VIEW_SIDES
 from loader.store import Store, open_store
 from loader.stores import check_agree, store_paths
 
@@ -121,6 +121,17 @@ def describe(store: Store) -> str:
     lines += [
         "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
     ]
+    if store.template is not None:
+        similarity = table[SIMILARITY]
+        worst = int(np.argmin(similarity))
+        first, last = store.template["slab"]
+        lines.append(
+            f"space: {store.space} ({store.template['name']}, {store.template['axis']} planes "
+            f"{first} to {last}); registration similarity: median {np.median(similarity):.2f}, "
+            f"lowest {similarity[worst]:.2f} ({table[SOURCE_PATH][worst]})"
+        )
+    else:
+        lines.append(f"space: {store.space}")
     columns = [f"{name} ({kind})" for name, (kind, _) in store.participants().items()]
     lines.append(f"labels table: {', '.join(columns) if columns else '(none)'}")
     config = {k: v for k, v in store.config.items() if k != "inputs"}

@@ -12,6 +12,7 @@ import fcntl
 import itertools
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from helpers import assert_same_store_content, write_nifti
@@ -194,26 +195,11 @@ def test_the_second_modality_and_the_mask_land_on_the_t1s_anatomy(study):
     assert overlap > 0.8
 
 
-def test_one_or_two_workers_and_a_second_run_write_the_same_store(study, tmp_path):
-    root, _, store = study
-    again = tmp_path / "again.h5"
-    run([str(root / "bids")], again, Settings(**MNI), RunOptions(workers=1), report=print)
-    assert_same_store_content(store, again)
-
-
-def test_shards_and_resume_give_the_same_rows(study, tmp_path, monkeypatch):
+def test_a_second_run_with_one_worker_stopped_and_resumed_writes_the_same_store(
+    study, tmp_path, monkeypatch
+):
     root, _, store = study
     inputs = [str(root / "bids")]
-    shard = tmp_path / "shard1.h5"
-    run(inputs, shard, Settings(**MNI, shard="1/2"), RunOptions(workers=1), report=print)
-    with open_store(store) as whole, open_store(shard) as part:
-        ids = list(part.subjects_table()[schema.SUBJECT_ID])
-        assert 0 < len(ids) < 3
-        for subject in ids:
-            mine = _rows_of(part, subject)
-            theirs = _rows_of(whole, subject)
-            assert np.array_equal(mine, theirs)
-    # a run stopped after its first scan, then resumed
     resumed = tmp_path / "resumed.h5"
     real = pipeline.process_scan
     calls = []
@@ -232,7 +218,23 @@ def test_shards_and_resume_give_the_same_rows(study, tmp_path, monkeypatch):
         inputs, resumed, Settings(**MNI), RunOptions(workers=1, resume=True), report=print
     )
     assert summary.resumed == 1
+    assert summary.written == 2
+    # the study's store was written by two workers in one go: the same bytes
     assert_same_store_content(store, resumed)
+    with h5py.File(store, "r") as a, h5py.File(resumed, "r") as b:
+        for name in ("masks", "slice", "subjects/to_template", "subjects/similarity"):
+            np.testing.assert_array_equal(a[name][()], b[name][()])
+
+
+def test_a_shard_writes_the_rows_of_the_whole_store(study, tmp_path):
+    root, _, store = study
+    shard = tmp_path / "shard1.h5"
+    run([str(root / "bids")], shard, Settings(**MNI, shard="1/2"), RunOptions(workers=1))
+    with open_store(store) as whole, open_store(shard) as part:
+        ids = list(part.subjects_table()[schema.SUBJECT_ID])
+        assert 0 < len(ids) < 3
+        for subject in ids:
+            assert np.array_equal(_rows_of(part, subject), _rows_of(whole, subject))
 
 
 def _rows_of(store, subject: str) -> np.ndarray:
@@ -335,7 +337,9 @@ def test_the_registration_picture_draws_the_worst_scans_first(study, tmp_path, c
     picture = tmp_path / "qc.png"
     assert loader_main([str(store), "--qc", str(picture)]) == 0
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"registration check: {picture} (3 scans of {store})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"registration check: {picture} (3 scans of {store})" in out
+    assert "space: mni (MNI152NLin2009aSym, axial planes 12 to 148); registration similarity" in out
     with open_store(store) as opened:
         similarity = opened.subjects_table()[schema.SIMILARITY]
     assert chosen_scans(similarity, 1, 0, 0) == [int(np.argmin(similarity))]
@@ -358,3 +362,27 @@ def test_stores_in_different_spaces_are_not_read_as_one(study):
     _, _, store = study
     with open_store(store) as mni, open_store(SCHEMA3) as old:
         assert first_difference(mni, old).startswith("space: 'mni' in")
+
+
+def test_without_simpleitk_space_mni_is_one_line_naming_what_to_install(
+    tmp_path, capsys, monkeypatch
+):
+    from preprocess import standard
+
+    find_spec = standard.importlib.util.find_spec
+    monkeypatch.setattr(
+        standard.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "SimpleITK" else find_spec(name, *a),
+    )
+    standard.load_template.cache_clear()
+    write_nifti(tmp_path / "scan.nii.gz", np.random.default_rng(0).normal(size=(50, 50, 50)))
+    store = tmp_path / "s.h5"
+    assert main([str(tmp_path / "scan.nii.gz"), "-o", str(store), "--space", "mni"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: --space mni needs SimpleITK: pip install 'slicestore[mni]' (SimpleITK and "
+        "nilearn's template)\n"
+    )
+    assert not store.exists()
+    standard.load_template.cache_clear()
