@@ -1,6 +1,13 @@
 """Which registration library for standard space: ANTsPy or SimpleITK, on the same heads.
 
-A first measurement for ``--space mni`` (not built yet). The fixed image is the MNI152
+Two measurements. The first (below) runs each library's usual whole-image schedule on the
+template moved by known affines. The second, ``--schedule slicestore``, runs the schedule
+``--space mni`` ships (``preprocess.standard``: ~2 mm working images, N4 at ~8 mm, a
+similarity then an affine stage sampled inside the template's brain) in both libraries on
+``make_heads`` heads (skull, scalp, neck, scanner grids of 1 mm, 176 x 256 x 256): SimpleITK
+through slicestore's own code, ANTsPy through the same steps in its API.
+
+The first measurement: the fixed image is the MNI152
 2009a T1 template that ships inside nilearn's wheel (1 mm, skull-stripped); moving heads
 are that brain under known affine maps (rotations up to 15 degrees, scaling up to 10 %,
 shifts up to 20 mm, a little shear) with a smooth multiplicative bias field and noise.
@@ -13,6 +20,7 @@ register to a few mm with either library: a poor test of registration.)
 
     pip install antspyx SimpleITK nilearn
     python scripts/bench_registration.py --heads 3 [--coarse]
+    python scripts/bench_registration.py --heads 4 --schedule slicestore
 """
 
 from __future__ import annotations
@@ -137,6 +145,148 @@ def with_simpleitk(fixed: np.ndarray, moving: np.ndarray, points: np.ndarray) ->
     return {"N4 s": n4, "affine s": affine, "mapped": mapped}
 
 
+COLUMNS = "N4 s | affine s | total s | mean error mm | max error mm | worst head's mean mm"
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # ITK's world (ANTsPy's images) from nibabel's RAS
+
+
+def _ants_image(data: np.ndarray, affine: np.ndarray):
+    """An ANTsPy image of a RAS volume, placed in ITK's LPS world."""
+    import ants
+
+    world = LPS @ affine
+    spacing = np.sqrt((world[:3, :3] ** 2).sum(axis=0))
+    return ants.from_numpy(
+        np.ascontiguousarray(data, dtype=np.float32),
+        origin=tuple(world[:3, 3]),
+        spacing=tuple(spacing),
+        direction=world[:3, :3] / spacing,
+    )
+
+
+def ants_schedule(volume, template) -> tuple[np.ndarray, float, float]:
+    """slicestore's schedule in ANTsPy: ``(template world -> scan world, N4 s, affine s)``."""
+    import ants
+
+    from preprocess import standard
+
+    fixed, brain = standard._fixed(template)  # the same ~2 mm template and brain, as arrays
+    import SimpleITK as sitk
+
+    def array_and_affine(image):
+        data = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float32)
+        spacing, origin = np.array(image.GetSpacing()), np.array(image.GetOrigin())
+        affine = np.eye(4)
+        affine[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * spacing
+        affine[:3, 3] = origin
+        return data, affine
+
+    fixed_image = _ants_image(*array_and_affine(fixed))
+    fixed_mask = _ants_image(*array_and_affine(brain))
+    work, work_affine = standard.working_image(volume)
+    moving = _ants_image(work, work_affine)
+    started = time.perf_counter()
+    foreground = _ants_image(standard.foreground(work).astype(np.float32), work_affine)
+    corrected = ants.n4_bias_field_correction(
+        moving,
+        mask=foreground,
+        shrink_factor=standard.N4_SHRINK,
+        convergence={"iters": list(standard.N4_ITERATIONS), "tol": 1e-3},
+    )
+    n4 = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        stages = []
+        for kind, stage in (
+            ("Similarity", standard.SIMILARITY_STAGE),
+            ("Affine", standard.AFFINE_STAGE),
+        ):
+            result = ants.registration(
+                fixed_image,
+                corrected,
+                type_of_transform=kind,
+                initial_transform=stages[-1] if stages else None,
+                mask=fixed_mask,
+                aff_metric="mattes",
+                aff_sampling=32,
+                aff_random_sampling_rate=stage["sampling"][-1],
+                aff_iterations=[stage["iterations"]] * len(stage["shrink"]),
+                aff_shrink_factors=stage["shrink"],
+                aff_smoothing_sigmas=stage["sigma"],
+                outprefix=str(Path(folder) / f"{kind}_"),
+            )
+            stages.append(result["fwdtransforms"][0])
+        affine_seconds = time.perf_counter() - started
+        transform = ants.read_transform(stages[-1])
+        matrix = np.array(transform.parameters[:9]).reshape(3, 3)
+        centre = np.array(transform.fixed_parameters)
+        to_scan = np.eye(4)
+        to_scan[:3, :3] = matrix
+        to_scan[:3, 3] = np.array(transform.parameters[9:]) + centre - matrix @ centre
+    return LPS @ to_scan @ LPS, n4, affine_seconds
+
+
+def simpleitk_schedule(volume, template) -> tuple[np.ndarray, float, float]:
+    """slicestore's own code: ``(template world -> scan world, N4 s, affine s)``."""
+    from preprocess import standard
+
+    sitk = standard._simpleitk()
+    standard._fixed(template)
+    work, work_affine = standard.working_image(volume)
+    started = time.perf_counter()
+    moving, _ = standard._corrected(sitk, work, work_affine)
+    n4 = time.perf_counter() - started
+    started = time.perf_counter()
+    to_scan = standard._fit(sitk, moving, template)
+    return to_scan, n4, time.perf_counter() - started
+
+
+def slicestore_schedule(heads: int) -> int:
+    """The second measurement (``--schedule slicestore``); prints its table."""
+    from make_heads import write_head
+
+    from preprocess import standard
+    from preprocess.volume import load_volume
+
+    template = standard.load_template("axial", 0.05)
+    rng = np.random.default_rng(1)
+    inside = np.argwhere(template.brain)
+    picked = inside[rng.choice(len(inside), 2000, replace=False)]
+    points = np.c_[picked @ template.affine[:3, :3].T + template.affine[:3, 3], np.ones(2000)]
+    rows = {"ANTsPy (antspyx)": [], "SimpleITK (slicestore's code)": []}
+    with tempfile.TemporaryDirectory() as folder:
+        for index in range(heads):
+            path = Path(folder) / f"head{index}.nii.gz"
+            truth = write_head(path, rng)
+            volume = load_volume(path)
+            for name, register in zip(rows, (ants_schedule, simpleitk_schedule), strict=True):
+                to_scan, n4, affine = register(volume, template)
+                true_scan = points @ np.linalg.inv(truth).T
+                errors = np.linalg.norm((points @ to_scan.T - true_scan)[:, :3], axis=1)
+                rows[name].append(
+                    {
+                        "N4 s": n4,
+                        "affine s": affine,
+                        "mean mm": errors.mean(),
+                        "max mm": errors.max(),
+                    }
+                )
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, one thread each")
+    print(
+        f"{heads} make_heads heads (176 x 256 x 256, 1 mm, skull and neck), slicestore's "
+        "schedule in both libraries; medians over the heads\n"
+    )
+    print(f"| library | {COLUMNS} |")
+    print("|---|---|---|---|---|---|---|")
+    for name, results in rows.items():
+        median = {key: statistics.median(r[key] for r in results) for key in results[0]}
+        print(
+            f"| {name} | {median['N4 s']:.1f} | {median['affine s']:.1f} "
+            f"| {median['N4 s'] + median['affine s']:.1f} | {median['mean mm']:.2f} "
+            f"| {median['max mm']:.2f} | {max(r['mean mm'] for r in results):.2f} |"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,7 +297,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="shrink 8 and 4 (sigmas 3, 2), 100 and 50 iterations, N4 on an 8x shrunk head",
     )
+    parser.add_argument(
+        "--schedule",
+        choices=("whole", "slicestore"),
+        default="whole",
+        help="whole: each library on whole 1 mm images; slicestore: --space mni's schedule",
+    )
     args = parser.parse_args(argv)
+    if args.schedule == "slicestore":
+        return slicestore_schedule(args.heads)
     global SHRINK, SIGMAS, ITERATIONS, N4_SHRINK
     if args.coarse:
         SHRINK, SIGMAS, ITERATIONS, N4_SHRINK = (8, 4), (3.0, 2.0), (100, 50), 8
@@ -170,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         f"affine: shrink {SHRINK}, sigmas {SIGMAS}, iterations {ITERATIONS}; "
         f"N4 shrink {N4_SHRINK}\n"
     )
-    columns = "N4 s | affine s | total s | mean error mm | max error mm | worst head's mean mm"
-    print(f"| library | {columns} |")
+    print(f"| library | {COLUMNS} |")
     print("|---|---|---|---|---|---|---|")
     for name, results in rows.items():
         median = {key: statistics.median(r[key] for r in results) for key in results[0]}
