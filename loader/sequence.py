@@ -337,16 +337,7 @@ class H5Sequence(keras.utils.PyDataset):
                 for part_index, start, stop in self._local_runs(self._plan_batch(ahead)):
                     fd = files[part_index][0]
                     prefetch_rows(self._parts[part_index].images, start, stop, fd)
-        if stored is not x or self._scale != 1:
-            np.multiply(stored, self._scale, out=x, casting="unsafe")
-        if self._offset != 0:
-            x += self._offset
-        if self._settings.channels == "first":
-            x = (
-                np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-                if count > 1
-                else x.reshape(num_rows, 1, height, width)
-            )
+        x = model_input(stored, self._scale, self._offset, self._settings.channels, x)
         if not target:
             return x
         if segmentation:
@@ -463,6 +454,37 @@ def _quiet_forked_workers() -> None:
 
     os.register_at_fork(after_in_child=in_child)
     _QUIET_WORKERS.append(in_child)
+
+
+def model_input(
+    stored: np.ndarray,
+    scale: float,
+    offset: float,
+    channels: str = "last",
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Stored slices ``(n, h, w, C)`` as a model reads them: float32 intensities
+    (``stored * scale + offset``), channels last ``(n, h, w, C)`` or first ``(n, C, h, w)``.
+
+    Args:
+        out: a float32 array of ``stored``'s shape to fill (``stored`` itself when float32).
+
+    >>> model_input(np.full((1, 1, 1, 1), 255, np.uint8), 1 / 255, 0.0).tolist()
+    [[[[1.0]]]]
+    """
+    x = np.empty(stored.shape, np.float32) if out is None else out
+    if stored is not x or scale != 1:
+        np.multiply(stored, scale, out=x, casting="unsafe")
+    if offset != 0:
+        x += offset
+    if channels == "first":
+        count, height, width = x.shape[3], x.shape[1], x.shape[2]
+        x = (
+            np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+            if count > 1
+            else x.reshape(len(x), 1, height, width)
+        )
+    return x
 
 
 def _batch_index(index, length: int) -> int:

@@ -20,6 +20,7 @@ import threading
 import time
 import warnings
 from collections import Counter
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -771,63 +772,72 @@ def same_files(records) -> list[str]:
 
 
 def _compute(todo, settings, options, partial, summary, report, progress) -> None:
-    """Process ``todo``, writing each scan as it finishes; at most 2 x workers in flight.
+    """Process ``todo``, writing each scan as it finishes (see :func:`processed`)."""
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=len(todo), unit="scan", disable=not show, file=sys.stderr) as bar:
+        say = bar.write if show else report
+        try:
+            results = contextlib.closing(processed(todo, settings, options))
+            with results as pairs:  # on any error here, the pool's scans are cancelled
+                for scan, result in pairs:
+                    if isinstance(result, str):
+                        _reject(summary, say, str(scan.path), result)
+                    else:
+                        record, slices, masks = result
+                        partial.add(record, slices, masks)
+                        summary.written += 1
+                        for note in record["notes"]:
+                            summary.warnings.append(f"{scan.path}: {note}")
+                            say(f"warning: {scan.path}: {note}")
+                    bar.update()
+        except BrokenProcessPool as exc:
+            raise PreprocessError(
+                f"a worker process died (out of memory?); {summary.written} scans are kept in "
+                f"{partial.path}: rerun with --resume"
+            ) from exc
+
+
+def processed(scans: list[Scan], settings: Settings, options: RunOptions):
+    """``(scan, result)`` for every scan as it finishes: the result of :func:`process_scan`,
+    or the one-line reason it was left out. At most 2 x workers scans are in flight.
 
     While the pool starts (its first submit waits for the workers' server to start a
     Python and import this package, ~0.3 s), this process computes scans itself.
+
+    Raises:
+        BrokenProcessPool: a worker process died.
     """
     workers, timeout = options.workers, options.scan_timeout
-    show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=len(todo), unit="scan", disable=not show, file=sys.stderr) as bar:
-
-        def finish(scan: Scan, result) -> None:
-            if isinstance(result, str):
-                _reject(summary, bar.write if show else report, str(scan.path), result)
-            else:
-                record, slices, masks = result
-                partial.add(record, slices, masks)
-                summary.written += 1
-                for note in record["notes"]:
-                    summary.warnings.append(f"{scan.path}: {note}")
-                    (bar.write if show else report)(f"warning: {scan.path}: {note}")
-            bar.update()
-
-        if workers <= 1:
-            for scan in todo:
-                finish(scan, _process_or_reason(scan, settings, timeout))
-            return
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["preprocess.pipeline"])
-        queue = iter(todo)
-        with futures.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_one_blas_thread
-        ) as pool:
-            pending = {}
-            try:
-                _start_pool(pool, queue, pending, 2 * workers, settings, timeout, finish)
-                while True:
-                    while len(pending) < 2 * workers and (scan := next(queue, None)) is not None:
-                        work = pool.submit(_process_or_reason, scan, settings, timeout)
-                        pending[work] = scan
-                    if not pending:
-                        break
-                    finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-                    for future in finished:
-                        finish(pending.pop(future), future.result())
-            except futures.process.BrokenProcessPool as exc:
-                raise PreprocessError(
-                    f"a worker process died (out of memory?); {summary.written} scans are kept in "
-                    f"{partial.path}: rerun with --resume"
-                ) from exc
-            except BaseException:
-                for future in list(pending):  # the start-up thread may still be adding
-                    future.cancel()
-                raise
+    if workers <= 1:
+        for scan in scans:
+            yield scan, _process_or_reason(scan, settings, timeout)
+        return
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["preprocess.pipeline"])
+    queue = iter(scans)
+    with futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_one_blas_thread
+    ) as pool:
+        pending = {}
+        try:
+            yield from _start_pool(pool, queue, pending, 2 * workers, settings, timeout)
+            while True:
+                while len(pending) < 2 * workers and (scan := next(queue, None)) is not None:
+                    pending[pool.submit(_process_or_reason, scan, settings, timeout)] = scan
+                if not pending:
+                    break
+                finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                for future in finished:
+                    yield pending.pop(future), future.result()
+        except BaseException:  # also the consumer stopping (GeneratorExit)
+            for future in list(pending):  # the start-up thread may still be adding
+                future.cancel()
+            raise
 
 
-def _start_pool(pool, queue, pending: dict, count: int, settings, timeout: float, finish) -> None:
+def _start_pool(pool, queue, pending: dict, count: int, settings, timeout: float):
     """Hand the pool its first ``count`` scans (into ``pending``: future -> scan) and
-    compute more here while it starts.
+    compute more here while it starts, yielding ``(scan, result)`` for those.
 
     The first ``submit`` waits for the workers' server to start a Python and import this
     package (~0.3 s); a helper thread waits for it instead, and this process computes scans
@@ -845,9 +855,10 @@ def _start_pool(pool, queue, pending: dict, count: int, settings, timeout: float
 
     starter = threading.Thread(target=submit, name="start-workers", daemon=True)
     starter.start()
-    with threadpoolctl.threadpool_limits(1, user_api="blas"):
-        while starter.is_alive() and (scan := next(queue, None)) is not None:
-            finish(scan, _process_or_reason(scan, settings, timeout))
+    while starter.is_alive() and (scan := next(queue, None)) is not None:
+        with threadpoolctl.threadpool_limits(1, user_api="blas"):
+            result = _process_or_reason(scan, settings, timeout)
+        yield scan, result
     starter.join()
     if failed:
         raise failed[0]

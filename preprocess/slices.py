@@ -241,3 +241,68 @@ def _resample(stack: np.ndarray, spacing: np.ndarray, fill: float, size: int) ->
     padding = 1 - np.outer(rows.sum(axis=1), columns.sum(axis=1))
     out += np.float32(fill) * padding.astype(np.float32)
     return out
+
+
+def unslice(
+    maps: np.ndarray,
+    positions: np.ndarray,
+    shape: tuple[int, int, int],
+    voxel_size: np.ndarray,
+    axis: str,
+    outside: np.ndarray,
+) -> np.ndarray:
+    """Per-pixel maps of slices put back onto the volume they were cut from: the inverse of
+    :func:`slices_at` for what a model outputs (class probabilities).
+
+    Each map is interpolated (linearly) at the centres of the slice's original pixels,
+    through the same square field of view, and turned back from the viewing orientation;
+    planes that were not kept get ``outside``.
+
+    Args:
+        maps: ``(n, size, size, K)``, one map per kept slice.
+        positions: the slices' positions along ``axis``.
+        shape: the volume's shape.
+        voxel_size: mm along each axis of the volume.
+        axis: the slicing axis.
+        outside: ``(K,)``, the value of every voxel of a plane that was not kept.
+
+    Returns:
+        float32 ``(x, y, z, K)``.
+
+    >>> maps = np.zeros((1, 4, 4, 1), np.float32); maps[0, :2, :, 0] = 1  # the top half
+    >>> volume = unslice(maps, np.array([0]), (4, 4, 1), np.ones(3), "axial", np.zeros(1))
+    >>> volume[..., 0, 0].T.tolist()  # anterior (y high) is up in a slice
+    [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
+    """
+    along = AXES[axis]
+    in_plane = [a for a in range(3) if a != along]
+    height, width = shape[in_plane[1]], shape[in_plane[0]]  # a slice's rows and columns
+    size = maps.shape[1]
+    target, before, _ = square_geometry((height, width), _spacing(voxel_size, axis), size)
+    rows = _back_operator(height, int(target[0]), int(before[0]), size)
+    columns = _back_operator(width, int(target[1]), int(before[1]), size)
+    planes = np.matmul(rows, np.moveaxis(maps.astype(np.float32), 3, 1))  # (n, K, h, size)
+    planes = np.moveaxis(planes @ columns.T, 1, 3)  # (n, h, w, K)
+    planes = np.rot90(planes, k=-1, axes=(1, 2))  # (n, a, b): the volume's axis order
+    volume = np.empty((shape[along], shape[in_plane[0]], shape[in_plane[1]], maps.shape[3]))
+    volume[:] = np.asarray(outside, dtype=np.float32)
+    volume[np.asarray(positions, dtype=np.intp)] = planes
+    return np.moveaxis(volume, 0, along).astype(np.float32)
+
+
+def _back_operator(length: int, target: int, before: int, size: int) -> np.ndarray:
+    """The ``(length, size)`` matrix that interpolates a resampled axis at the centres of
+    the original pixels (the padded field of view of ``target`` pixels shown in ``size``).
+
+    >>> _back_operator(2, 2, 0, 4).tolist()  # pixel 0 covers outputs 0 and 1: its centre
+    [[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]
+    """
+    where = (np.arange(length) + before + 0.5) * size / target - 0.5
+    where = np.clip(where, 0, size - 1)
+    low = np.minimum(np.floor(where).astype(int), size - 2) if size > 1 else np.zeros(length, int)
+    weight = where - low
+    matrix = np.zeros((length, size), np.float32)
+    matrix[np.arange(length), low] = 1 - weight
+    if size > 1:
+        matrix[np.arange(length), low + 1] += weight
+    return matrix

@@ -244,6 +244,48 @@ def onto_template(
     )
 
 
+def from_template(
+    maps: np.ndarray,
+    planes: tuple[int, int],
+    to_template: np.ndarray,
+    template: Template,
+    affine: np.ndarray,
+    shape: tuple[int, int, int],
+    outside: np.ndarray,
+) -> np.ndarray:
+    """Maps on planes ``[first, stop)`` of the template's grid, back on a scan's own grid:
+    the inverse of the registration and resampling (linear, per map).
+
+    Args:
+        maps: ``(x, y, planes, K)`` for axial slicing (the slab's planes along the axis).
+        to_template: the scan's scanner world -> template world.
+        affine: the scan's (canonical) voxel-to-world; ``shape`` its shape.
+        outside: ``(K,)``, the value where the scan lies outside the slab.
+
+    Returns:
+        float32 ``(x, y, z, K)`` on the scan's grid.
+    """
+    start = np.eye(4)
+    start[AXES[template.axis], 3] = planes[0]
+    matrix = np.linalg.inv(template.affine @ start) @ to_template @ affine
+    return np.stack(
+        [
+            ndimage.affine_transform(
+                maps[..., k],
+                matrix,
+                output_shape=tuple(shape),
+                order=1,
+                mode="constant",
+                cval=float(outside[k]),
+                output=np.float32,
+                prefilter=False,
+            )
+            for k in range(maps.shape[-1])
+        ],
+        axis=-1,
+    )
+
+
 def _on_template(volume, log_bias, work_affine, to_scan, template, planes) -> np.ndarray:
     """A volume's intensities on the template's planes, divided by its bias field."""
     sitk = _simpleitk()

@@ -9,6 +9,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# JAX processes the tests start (two at a time, beside the other pytest-xdist worker): one
+# XLA thread each, not a pool per core spinning against the others
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
 
 import pytest
 from helpers import COARSE_VOXELS
@@ -56,3 +61,33 @@ def small_disk(tmp_path):
         yield disk, remount
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# The modules with the longest tests (training runs, JAX processes, registrations), longest
+# first. pytest-xdist's worksteal hands its first worker the first half of the items and the
+# second worker the rest, and a worker that runs dry steals from the end of the other's
+# queue: so these modules go to the front of the two halves, alternately, and the short
+# tests come after them, where they even out the end of the run.
+HEAVY_MODULES = (
+    "test_channels.py",
+    "test_resume.py",
+    "test_standard.py",
+    "test_files.py",
+    "test_targets.py",
+    "test_distributed.py",
+    "test_training.py",
+    "test_command.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the tests so that both pytest-xdist workers start on the long ones."""
+    by_module: dict[str, list] = {}
+    for item in items:
+        by_module.setdefault(item.path.name, []).append(item)
+    halves: tuple[list, list] = ([], [])
+    for index, name in enumerate(name for name in HEAVY_MODULES if name in by_module):
+        halves[index % 2].extend(by_module.pop(name))
+    light = [item for module in by_module.values() for item in module]
+    first = max(0, len(items) // 2 - len(halves[0]))
+    items[:] = halves[0] + light[:first] + halves[1] + light[first:]

@@ -297,39 +297,39 @@ def test_odd_inputs_register_or_get_one_line_each(tmp_path, capsys):
         folder / "noise.nii.gz", rng.normal(500, 100, (60, 70, 60)), np.diag([3, 3, 3, 1]), np.int16
     )
     write_nifti(folder / "thin.nii.gz", rng.normal(500, 100, (128, 128, 2)), np.eye(4), np.int16)
-    status = main(
-        [
-            str(folder),
-            "-o",
-            str(tmp_path / "odd.h5"),
-            "--space",
-            "mni",
-            "--size",
-            "32",
-            "--workers",
-            "2",
-        ]
-    )
+    store = tmp_path / "odd.h5"
+    args = [str(folder), "-o", str(store), "--space", "mni", "--size", "32", "--workers", "2"]
+    status = main([*args, "--min-similarity", "0.1", "--context", "1"])
     out, err = capsys.readouterr()
     assert status == 1
     lines = (out + err).splitlines()
-    assert any(
-        line.startswith(f"rejected: {folder / 'thin.nii.gz'}: cannot register") for line in lines
-    )
-    for name in ("sphere", "noise"):
-        flagged = [line for line in lines if f"{name}.nii.gz" in line]
-        assert flagged, lines
-        assert flagged[0].split(":")[0] in ("check registration", "rejected"), lines
-    with open_store(tmp_path / "odd.h5") as opened:
+    rejected = {line.split(": ")[1].split("/")[-1]: line for line in lines if "rejected: " in line}
+    assert sorted(rejected) == ["noise.nii.gz", "thin.nii.gz"], lines
+    assert ": cannot register a scan of 128 x 128 x 2 mm" in rejected["thin.nii.gz"]
+    assert "is below --min-similarity 0.1: left out" in rejected["noise.nii.gz"]
+    check = [line for line in lines if line.startswith("check registration: ")]
+    assert len(check) == 1, lines
+    assert check[0].startswith("check registration: scans/sphere.nii.gz (similarity 0.")
+    assert "traceback" not in (out + err).lower()
+    with open_store(store) as opened:
         table = opened.subjects_table()
         found = {
             path.split("/")[-1]: m
             for path, m in zip(table[schema.SOURCE_PATH], table[schema.TO_TEMPLATE], strict=True)
         }
+        assert opened.channel_names == ["T1w-1", "T1w+0", "T1w+1"]
+        scan = list(found).index("stripped.nii.gz")
+        rows = np.flatnonzero(opened.subject[()] == scan)
+        planes = opened.slice_index[()][rows]
+        images = opened.images[()][rows]
     assert _error_mm(found["stripped.nii.gz"], stripped_truth) < 2.0
     assert _error_mm(found["in_mni.nii.gz"], np.eye(4)) < 2.0
     assert _error_mm(found["huge.nii.gz"], huge_truth) < 2.0
-    assert "traceback" not in (out + err).lower()
+    # --context 1: a slice's neighbours are the template's next planes, as stored there
+    by_plane = {int(p): image for p, image in zip(planes, images, strict=True)}
+    middle = sorted(by_plane)[len(by_plane) // 2]
+    np.testing.assert_array_equal(by_plane[middle][..., 0], by_plane[middle - 1][..., 1])
+    np.testing.assert_array_equal(by_plane[middle][..., 2], by_plane[middle + 1][..., 1])
 
 
 def test_the_registration_picture_draws_the_worst_scans_first(study, tmp_path, capsys):

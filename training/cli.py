@@ -112,8 +112,10 @@ def _scores(scores: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``python -m training``; returns the exit status."""
+    """Run ``python -m training`` (or ``python -m training predict``); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:
+        return predict_main(argv[1:])
     parser, flags = _parser()
 
     def body(args: argparse.Namespace) -> int:
@@ -152,3 +154,55 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(
         parser, argv, body, flags, interrupt_hint=lambda args: " before training started"
     )
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training predict",
+        description="Apply a run's best model to new scans, preprocessed by the same code and "
+        "settings as the store it was trained on; segmentations are written on each scan's "
+        "own grid. Exit status: 0 when every scan was predicted, 1 when some were rejected, "
+        "2 for usage errors or when nothing could be predicted (nothing written).",
+    )
+    parser.add_argument("run", metavar="RUN_DIR", help="a run folder of python -m training")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files or folders")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the folder to write")
+    parser.add_argument(
+        "--labels", metavar="FILE", help="a .tsv or .csv of true values: adds scores"
+    )
+    parser.add_argument(
+        "--probabilities", action="store_true", help="segmentation: also each label's map"
+    )
+    parser.add_argument("--workers", type=int, metavar="N", help="processes that compute slices")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    return parser
+
+
+def predict_main(argv: list[str]) -> int:
+    """Run ``python -m training predict``; returns the exit status."""
+    from training.inference import predict
+
+    def body(args: argparse.Namespace) -> int:
+        result = predict(
+            args.run,
+            args.inputs,
+            args.output,
+            labels=args.labels,
+            overwrite=args.overwrite,
+            probabilities=args.probabilities,
+            workers=args.workers,
+            report=lambda line: print(line, file=sys.stderr),
+        )
+        print(
+            f"wrote {result.output} in {result.seconds:.1f} s: {len(result.scans)} scans of "
+            f"{len(result.subjects)} subjects predicted, {len(result.rejected)} rejected"
+            + (f", {len(result.seen)} seen in training" if result.seen else "")
+        )
+        if result.metrics:
+            print(
+                f"scores: {_scores(result.metrics['slices'])} per slice; "
+                f"{_scores(result.metrics['subjects'])} per subject"
+            )
+        return 1 if result.rejected else 0
+
+    return run_main(_predict_parser(), argv, body, {})

@@ -1,0 +1,402 @@
+"""Apply a trained model to new scans, through the same preprocessing code it was trained on.
+
+Every scan goes through ``preprocess.pipeline.processed`` (the workers of
+``python -m preprocess``) with the preprocessing settings of the store the run read, in
+memory, then through the run's best model; slice outputs are combined per subject as
+evaluation combines them. Segmentations are put back on each scan's own voxel grid: the
+class probabilities go back through the slice resampling, the registration (``--space
+mni``) and the reorientation, and the most probable label is taken last.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+from loader import files, open_store, schema
+from loader.sequence import model_input
+from loader.target import REGRESSION, SEGMENTATION
+from preprocess.pipeline import RunOptions, find_scans, processed
+from preprocess.pipeline import Settings as PreprocessSettings
+from preprocess.slices import AXES, unslice
+from preprocess.standard import from_template, load_template
+from training import run_folder
+from training.errors import TrainingError
+from training.metrics import (
+    class_probabilities,
+    evaluate_outputs,
+    evaluate_regression,
+    subject_predictions,
+)
+
+SCANS = "scans.csv"
+SEGMENTATION_ENDING = "_pred.nii.gz"
+PROBABILITIES_ENDING = "_prob.nii.gz"
+# Preprocessing settings a prediction does not take from the store: they choose scans,
+# labels and splits, not what a slice is.
+NOT_FROM_STORE = ("labels", "label_column", "shard", "shard_count", "masks", "masks_suffix")
+
+
+@dataclass
+class Prediction:
+    """What ``predict`` did.
+
+    Attributes:
+        output: the folder written.
+        subjects: one dict per subject (the rows of ``predictions.csv``).
+        scans: one dict per scan (the rows of ``scans.csv``).
+        rejected: ``(path, reason)`` of scans preprocessing left out.
+        seen: paths of scans that were in the store the model was trained on.
+        metrics: the scores with ``labels`` (as evaluation scores a split), else empty.
+    """
+
+    output: Path
+    subjects: list[dict] = field(default_factory=list)
+    scans: list[dict] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    seen: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def predict(
+    run_dir: str | os.PathLike,
+    inputs: list[str | os.PathLike],
+    output: str | os.PathLike,
+    labels: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    probabilities: bool = False,
+    workers: int | None = None,
+    report=print,
+) -> Prediction:
+    """Predict new scans with a run's best model.
+
+    Args:
+        run_dir: a run folder of ``python -m training``.
+        inputs: NIfTI files or folders, as ``python -m preprocess`` takes them.
+        output: the folder to write (``predictions.csv``, ``scans.csv``, segmentations).
+        labels: a table of the subjects' true values (``participants.tsv`` of BIDS inputs
+            otherwise, when it has the run's target column): adds ``true`` and ``metrics.json``.
+        overwrite: replace an existing ``output``.
+        probabilities: for segmentation, also write each label's probability map.
+        workers: processes that compute slices. Defaults to preprocess's default.
+        report: called with each line about a rejected scan or a warning.
+
+    Raises:
+        TrainingError: not a run folder, a model that does not fit the store's settings,
+            no usable scan.
+        FileExistsError: ``output`` exists and not ``overwrite``.
+    """
+    started = time.perf_counter()
+    run_dir, output = Path(run_dir), Path(output)
+    config = read_run(run_dir)
+    store = config["store"] if isinstance(config["store"], dict) else config["store"][0]
+    settings = preprocess_settings(store["config"], labels)
+    target = config["target"]
+    channels = config["settings"].get("channels", "last")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output}: exists; use --overwrite to replace it")
+    model = _load_model(run_dir, settings, channels)
+    try:
+        found = find_scans([str(i) for i in inputs], settings, report)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+    known, splits = _training_scans(store, report)
+    result = Prediction(output)
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        options = RunOptions() if workers is None else RunOptions(workers=workers)
+        outputs, facts = [], []
+        for scan, computed in processed(found.scans, settings, options):
+            if isinstance(computed, str):
+                result.rejected.append((str(scan.path), computed))
+                report(f"rejected: {scan.path}: {computed}")
+                continue
+            record, slices, _ = computed
+            stored = slices if slices.ndim == 4 else slices[..., None]
+            x = model_input(stored, schema.intensity_scale(settings.dtype), 0.0, channels)
+            answer = np.asarray(model.predict(x, batch_size=64, verbose=0), dtype=np.float64)
+            seen = known.get(record["sha256"])
+            if seen is not None:
+                result.seen.append(str(scan.path))
+                report(
+                    f"warning: {scan.path}: this scan (sha256 {record['sha256'][:12]}) is in "
+                    f"the store the model was trained on (split {seen}): its answer is not "
+                    "a fair test"
+                )
+            row = {"path": str(scan.path), "subject": scan.subject_id, "session": scan.session}
+            row["seen_in_training"] = seen or ""
+            if target["task"] == SEGMENTATION:
+                row |= _write_segmentation(partial, scan, record, answer, settings, probabilities)
+            else:
+                row |= _scan_answer(answer, target)
+            result.scans.append(row)
+            outputs.append(answer)
+            facts.append((scan, record))
+        if not result.scans:
+            raise TrainingError(
+                f"no usable scans: all {len(result.rejected)} were rejected; nothing written"
+            )
+        column = target["name"] or store["config"].get("label_column")  # None: the store's
+        truth = _true_values(found.participants, column, labels is not None)
+        result.subjects, result.metrics = _per_subject(outputs, facts, target, splits, truth)
+        _write_tables(partial, result, target)
+        _publish(partial, output)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def read_run(run_dir: Path) -> dict:
+    """A run folder's ``config.json``, checked to hold what prediction needs.
+
+    Raises:
+        TrainingError: not a run folder, no model, or a config this version cannot read.
+    """
+    config_path = run_dir / run_folder.CONFIG
+    if not run_dir.is_dir() or not config_path.is_file():
+        raise TrainingError(f"{run_dir}: not a run folder (no {run_folder.CONFIG})")
+    if not (run_dir / run_folder.MODEL).is_file():
+        raise TrainingError(f"{run_dir}: no {run_folder.MODEL}: the run has no model to apply")
+    try:
+        config = json.loads(config_path.read_text())
+        stores = config["store"] if isinstance(config["store"], list) else [config["store"]]
+        store_config = stores[0]["config"]
+        config["target"]["task"], store_config["size"]
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise TrainingError(
+            f"{config_path}: not a config this version of slicestore reads ({exc!r})"
+        ) from exc
+    return config
+
+
+def preprocess_settings(store_config: dict, labels=None) -> PreprocessSettings:
+    """The preprocessing settings a store was made with, for new scans: what a slice is
+    (axis, size, normalisation, modalities, context, space, ...), not which scans or splits.
+
+    Raises:
+        TrainingError: the store's settings are not ones this version knows.
+    """
+    names = {f.name for f in dataclasses.fields(PreprocessSettings)}
+    values = {k: v for k, v in store_config.items() if k in names and k not in NOT_FROM_STORE}
+    values["suffix"] = tuple(values.get("suffix", ("T1w",)))
+    values["labels"] = None if labels is None else os.fspath(labels)
+    try:
+        return PreprocessSettings(**values)
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"the store's preprocessing settings cannot be used: {exc}") from exc
+
+
+def _load_model(run_dir: Path, settings: PreprocessSettings, channels: str) -> keras.Model:
+    """The run's best model, checked against the slices the settings make."""
+    import training.model
+    import training.segmentation  # noqa: F401
+
+    try:
+        model = keras.saving.load_model(run_dir / run_folder.MODEL)
+    except Exception as exc:
+        raise TrainingError(f"{run_dir / run_folder.MODEL}: cannot be loaded ({exc})") from exc
+    count = len(schema.channel_names(settings.suffix, settings.context))
+    size = settings.size
+    expected = (size, size, count) if channels == "last" else (count, size, size)
+    if tuple(model.input_shape[1:]) != expected:
+        raise TrainingError(
+            f"{run_dir / run_folder.MODEL}: its input is {tuple(model.input_shape[1:])}, but "
+            f"the store's settings make slices of {expected}"
+        )
+    return model
+
+
+def _training_scans(store: dict, report) -> tuple[dict[str, str], dict[str, str]]:
+    """sha256 -> split, and subject id -> split, of the scans of the store the run read
+    (empty when the store is gone)."""
+    path = store.get("path", "")
+    try:
+        with open_store(path) as opened:
+            table = opened.subjects_table()
+            splits = table[schema.SUBJECT_SPLIT]
+            return (
+                dict(zip(table[schema.SHA256], splits, strict=True)),
+                dict(zip(table[schema.SUBJECT_ID], splits, strict=True)),
+            )
+    except (OSError, ValueError):
+        report(f"warning: {path}: the run's store cannot be read: scans are not checked for leaks")
+        return {}, {}
+
+
+def _scan_answer(outputs: np.ndarray, target: dict) -> dict:
+    """One scan's answer from its slices alone (their outputs averaged)."""
+    mean = outputs.reshape(len(outputs), -1).mean(axis=0)
+    if target["task"] == REGRESSION:
+        return {"predicted": f"{mean[0]:.4g}", "probability": "", "slices": len(outputs)}
+    chances = class_probabilities(mean[None, :])[0]
+    best = int(np.argmax(chances))
+    row = {"predicted": target["class_names"][best], "probability": f"{chances[best]:.4f}"}
+    row |= {f"p_{name}": f"{p:.4f}" for name, p in zip(target["class_names"], chances, strict=True)}
+    return row | {"slices": len(outputs)}
+
+
+def _true_values(participants: dict, column: str | None, asked: bool) -> dict:
+    """subject id -> the true value of the run's target ``column``, from the labels table
+    (``--labels``, or the ``participants.tsv`` of BIDS inputs)."""
+    rows = participants.items()
+    values = {k: row[column] for k, row in rows if column and row.get(column) is not None}
+    if asked and not values:
+        raise TrainingError(f"the labels table has no values of {column!r} (the run's target)")
+    return values
+
+
+def _per_subject(outputs, facts, target: dict, splits, truth: dict) -> tuple[list[dict], dict]:
+    """One row per subject (slices of all its scans pooled, as evaluation pools them) and,
+    with true values, the scores."""
+    if target["task"] == SEGMENTATION:
+        return _segmentation_subjects(outputs, facts), {}
+    flat = np.concatenate([o.reshape(len(o), -1) for o in outputs])
+    ids = np.concatenate(
+        [[scan.subject_id] * len(o) for o, (scan, _) in zip(outputs, facts, strict=True)]
+    )
+    sessions: dict[str, set] = {}
+    for scan, _ in facts:
+        sessions.setdefault(scan.subject_id, set()).update([scan.session] if scan.session else [])
+    averaged = subject_predictions(flat, ids)
+    rows = []
+    for subject, mean, count in zip(
+        averaged["subject"], averaged["mean"], averaged["slices"], strict=True
+    ):
+        row = {"subject": subject, "sessions": ";".join(sorted(sessions[subject]))}
+        row["split"] = splits.get(subject, "")  # in the store the model was trained on
+        row["true"] = "" if subject not in truth else str(truth[subject])
+        row |= _scan_answer(mean[None, :], target) | {"slices": int(count)}
+        rows.append(row)
+    metrics = {}
+    present = np.array([subject in truth for subject in ids])
+    if present.any():
+        if target["task"] == REGRESSION:
+            values = np.array([float(truth[s]) for s in ids[present]])
+            metrics = evaluate_regression(flat[present], values, ids[present])
+        else:
+            names = target["class_names"]
+            known_class = np.array([str(truth.get(s)) in names for s in ids])
+            keep = present & known_class
+            values = np.array([names.index(str(truth[s])) for s in ids[keep]])
+            metrics = evaluate_outputs(flat[keep], values, ids[keep]) if keep.any() else {}
+    return rows, metrics
+
+
+def _segmentation_subjects(outputs, facts) -> list[dict]:
+    """Predicted foreground pixels per subject, over its slices (as ``predictions.csv``)."""
+    rows: dict[str, dict] = {}
+    for answer, (scan, _) in zip(outputs, facts, strict=True):
+        row = rows.setdefault(
+            scan.subject_id,
+            {"subject": scan.subject_id, "sessions": set(), "predicted_pixels": 0, "slices": 0},
+        )
+        row["sessions"].update([scan.session] if scan.session else [])
+        row["predicted_pixels"] += int((answer.argmax(-1) > 0).sum())
+        row["slices"] += len(answer)
+    return [row | {"sessions": ";".join(sorted(row["sessions"]))} for row in rows.values()]
+
+
+def _write_segmentation(folder: Path, scan, record, answer, settings, probabilities) -> dict:
+    """The most probable label on the scan's own grid (shape and affine of its file)."""
+    maps = on_scan_grid(answer.astype(np.float32), record, settings)
+    image = nib.load(scan.path)
+    ornt = orientations.io_orientation(image.affine)
+    back = orientations.ornt_transform(orientations.axcodes2ornt(("R", "A", "S")), ornt)
+    labels = orientations.apply_orientation(maps.argmax(-1).astype(np.uint8), back)
+    name = _output_name(scan)
+    segmentation = nib.Nifti1Image(np.ascontiguousarray(labels), image.affine)
+    segmentation.set_qform(image.affine, 1)
+    segmentation.set_sform(image.affine, 1)
+    files.write_bytes(folder / f"{name}{SEGMENTATION_ENDING}", _gzipped(segmentation))
+    row = {"segmentation": f"{name}{SEGMENTATION_ENDING}", "slices": len(answer)}
+    counts = np.bincount(labels.ravel(), minlength=answer.shape[-1])
+    row |= {f"voxels_{k}": int(n) for k, n in enumerate(counts) if k > 0}
+    if probabilities:
+        stack = np.stack(
+            [orientations.apply_orientation(maps[..., k], back) for k in range(maps.shape[-1])], -1
+        )
+        maps_image = nib.Nifti1Image(stack.astype(np.float32), image.affine)
+        files.write_bytes(folder / f"{name}{PROBABILITIES_ENDING}", _gzipped(maps_image))
+    return row
+
+
+def _gzipped(image: nib.Nifti1Image) -> bytes:
+    """A NIfTI image as the bytes of a ``.nii.gz`` file."""
+    return gzip.compress(image.to_bytes(), compresslevel=6)
+
+
+def on_scan_grid(answer: np.ndarray, record: dict, settings: PreprocessSettings) -> np.ndarray:
+    """Per-slice maps ``(n, S, S, K)`` of one scan on its canonical grid, ``(x, y, z, K)``:
+    back through the slices' resampling and, in standard space, the registration. Outside
+    the kept slices every voxel is background (label 0)."""
+    outside = np.zeros(answer.shape[-1], np.float32)
+    outside[0] = 1
+    positions = np.asarray(record["positions"])
+    shape, affine = tuple(record["shape"]), np.asarray(record["affine"])
+    if settings.space != "mni":
+        return unslice(
+            answer, positions, shape, np.asarray(record["voxel_size"]), settings.axis, outside
+        )
+    template = load_template(settings.axis, settings.min_foreground)
+    planes = template.planes()
+    slab = list(template.image.shape)
+    slab[AXES[settings.axis]] = planes[1] - planes[0]
+    maps = unslice(
+        answer, positions - planes[0], tuple(slab), template.voxel_size, settings.axis, outside
+    )
+    return from_template(
+        maps, planes, np.asarray(record["to_template"]), template, affine, shape, outside
+    )
+
+
+def _output_name(scan) -> str:
+    """The file name of a scan's outputs: its source path, flattened."""
+    source = str(scan.source)
+    for suffix in (".nii.gz", ".nii"):
+        if source.endswith(suffix):
+            source = source[: -len(suffix)]
+    return source.replace(os.sep, "__")
+
+
+def _write_tables(folder: Path, result: Prediction, target: dict) -> None:
+    for name, rows in ((run_folder.PREDICTIONS, result.subjects), (SCANS, result.scans)):
+        columns: list[str] = []
+        for row in rows:
+            columns += [key for key in row if key not in columns]
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        files.write_text(folder / name, text.getvalue())
+    if result.metrics:
+        document = {"target": target["name"], "task": target["task"], "scores": result.metrics}
+        files.write_text(folder / run_folder.METRICS, json.dumps(document, indent=2))
+
+
+def _publish(partial: Path, output: Path) -> None:
+    """Put the finished folder in place of ``output`` (an older one goes only then)."""
+    old = output.with_name(output.name + ".old")
+    if output.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output, old)
+    os.replace(partial, output)
+    files.fsync_path(output.parent)
+    shutil.rmtree(old, ignore_errors=True)
