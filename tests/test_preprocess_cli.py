@@ -109,10 +109,10 @@ def test_this_process_computes_scans_while_the_workers_start(tmp_path):
                 self.started = True
             return super().submit(*args, **kwargs)
 
-    here, pending = [], {}
+    pending = {}
     with SlowToStart(1) as pool:
         queue = iter(scans)
-        _start_pool(pool, queue, pending, 2, Settings(), 0.0, lambda scan, _: here.append(scan))
+        here = [scan for scan, _ in _start_pool(pool, queue, pending, 2, Settings(), 0.0)]
         assert sorted(scan.subject_id for scan in pending.values()) == ["00", "01"]
         assert len(here) >= 1  # computed here while the pool was starting
         assert here == scans[2 : 2 + len(here)]  # the scans after the pool's, in order

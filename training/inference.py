@@ -154,6 +154,11 @@ def predict(
             )
         column = target["name"] or store["config"].get("label_column")  # None: the store's
         truth = _true_values(found.participants, column, labels is not None)
+        if labels is not None and not {scan.subject_id for scan, _ in facts} & set(truth):
+            raise TrainingError(
+                f"{labels}: no subject of the scans has a value of {column!r} in it (ids such "
+                f"as {sorted(truth)[:3]} against {sorted({s.subject_id for s, _ in facts})[:3]})"
+            )
         result.subjects, result.metrics = _per_subject(outputs, facts, target, splits, truth)
         _write_tables(partial, result, target)
         _publish(partial, output)

@@ -1,0 +1,154 @@
+"""Predicting new scans: the same preprocessing code, the same answers as evaluation, and
+segmentations back on each scan's own grid."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import blob_volume, write_nifti
+
+from loader import open_store, schema
+from preprocess.pipeline import Settings as PreprocessSettings
+from preprocess.slices import label_slices, unslice
+from training import predict, train
+from training.cli import main as training_main
+from training.inference import on_scan_grid
+
+
+@pytest.fixture(scope="module")
+def classification_run(phantom_store, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    train(phantom_store, run_dir, epochs=1, batch_size=64, progress=False)
+    return run_dir
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predicting_the_stores_own_scans_gives_the_runs_own_answers(
+    classification_run, phantom_bids, tmp_path
+):
+    out = tmp_path / "out"
+    result = predict(classification_run, [phantom_bids], out, workers=2, report=lambda _: None)
+    own = {row["subject"]: row for row in _csv(classification_run / "predictions.csv")}
+    mine = {row["subject"]: row for row in _csv(out / "predictions.csv")}
+    assert own  # val and test subjects
+    for subject, row in own.items():
+        assert mine[subject]["split"] == row["split"]
+        assert mine[subject]["predicted"] == row["predicted"]
+        assert float(mine[subject]["probability"]) == pytest.approx(
+            float(row["probability"]), abs=2e-4
+        )
+        assert int(mine[subject]["slices"]) == int(row["slices"])
+        assert mine[subject]["true"] == row["true"]  # from the tree's participants.tsv
+    # every scan was in the training store: each is flagged, with its split
+    scans = _csv(out / "scans.csv")
+    assert len(scans) == len(result.scans) == 16
+    assert all(row["seen_in_training"] in ("train", "val", "test") for row in scans)
+    assert len(result.seen) == 16
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["scores"]["subjects"]["count"] == 12
+
+
+def test_a_regression_run_predicts_its_validation_subjects_as_it_scored_them(tmp_path):
+    from make_phantoms import write_bids
+
+    write_bids(tmp_path / "bids", subjects=10, seed=2, voxel_sizes=((4.0, 4.0, 4.0),))
+    from preprocess.cli import main as preprocess_main
+
+    store = tmp_path / "s.h5"
+    args = [str(tmp_path / "bids"), "-o", str(store), "--size", "32", "--workers", "1"]
+    assert preprocess_main([*args, "--label-column", "group", "--val-fraction", "0.4"]) == 0
+    run_dir = tmp_path / "run"
+    train(store, run_dir, target="age", epochs=1, batch_size=32, progress=False)
+    predict(run_dir, [tmp_path / "bids"], tmp_path / "out", workers=1, report=lambda _: None)
+    mine = {row["subject"]: row for row in _csv(tmp_path / "out" / "predictions.csv")}
+    for row in _csv(run_dir / "predictions.csv"):
+        assert float(mine[row["subject"]]["predicted"]) == pytest.approx(
+            float(row["predicted"]), rel=1e-3
+        )
+        assert float(mine[row["subject"]]["true"]) == float(row["true"])
+
+
+def test_slices_put_back_on_the_volume_cover_what_was_cut(tmp_path):
+    # any grid: anisotropic voxels, not square slices
+    mask = (blob_volume(4, shape=(60, 44, 30)) > 50).astype(np.uint8)
+    voxel_size = np.array([1.0, 1.5, 3.0])
+    for axis in ("axial", "coronal", "sagittal"):
+        along = {"sagittal": 0, "coronal": 1, "axial": 2}[axis]
+        positions = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != along)))
+        cut = label_slices(mask, positions.astype(np.int16), voxel_size, axis, 64)
+        maps = np.stack([cut == 0, cut == 1], -1).astype(np.float32)
+        back = unslice(maps, positions, mask.shape, voxel_size, axis, np.array([1.0, 0.0]))
+        found = back.argmax(-1) == 1
+        dice = 2 * (found & (mask == 1)).sum() / (found.sum() + mask.sum())
+        assert dice > 0.9, axis
+
+
+def test_standard_space_maps_go_back_onto_the_scans_own_grid(tmp_path):
+    """The lesion masks of a --space mni store, as a perfect model would give them, land on
+    the lesion drawn on each scan's own grid."""
+    from test_standard import LESION_MM, LESION_RADIUS, _bids
+
+    from preprocess.pipeline import run
+
+    truths = _bids(tmp_path / "bids", seed=1, grids=[((88, 110, 100), (2.0, 2.0, 2.0), "LPS")])
+    store = tmp_path / "mni.h5"
+    settings = PreprocessSettings(space="mni", suffix=("T1w", "FLAIR"), masks="lesion", size=32)
+    run([str(tmp_path / "bids")], store, settings, report=lambda _: None)
+    with open_store(store) as opened:
+        table = opened.subjects_table()
+        rows = np.argsort(opened.slice_index[()])
+        masks, planes = opened.masks[()][rows], opened.slice_index[()][rows]
+        record = {
+            "positions": planes,
+            "shape": table[schema.SHAPE][0],
+            "affine": table[schema.AFFINE][0],
+            "voxel_size": table[schema.VOXEL_SIZE][0],
+            "to_template": table[schema.TO_TEMPLATE][0],
+        }
+    maps = np.stack([masks == 0, masks == 1], -1).astype(np.float32)
+    found = on_scan_grid(maps, record, settings).argmax(-1) == 1
+    affine, shape = np.asarray(record["affine"]), tuple(record["shape"])
+    grid = np.indices(shape).reshape(3, -1).T
+    world = grid @ affine[:3, :3].T + affine[:3, 3]
+    truth = truths["01"]
+    in_template = world @ truth[:3, :3].T + truth[:3, 3]
+    lesion = (np.linalg.norm(in_template - LESION_MM, axis=1) < LESION_RADIUS).reshape(shape)
+    dice = 2 * (found & lesion).sum() / (found.sum() + lesion.sum())
+    assert dice > 0.7
+
+
+def test_what_cannot_be_predicted_is_one_line_and_writes_nothing(
+    classification_run, phantom_bids, tmp_path, capsys
+):
+    def run(*args) -> tuple[int, str]:
+        status = training_main(["predict", *map(str, args)])
+        return status, capsys.readouterr().err
+
+    out = tmp_path / "out"
+    status, err = run(tmp_path, phantom_bids, "-o", out)
+    assert (status, err) == (2, f"error: {tmp_path}: not a run folder (no config.json)\n")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_nifti(bad / "flat.nii.gz", np.zeros((20, 20, 20)))
+    status, err = run(classification_run, bad, "-o", out)
+    assert status == 2
+    assert err.splitlines()[-1] == "error: no usable scans: all 1 were rejected; nothing written"
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("participant_id\tgroup\nsub-99\tcontrol\n")
+    status, err = run(classification_run, phantom_bids, "-o", out, "--labels", labels)
+    assert status == 2
+    assert err.splitlines()[-1].startswith(f"error: {labels}: no subject of the scans has a value")
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not out.with_name("out.partial").exists()
+    out.mkdir()
+    status, err = run(classification_run, phantom_bids, "-o", out)
+    assert (status, err) == (2, f"error: {out}: exists; use --overwrite to replace it\n")
