@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import uuid
@@ -15,11 +16,14 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 )
 
+import numpy as np
 import pytest
-from helpers import COARSE_VOXELS
+from helpers import COARSE_VOXELS, MNI_SETTINGS, write_moved_heads
 from make_phantoms import write_bids
 
 from preprocess.cli import main as preprocess_main
+from preprocess.pipeline import RunOptions, Settings
+from preprocess.pipeline import run as preprocess_run
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +43,27 @@ def phantom_store(phantom_bids, tmp_path_factory) -> Path:
     args += ["--val-fraction", "0.25", "--test-fraction", "0.25", "--chunk-slices", "8"]
     assert preprocess_main(args) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory):
+    """A BIDS tree of three moved heads and its standard-space store (two workers), made
+    once for the whole test session, whichever pytest-xdist worker comes first."""
+    root = tmp_path_factory.getbasetemp().parent / "mni-study"
+    root.mkdir(exist_ok=True)
+    store = root / "mni.h5"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not store.exists():
+            truths = write_moved_heads(root / "bids")
+            np.save(root / "truths.npy", np.stack([truths[k] for k in sorted(truths)]))
+            summary = preprocess_run(
+                [str(root / "bids")], store, Settings(**MNI_SETTINGS), RunOptions(workers=2)
+            )
+            assert summary.rejected == []
+    stacked = np.load(root / "truths.npy")
+    truths = {f"{index + 1:02d}": matrix for index, matrix in enumerate(stacked)}
+    return root, truths, store
 
 
 @pytest.fixture

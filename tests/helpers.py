@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import nibabel as nib
 import numpy as np
+from make_heads import moved_head, scanner_grid, write_head
 
 from preprocess.pipeline import Settings
 from preprocess.writer import Partial, scan_record
@@ -105,3 +106,63 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+# Heads for standard space (--space mni): (shape, voxel size, voxel order) of each subject's
+# T1, no two alike
+GRIDS = [
+    ((88, 110, 100), (2.0, 2.0, 2.0), "RAS"),
+    ((120, 150, 60), (1.5, 1.5, 3.0), "LPS"),
+    ((110, 70, 130), (1.6, 2.6, 1.6), "PIR"),
+]
+FLAIR_GRID = ((70, 90, 60), (2.5, 2.5, 3.0), "LAS")
+LESION_MM = np.array([30.0, -20.0, 20.0])  # template world: a sphere of label 1 around it
+LESION_RADIUS = 12.0
+
+
+def lesion_mask(affine: np.ndarray, shape, to_template: np.ndarray) -> np.ndarray:
+    """The lesion sphere on a grid (``affine``, ``shape``) of a head moved by ``to_template``."""
+    grid = np.indices(shape).reshape(3, -1).T
+    world = grid @ affine[:3, :3].T + affine[:3, 3]
+    in_template = world @ to_template[:3, :3].T + to_template[:3, 3]
+    inside = np.linalg.norm(in_template - LESION_MM, axis=1) < LESION_RADIUS
+    return inside.reshape(shape).astype(np.uint8)
+
+
+def write_moved_heads(
+    root, seed: int = 0, grids=GRIDS, flair: bool = True
+) -> dict[str, np.ndarray]:
+    """A BIDS tree of heads moved by known affines (``make_heads``): T1w on ``grids``, FLAIR
+    on another grid, a lesion mask (a sphere at ``LESION_MM`` of the template) on a third;
+    returns subject id -> the true scanner-to-template map."""
+    rng = np.random.default_rng(seed)
+    truths = {}
+    (root / "participants.tsv").parent.mkdir(parents=True, exist_ok=True)
+    rows = ["participant_id\tgroup"]
+    for index, (shape, voxel, order) in enumerate(grids):
+        subject = f"{index + 1:02d}"
+        anat = root / f"sub-{subject}" / "anat"
+        anat.mkdir(parents=True)
+        truths[subject] = write_head(anat / f"sub-{subject}_T1w.nii.gz", rng, shape, voxel, order)
+        rows.append(f"sub-{subject}\t{'ab'[index % 2]}")
+        if not flair:
+            continue
+        flair_shape, flair_voxel, flair_order = FLAIR_GRID
+        affine = scanner_grid(flair_shape, flair_voxel, flair_order)
+        t1_like = moved_head(truths[subject], affine, flair_shape, rng).astype(np.float32)
+        write_nifti(anat / f"sub-{subject}_FLAIR.nii.gz", np.sqrt(t1_like) * 50, affine, np.int16)
+        masks = root / "derivatives" / "lesions" / f"sub-{subject}" / "anat"
+        masks.mkdir(parents=True)
+        mask_affine = scanner_grid((90, 100, 90), (3.0, 3.0, 3.0), "RPI")  # covers the T1
+        lesion = lesion_mask(mask_affine, (90, 100, 90), truths[subject])
+        write_nifti(masks / f"sub-{subject}_desc-lesion_mask.nii.gz", lesion, mask_affine, np.uint8)
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
+    return truths
+
+
+MNI = dict(space="mni", suffix=("T1w", "FLAIR"), masks="lesion", label_column="group", size=32)
+
+
+MNI_SETTINGS = dict(
+    space="mni", suffix=("T1w", "FLAIR"), masks="lesion", label_column="group", size=32
+)

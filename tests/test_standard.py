@@ -8,15 +8,20 @@ the truth in millimetres over the template's brain.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from helpers import assert_same_store_content, write_nifti
-from make_heads import known_motion, moved_head, scanner_grid, template_head, write_head
+from helpers import (
+    LESION_MM,
+    LESION_RADIUS,
+    MNI_SETTINGS,
+    assert_same_store_content,
+    write_nifti,
+)
+from make_heads import known_motion, moved_head, scanner_grid, template_head
 
 from loader import open_store, schema
 from loader.cli import main as loader_main
@@ -27,15 +32,6 @@ from preprocess.pipeline import RunOptions, Settings, run
 from preprocess.standard import load_template
 
 SCHEMA3 = Path(__file__).parent / "data" / "schema3.h5"  # written before standard space
-# (shape, voxel size, voxel order) of each subject's T1: no two alike
-GRIDS = [
-    ((88, 110, 100), (2.0, 2.0, 2.0), "RAS"),
-    ((120, 150, 60), (1.5, 1.5, 3.0), "LPS"),
-    ((110, 70, 130), (1.6, 2.6, 1.6), "PIR"),
-]
-FLAIR_GRID = ((70, 90, 60), (2.5, 2.5, 3.0), "LAS")
-LESION_MM = np.array([30.0, -20.0, 20.0])  # template world: a sphere of label 1 around it
-LESION_RADIUS = 12.0
 
 
 def _brain_points(count: int = 2000) -> np.ndarray:
@@ -50,64 +46,6 @@ def _error_mm(estimate: np.ndarray, truth: np.ndarray) -> float:
     points = np.c_[_brain_points(), np.ones(2000)]
     scanner = points @ np.linalg.inv(truth).T  # where the truth puts each template point
     return float(np.linalg.norm((scanner @ estimate.T - points)[:, :3], axis=1).mean())
-
-
-def _lesion(affine: np.ndarray, shape, to_template: np.ndarray) -> np.ndarray:
-    grid = np.indices(shape).reshape(3, -1).T
-    world = grid @ affine[:3, :3].T + affine[:3, 3]
-    in_template = world @ to_template[:3, :3].T + to_template[:3, 3]
-    inside = np.linalg.norm(in_template - LESION_MM, axis=1) < LESION_RADIUS
-    return inside.reshape(shape).astype(np.uint8)
-
-
-def _bids(root, seed: int = 0, grids=GRIDS, flair: bool = True) -> dict[str, np.ndarray]:
-    """A BIDS tree of moved heads (T1w, FLAIR on another grid, a lesion mask on a third);
-    returns subject id -> the true scanner-to-template map."""
-    rng = np.random.default_rng(seed)
-    truths = {}
-    (root / "participants.tsv").parent.mkdir(parents=True, exist_ok=True)
-    rows = ["participant_id\tgroup"]
-    for index, (shape, voxel, order) in enumerate(grids):
-        subject = f"{index + 1:02d}"
-        anat = root / f"sub-{subject}" / "anat"
-        anat.mkdir(parents=True)
-        truths[subject] = write_head(anat / f"sub-{subject}_T1w.nii.gz", rng, shape, voxel, order)
-        rows.append(f"sub-{subject}\t{'ab'[index % 2]}")
-        if not flair:
-            continue
-        flair_shape, flair_voxel, flair_order = FLAIR_GRID
-        affine = scanner_grid(flair_shape, flair_voxel, flair_order)
-        t1_like = moved_head(truths[subject], affine, flair_shape, rng).astype(np.float32)
-        write_nifti(anat / f"sub-{subject}_FLAIR.nii.gz", np.sqrt(t1_like) * 50, affine, np.int16)
-        masks = root / "derivatives" / "lesions" / f"sub-{subject}" / "anat"
-        masks.mkdir(parents=True)
-        mask_affine = scanner_grid((90, 100, 90), (3.0, 3.0, 3.0), "RPI")  # covers the T1
-        lesion = _lesion(mask_affine, (90, 100, 90), truths[subject])
-        write_nifti(masks / f"sub-{subject}_desc-lesion_mask.nii.gz", lesion, mask_affine, np.uint8)
-    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
-    return truths
-
-
-MNI = dict(space="mni", suffix=("T1w", "FLAIR"), masks="lesion", label_column="group", size=32)
-
-
-@pytest.fixture(scope="session")
-def study(tmp_path_factory):
-    """A BIDS tree of three moved heads and its standard-space store (two workers), made
-    once for the whole test session, whichever pytest-xdist worker comes first."""
-    root = tmp_path_factory.getbasetemp().parent / "mni-study"
-    root.mkdir(exist_ok=True)
-    store = root / "mni.h5"
-    with open(root / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not store.exists():
-            truths = _bids(root / "bids")
-            np.save(root / "truths.npy", np.stack([truths[k] for k in sorted(truths)]))
-            summary = run([str(root / "bids")], store, Settings(**MNI), RunOptions(workers=2))
-            assert summary.rejected == []
-    stacked = np.load(root / "truths.npy")
-    truths = {f"{index + 1:02d}": matrix for index, matrix in enumerate(stacked)}
-    return root, truths, store
 
 
 def test_the_stored_transform_is_within_2_mm_of_the_truth(study):
@@ -212,10 +150,10 @@ def test_a_second_run_with_one_worker_stopped_and_resumed_writes_the_same_store(
 
     monkeypatch.setattr(pipeline, "process_scan", stop_second)
     with pytest.raises(KeyboardInterrupt):
-        run(inputs, resumed, Settings(**MNI), RunOptions(workers=1), report=print)
+        run(inputs, resumed, Settings(**MNI_SETTINGS), RunOptions(workers=1), report=print)
     monkeypatch.setattr(pipeline, "process_scan", real)
     summary = run(
-        inputs, resumed, Settings(**MNI), RunOptions(workers=1, resume=True), report=print
+        inputs, resumed, Settings(**MNI_SETTINGS), RunOptions(workers=1, resume=True), report=print
     )
     assert summary.resumed == 1
     assert summary.written == 2
@@ -229,7 +167,7 @@ def test_a_second_run_with_one_worker_stopped_and_resumed_writes_the_same_store(
 def test_a_shard_writes_the_rows_of_the_whole_store(study, tmp_path):
     root, _, store = study
     shard = tmp_path / "shard1.h5"
-    run([str(root / "bids")], shard, Settings(**MNI, shard="1/2"), RunOptions(workers=1))
+    run([str(root / "bids")], shard, Settings(**MNI_SETTINGS, shard="1/2"), RunOptions(workers=1))
     with open_store(store) as whole, open_store(shard) as part:
         ids = list(part.subjects_table()[schema.SUBJECT_ID])
         assert 0 < len(ids) < 3
