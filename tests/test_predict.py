@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,8 @@ from preprocess.slices import label_slices, unslice
 from training import predict, train
 from training.cli import main as training_main
 from training.inference import on_scan_grid
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +148,18 @@ def test_what_cannot_be_predicted_is_one_line_and_writes_nothing(
     out.mkdir()
     status, err = run(classification_run, phantom_bids, "-o", out)
     assert (status, err) == (2, f"error: {out}: exists; use --overwrite to replace it\n")
+
+
+def test_a_run_trained_on_tensorflow_predicts_on_jax(classification_run, phantom_bids, tmp_path):
+    out = tmp_path / "on_jax"
+    command = [sys.executable, "-m", "training", "predict", str(classification_run)]
+    command += [str(phantom_bids), "-o", str(out), "--workers", "1"]
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    on_jax = {row["subject"]: row for row in _csv(out / "predictions.csv")}
+    for row in _csv(classification_run / "predictions.csv"):
+        assert on_jax[row["subject"]]["predicted"] == row["predicted"]
+        assert float(on_jax[row["subject"]]["probability"]) == pytest.approx(
+            float(row["probability"]), abs=1e-3
+        )

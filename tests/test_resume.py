@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shlex
@@ -19,6 +20,7 @@ from helpers import write_id_store
 from run_helpers import interrupted_and_resumed
 
 from training.cli import main as training_main
+from training.inference import predict
 from training.run import TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +129,7 @@ def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrup
     _assert_same_run(run_dir, reference)
 
 
-def test_a_killed_run_resumes_exactly_on_jax_too(phantom_store, tmp_path):
+def test_a_killed_run_resumes_exactly_on_jax_too(phantom_store, phantom_bids, tmp_path):
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     reference = tmp_path / "reference"
     done = _training(phantom_store, reference, env=env)
@@ -146,6 +148,16 @@ def test_a_killed_run_resumes_exactly_on_jax_too(phantom_store, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run_dir / "config.json").read_text())["versions"]["keras_backend"] == "jax"
     _assert_same_run(run_dir, reference)
+    # the model trained on JAX predicts on TensorFlow (this process) as it scored on JAX
+    predict(reference, [phantom_bids], tmp_path / "on_tf", workers=1, report=lambda _: None)
+    with open(tmp_path / "on_tf" / "predictions.csv", newline="") as handle:
+        on_tf = {row["subject"]: row for row in csv.DictReader(handle)}
+    with open(reference / "predictions.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            assert on_tf[row["subject"]]["predicted"] == row["predicted"]
+            assert float(on_tf[row["subject"]]["probability"]) == pytest.approx(
+                float(row["probability"]), abs=1e-3
+            )
 
 
 def test_sigterm_finishes_the_batch_checkpoints_and_the_printed_command_resumes(

@@ -10,6 +10,7 @@ mni``) and the reorientation, and the most probable label is taken last.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gzip
@@ -17,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ import keras
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
+from tqdm import tqdm
 
 from loader import files, open_store, schema
 from loader.sequence import model_input
@@ -41,8 +44,10 @@ from training.metrics import (
     evaluate_regression,
     subject_predictions,
 )
+from training.plots import plot_written_back
 
 SCANS = "scans.csv"
+PICTURE = "segmentations.png"
 SEGMENTATION_ENDING = "_pred.nii.gz"
 PROBABILITIES_ENDING = "_prob.nii.gz"
 # Preprocessing settings a prediction does not take from the store: they choose scans,
@@ -80,6 +85,7 @@ def predict(
     overwrite: bool = False,
     probabilities: bool = False,
     workers: int | None = None,
+    progress: bool | None = None,
     report=print,
 ) -> Prediction:
     """Predict new scans with a run's best model.
@@ -93,6 +99,7 @@ def predict(
         overwrite: replace an existing ``output``.
         probabilities: for segmentation, also write each label's probability map.
         workers: processes that compute slices. Defaults to preprocess's default.
+        progress: a progress bar over the scans; None shows one on a terminal.
         report: called with each line about a rejected scan or a warning.
 
     Raises:
@@ -121,33 +128,41 @@ def predict(
     partial.mkdir(parents=True)
     try:
         options = RunOptions() if workers is None else RunOptions(workers=workers)
-        outputs, facts = [], []
-        for scan, computed in processed(found.scans, settings, options):
-            if isinstance(computed, str):
-                result.rejected.append((str(scan.path), computed))
-                report(f"rejected: {scan.path}: {computed}")
-                continue
-            record, slices, _ = computed
-            stored = slices if slices.ndim == 4 else slices[..., None]
-            x = model_input(stored, schema.intensity_scale(settings.dtype), 0.0, channels)
-            answer = np.asarray(model.predict(x, batch_size=64, verbose=0), dtype=np.float64)
-            seen = known.get(record["sha256"])
-            if seen is not None:
-                result.seen.append(str(scan.path))
-                report(
-                    f"warning: {scan.path}: this scan (sha256 {record['sha256'][:12]}) is in "
-                    f"the store the model was trained on (split {seen}): its answer is not "
-                    "a fair test"
-                )
-            row = {"path": str(scan.path), "subject": scan.subject_id, "session": scan.session}
-            row["seen_in_training"] = seen or ""
-            if target["task"] == SEGMENTATION:
-                row |= _write_segmentation(partial, scan, record, answer, settings, probabilities)
-            else:
-                row |= _scan_answer(answer, target)
-            result.scans.append(row)
-            outputs.append(answer)
-            facts.append((scan, record))
+        outputs, facts, examples = [], [], []
+        show = sys.stderr.isatty() if progress is None else progress
+        bar = tqdm(total=len(found.scans), unit="scan", disable=not show, file=sys.stderr)
+        say = bar.write if show else report
+        pairs = processed(found.scans, settings, options)
+        with bar, contextlib.closing(pairs):  # an error here cancels the workers' scans
+            for scan, computed in pairs:
+                bar.update()
+                if isinstance(computed, str):
+                    result.rejected.append((str(scan.path), computed))
+                    say(f"rejected: {scan.path}: {computed}")
+                    continue
+                record, slices, _ = computed
+                stored = slices if slices.ndim == 4 else slices[..., None]
+                x = model_input(stored, schema.intensity_scale(settings.dtype), 0.0, channels)
+                answer = np.asarray(model.predict(x, batch_size=64, verbose=0), dtype=np.float64)
+                seen = known.get(record["sha256"])
+                if seen is not None:
+                    result.seen.append(str(scan.path))
+                    say(
+                        f"warning: {scan.path}: this scan (sha256 {record['sha256'][:12]}) is in "
+                        f"the store the model was trained on (split {seen}): its answer is not "
+                        "a fair test"
+                    )
+                row = {"path": str(scan.path), "subject": scan.subject_id, "session": scan.session}
+                row["seen_in_training"] = seen or ""
+                if target["task"] == SEGMENTATION:
+                    row |= _write_segmentation(
+                        partial, scan, record, answer, settings, probabilities, examples
+                    )
+                else:
+                    row |= _scan_answer(answer, target)
+                result.scans.append(row)
+                outputs.append(answer)
+                facts.append((scan, record))
         if not result.scans:
             raise TrainingError(
                 f"no usable scans: all {len(result.rejected)} were rejected; nothing written"
@@ -161,6 +176,8 @@ def predict(
             )
         result.subjects, result.metrics = _per_subject(outputs, facts, target, splits, truth)
         _write_tables(partial, result, target)
+        if examples:
+            plot_written_back([example[1:] for example in examples], partial / PICTURE)
         _publish(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -319,7 +336,9 @@ def _segmentation_subjects(outputs, facts) -> list[dict]:
     return [row | {"sessions": ";".join(sorted(row["sessions"]))} for row in rows.values()]
 
 
-def _write_segmentation(folder: Path, scan, record, answer, settings, probabilities) -> dict:
+def _write_segmentation(
+    folder: Path, scan, record, answer, settings, probabilities, examples: list
+) -> dict:
     """The most probable label on the scan's own grid (shape and affine of its file)."""
     maps = on_scan_grid(answer.astype(np.float32), record, settings)
     image = nib.load(scan.path)
@@ -327,6 +346,7 @@ def _write_segmentation(folder: Path, scan, record, answer, settings, probabilit
     back = orientations.ornt_transform(orientations.axcodes2ornt(("R", "A", "S")), ornt)
     labels = orientations.apply_orientation(maps.argmax(-1).astype(np.uint8), back)
     name = _output_name(scan)
+    _keep_example(examples, scan, image, labels, settings)
     segmentation = nib.Nifti1Image(np.ascontiguousarray(labels), image.affine)
     segmentation.set_qform(image.affine, 1)
     segmentation.set_sform(image.affine, 1)
@@ -341,6 +361,27 @@ def _write_segmentation(folder: Path, scan, record, answer, settings, probabilit
         maps_image = nib.Nifti1Image(stack.astype(np.float32), image.affine)
         files.write_bytes(folder / f"{name}{PROBABILITIES_ENDING}", _gzipped(maps_image))
     return row
+
+
+EXAMPLES = 4  # scans drawn in the picture: those with the most predicted voxels
+
+
+def _keep_example(examples: list, scan, image, labels: np.ndarray, settings) -> None:
+    """Keep the plane through the middle of the predicted region (along the file's third
+    voxel axis) of the scans with the most predicted voxels, for the picture."""
+    found = np.argwhere(labels > 0)
+    size = len(found)
+    if len(examples) == EXAMPLES and size <= examples[-1][0]:
+        return
+    k = int(np.median(found[:, 2])) if size else labels.shape[2] // 2
+    data = np.asanyarray(image.dataobj)
+    if data.ndim > 3:
+        data = data.reshape(*data.shape[:3], -1)[..., settings.volume or 0]
+    codes = "".join(orientations.aff2axcodes(image.affine))
+    title = f"{Path(scan.path).name}\nplane {k} of axis 3 ({codes}); {size} voxels"
+    examples.append((size, title, np.asarray(data[:, :, k], np.float32), labels[:, :, k]))
+    examples.sort(key=lambda example: -example[0])
+    del examples[EXAMPLES:]
 
 
 def _gzipped(image: nib.Nifti1Image) -> bytes:

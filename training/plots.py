@@ -132,6 +132,27 @@ def plot_segmentation(examples: dict, path: Path) -> None:
     _save(figure, path)
 
 
+def plot_written_back(examples: list[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
+    """Written-back segmentations over their scans, each in the file's own voxel order.
+
+    Args:
+        examples: ``(title, plane, labels)``: a plane of a scan as its file stores it
+            (first voxel axis to the right, second up) and the written labels on it.
+        path: the PNG to write.
+    """
+    count = len(examples)
+    figure, axes = plt.subplots(1, count, figsize=(3.0 * count, 3.4), squeeze=False)
+    for ax, (title, plane, labels) in zip(axes[0], examples, strict=True):
+        ax.imshow(plane.T, cmap="gray", origin="lower")
+        if labels.any() and not labels.all():
+            ax.contour(labels.T > 0, levels=[0.5], colors="red", linewidths=1, origin="lower")
+        ax.set_title(title, fontsize=7)
+        ax.set_axis_off()
+    figure.suptitle("written segmentations (red) on the scans' own voxel grids", fontsize=8)
+    figure.tight_layout()
+    _save(figure, path)
+
+
 def _save(figure, path: Path) -> None:
     files.save_png(figure, path)
     plt.close(figure)
