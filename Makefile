@@ -28,6 +28,8 @@ demo: $(INSTALLED)
 	$(BIN)/python -m preprocess $(DEMO)/bids -o $(DEMO)/lesions.h5 --suffix T1w FLAIR --masks lesion --label-column group --overwrite
 	$(BIN)/python -m loader $(DEMO)/lesions.h5 --preview $(DEMO)/lesions.png --count 12
 	$(BIN)/python -m training $(DEMO)/lesions.h5 -o $(DEMO)/run-lesions --target mask --epochs 3 --batch-size 16 --overwrite
+	$(BIN)/python scripts/make_phantoms.py $(DEMO)/new --subjects 4 --seed 1 --flair --overwrite
+	$(BIN)/python -m training predict $(DEMO)/run-lesions $(DEMO)/new -o $(DEMO)/predicted --overwrite
 	$(BIN)/python scripts/make_heads.py $(DEMO)/heads --heads 8 --shape 96 128 128 --voxel 2 2 2 --seed 0
 	$(BIN)/python -m preprocess $(DEMO)/heads -o $(DEMO)/mni.h5 --space mni --overwrite
 	$(BIN)/python -m loader $(DEMO)/mni.h5 --qc $(DEMO)/qc.png

@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
-def _predict_parser() -> argparse.ArgumentParser:
+def _predict_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser of ``python -m training predict`` (and no settings' flags)."""
     parser = argparse.ArgumentParser(
         prog="python -m training predict",
         description="Apply a run's best model to new scans, preprocessed by the same code and "
@@ -173,9 +174,11 @@ def _predict_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--probabilities", action="store_true", help="segmentation: also each label's map"
     )
-    parser.add_argument("--workers", type=int, metavar="N", help="processes that compute slices")
+    parser.add_argument(
+        "--workers", type=int, metavar="N", help="processes that compute slices (CPUs, at most 8)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    return parser
+    return parser, {}
 
 
 def predict_main(argv: list[str]) -> int:
@@ -205,4 +208,4 @@ def predict_main(argv: list[str]) -> int:
             )
         return 1 if result.rejected else 0
 
-    return run_main(_predict_parser(), argv, body, {})
+    return run_main(_predict_parser()[0], argv, body)

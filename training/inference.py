@@ -232,7 +232,7 @@ def _load_model(run_dir: Path, settings: PreprocessSettings, channels: str) -> k
     import training.segmentation  # noqa: F401
 
     try:
-        model = keras.saving.load_model(run_dir / run_folder.MODEL)
+        model = keras.saving.load_model(run_dir / run_folder.MODEL, compile=False)
     except Exception as exc:
         raise TrainingError(f"{run_dir / run_folder.MODEL}: cannot be loaded ({exc})") from exc
     count = len(schema.channel_names(settings.suffix, settings.context))
