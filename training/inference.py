@@ -128,10 +128,10 @@ def predict(
     partial.mkdir(parents=True)
     try:
         options = RunOptions() if workers is None else RunOptions(workers=workers)
-        outputs, facts, examples = [], [], []
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(total=len(found.scans), unit="scan", disable=not show, file=sys.stderr)
         say = bar.write if show else report
+        answers = _Answers(model, settings, target, channels, known, partial, probabilities, say)
         pairs = processed(found.scans, settings, options)
         with bar, contextlib.closing(pairs):  # an error here cancels the workers' scans
             for scan, computed in pairs:
@@ -139,51 +139,65 @@ def predict(
                 if isinstance(computed, str):
                     result.rejected.append((str(scan.path), computed))
                     say(f"rejected: {scan.path}: {computed}")
-                    continue
-                record, slices, _ = computed
-                stored = slices if slices.ndim == 4 else slices[..., None]
-                x = model_input(stored, schema.intensity_scale(settings.dtype), 0.0, channels)
-                answer = np.asarray(model.predict(x, batch_size=64, verbose=0), dtype=np.float64)
-                seen = known.get(record["sha256"])
-                if seen is not None:
-                    result.seen.append(str(scan.path))
-                    say(
-                        f"warning: {scan.path}: this scan (sha256 {record['sha256'][:12]}) is in "
-                        f"the store the model was trained on (split {seen}): its answer is not "
-                        "a fair test"
-                    )
-                row = {"path": str(scan.path), "subject": scan.subject_id, "session": scan.session}
-                row["seen_in_training"] = seen or ""
-                if target["task"] == SEGMENTATION:
-                    row |= _write_segmentation(
-                        partial, scan, record, answer, settings, probabilities, examples
-                    )
                 else:
-                    row |= _scan_answer(answer, target)
-                result.scans.append(row)
-                outputs.append(answer)
-                facts.append((scan, record))
+                    answers.add(scan, computed[0], computed[1], result)
         if not result.scans:
             raise TrainingError(
                 f"no usable scans: all {len(result.rejected)} were rejected; nothing written"
             )
         column = target["name"] or store["config"].get("label_column")  # None: the store's
-        truth = _true_values(found.participants, column, labels is not None)
-        if labels is not None and not {scan.subject_id for scan, _ in facts} & set(truth):
-            raise TrainingError(
-                f"{labels}: no subject of the scans has a value of {column!r} in it (ids such "
-                f"as {sorted(truth)[:3]} against {sorted({s.subject_id for s, _ in facts})[:3]})"
-            )
-        result.subjects, result.metrics = _per_subject(outputs, facts, target, splits, truth)
+        truth = _true_values(found.participants, column, labels)
+        result.subjects, result.metrics = _per_subject(answers, target, splits, truth)
         _write_tables(partial, result, target)
-        if examples:
-            plot_written_back([example[1:] for example in examples], partial / PICTURE)
+        if answers.examples:
+            plot_written_back([example[1:] for example in answers.examples], partial / PICTURE)
         _publish(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     result.seconds = time.perf_counter() - started
     return result
+
+
+@dataclass
+class _Answers:
+    """The model's outputs, gathered scan by scan; segmentations are written as they come."""
+
+    model: keras.Model
+    settings: PreprocessSettings
+    target: dict
+    channels: str
+    known: dict[str, str]  # sha256 -> split of the training store's scans
+    folder: Path
+    probabilities: bool
+    say: object
+    outputs: list[np.ndarray] = field(default_factory=list)
+    facts: list[tuple] = field(default_factory=list)  # (scan, record)
+    examples: list[tuple] = field(default_factory=list)  # for the picture
+
+    def add(self, scan, record: dict, slices: np.ndarray, result: Prediction) -> None:
+        """Predict one scan's slices; its row in ``result.scans``."""
+        stored = slices if slices.ndim == 4 else slices[..., None]
+        x = model_input(stored, schema.intensity_scale(self.settings.dtype), 0.0, self.channels)
+        answer = np.asarray(self.model.predict(x, batch_size=64, verbose=0), dtype=np.float64)
+        seen = self.known.get(record["sha256"])
+        if seen is not None:
+            result.seen.append(str(scan.path))
+            self.say(
+                f"warning: {scan.path}: this scan (sha256 {record['sha256'][:12]}) is in the "
+                f"store the model was trained on (split {seen}): its answer is not a fair test"
+            )
+        row = {"path": str(scan.path), "subject": scan.subject_id, "session": scan.session}
+        row["seen_in_training"] = seen or ""
+        if self.target["task"] == SEGMENTATION:
+            row |= _write_segmentation(
+                self.folder, scan, record, answer, self.settings, self.probabilities, self.examples
+            )
+        else:
+            row |= _scan_answer(answer, self.target)
+        result.scans.append(row)
+        self.outputs.append(answer)
+        self.facts.append((scan, record))
 
 
 def read_run(run_dir: Path) -> dict:
@@ -275,19 +289,30 @@ def _scan_answer(outputs: np.ndarray, target: dict) -> dict:
     return row | {"slices": len(outputs)}
 
 
-def _true_values(participants: dict, column: str | None, asked: bool) -> dict:
+def _true_values(participants: dict, column: str | None, labels) -> dict:
     """subject id -> the true value of the run's target ``column``, from the labels table
-    (``--labels``, or the ``participants.tsv`` of BIDS inputs)."""
+    (``labels``, or the ``participants.tsv`` of BIDS inputs)."""
     rows = participants.items()
     values = {k: row[column] for k, row in rows if column and row.get(column) is not None}
-    if asked and not values:
-        raise TrainingError(f"the labels table has no values of {column!r} (the run's target)")
+    if labels is not None and not values:
+        raise TrainingError(f"{labels}: no values of {column!r} (the run's target)")
     return values
 
 
-def _per_subject(outputs, facts, target: dict, splits, truth: dict) -> tuple[list[dict], dict]:
+def _per_subject(answers: _Answers, target: dict, splits, truth: dict) -> tuple[list[dict], dict]:
     """One row per subject (slices of all its scans pooled, as evaluation pools them) and,
-    with true values, the scores."""
+    with true values, the scores.
+
+    Raises:
+        TrainingError: a labels table was given and none of the scans' subjects is in it.
+    """
+    outputs, facts = answers.outputs, answers.facts
+    subjects = {scan.subject_id for scan, _ in facts}
+    if answers.settings.labels is not None and not subjects & set(truth):
+        raise TrainingError(
+            f"{answers.settings.labels}: no subject of the scans has a value in it (ids such "
+            f"as {sorted(truth)[:3]} against {sorted(subjects)[:3]})"
+        )
     if target["task"] == SEGMENTATION:
         return _segmentation_subjects(outputs, facts), {}
     flat = np.concatenate([o.reshape(len(o), -1) for o in outputs])
