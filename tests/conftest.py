@@ -98,30 +98,37 @@ def small_disk(tmp_path):
 
 
 # The modules with the longest tests (training runs, JAX processes, registrations), longest
-# first. pytest-xdist's worksteal hands its first worker the first half of the items and the
-# second worker the rest, and a worker that runs dry steals from the end of the other's
-# queue: so these modules go to the front of the two halves, alternately, and the short
-# tests come after them, where they even out the end of the run.
+# first. pytest-xdist's worksteal hands each of its N workers one N-th of the items in order,
+# and a worker that runs dry steals from the end of another's queue: so these modules are
+# dealt to the front of the N parts in turn, and the short tests come after them, where
+# they even out the end of the run.
 HEAVY_MODULES = (
-    "test_channels.py",
     "test_resume.py",
+    "test_channels.py",
+    "test_targets.py",
     "test_standard.py",
     "test_files.py",
-    "test_targets.py",
-    "test_distributed.py",
     "test_training.py",
+    "test_distributed.py",
+    "test_predict.py",
+    "test_readme.py",
     "test_command.py",
 )
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order the tests so that both pytest-xdist workers start on the long ones."""
+    """Order the tests so that every pytest-xdist worker starts on long ones."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     by_module: dict[str, list] = {}
     for item in items:
         by_module.setdefault(item.path.name, []).append(item)
-    halves: tuple[list, list] = ([], [])
+    parts: list[list] = [[] for _ in range(count)]
     for index, name in enumerate(name for name in HEAVY_MODULES if name in by_module):
-        halves[index % 2].extend(by_module.pop(name))
+        parts[index % count].extend(by_module.pop(name))
     light = [item for module in by_module.values() for item in module]
-    first = max(0, len(items) // 2 - len(halves[0]))
-    items[:] = halves[0] + light[:first] + halves[1] + light[first:]
+    ordered = []
+    for index, part in enumerate(parts):  # each part filled up to its share of the items
+        share = len(items) * (index + 1) // count - len(ordered) - len(part)
+        ordered += part + light[: max(0, share)]
+        light = light[max(0, share) :]
+    items[:] = ordered + light
