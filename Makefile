@@ -11,13 +11,13 @@ DEMO := demo
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,jax,mni]"
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[test,jax,mni]"
 	touch $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n 3 --dist worksteal --durations=15
+	$(BIN)/python -m pytest -n 4 --dist worksteal --durations=15
 
 demo: $(INSTALLED)
 	$(BIN)/python scripts/make_phantoms.py $(DEMO)/bids --subjects 48 --seed 0 --flair --overwrite
