@@ -11,10 +11,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-# three pytest-xdist workers share two cores, and many tests start training processes: one
-# TensorFlow thread each (these are read when TensorFlow starts, here and in subprocesses)
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 # JAX processes the tests start (two at a time, beside the other pytest-xdist worker): one
 # XLA thread each, not a pool per core spinning against the others
 os.environ.setdefault(
