@@ -97,12 +97,11 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-# The modules with the longest tests (training runs, registrations), longest first.
-# pytest-xdist's worksteal hands each of its N workers one N-th of the items in order, and a
-# worker that runs dry steals from the end of another's queue. The tests that start JAX
-# processes (marked `jax_processes`) go first to the first worker, one after another: side
-# by side they fight over the cores. The heavy modules are dealt to the front of the other
-# parts in turn, and the short tests come after them, where they even out the end.
+# The modules with the longest tests (training runs, JAX processes, registrations), longest
+# first. pytest-xdist's worksteal hands each of its N workers one N-th of the items in order,
+# and a worker that runs dry steals from the end of another's queue: so these modules are
+# dealt to the front of the N parts in turn, and the short tests come after them, where
+# they even out the end of the run.
 HEAVY_MODULES = (
     "test_resume.py",
     "test_channels.py",
@@ -118,18 +117,14 @@ HEAVY_MODULES = (
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order the tests so that every pytest-xdist worker starts on long ones, and the tests
-    that start JAX processes run one at a time."""
+    """Order the tests so that every pytest-xdist worker starts on long ones."""
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    jax = [item for item in items if item.get_closest_marker("jax_processes")]
     by_module: dict[str, list] = {}
     for item in items:
-        if not item.get_closest_marker("jax_processes"):
-            by_module.setdefault(item.path.name, []).append(item)
-    parts: list[list] = [list(jax)] + [[] for _ in range(count - 1)]
-    heavy = [name for name in HEAVY_MODULES if name in by_module]
-    for index, name in enumerate(heavy):
-        parts[1 + index % (count - 1) if count > 1 else 0].extend(by_module.pop(name))
+        by_module.setdefault(item.path.name, []).append(item)
+    parts: list[list] = [[] for _ in range(count)]
+    for index, name in enumerate(name for name in HEAVY_MODULES if name in by_module):
+        parts[index % count].extend(by_module.pop(name))
     light = [item for module in by_module.values() for item in module]
     ordered = []
     for index, part in enumerate(parts):  # each part filled up to its share of the items

@@ -317,7 +317,6 @@ def test_a_segmentation_run_resumes_exactly(lesion_store, tmp_path):
     assert resumed.metrics == whole.metrics
 
 
-@pytest.mark.jax_processes
 def test_segmentation_trains_on_two_processes_with_jax(lesion_store, tmp_path):
     """The Dice metric resets on every backend (it once failed on JAX alone, too)."""
     run, port = tmp_path / "run", free_port()

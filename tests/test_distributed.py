@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from helpers import free_port
 
 from loader.store import open_store
@@ -37,7 +36,6 @@ np.save(out.replace("weights", "rows"), np.array(served))
 """
 
 
-@pytest.mark.jax_processes
 def test_two_processes_train_one_model_on_their_own_shares(phantom_store, tmp_path):
     port, run_dir = free_port(), tmp_path / "run"
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}

@@ -150,7 +150,6 @@ def test_what_cannot_be_predicted_is_one_line_and_writes_nothing(
     assert (status, err) == (2, f"error: {out}: exists; use --overwrite to replace it\n")
 
 
-@pytest.mark.jax_processes
 def test_a_run_trained_on_tensorflow_predicts_on_jax(classification_run, phantom_bids, tmp_path):
     out = tmp_path / "on_jax"
     command = [sys.executable, "-m", "training", "predict", str(classification_run)]

@@ -129,7 +129,6 @@ def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrup
     _assert_same_run(run_dir, reference)
 
 
-@pytest.mark.jax_processes
 def test_a_killed_run_resumes_exactly_on_jax_too(phantom_store, phantom_bids, tmp_path):
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     reference = tmp_path / "reference"
