@@ -55,21 +55,14 @@ def fixed_head() -> np.ndarray:
 
 
 def known_motion(rng: np.random.Generator, shape) -> tuple[np.ndarray, np.ndarray]:
-    """``(matrix, offset)``: the moving head at point p shows the fixed head at M p + o."""
-    angles = np.radians(rng.uniform(-15, 15, 3))
-    rotation = np.eye(3)
-    for axis, angle in enumerate(angles):
-        c, s = np.cos(angle), np.sin(angle)
-        turn = np.eye(3)
-        i, j = [k for k in range(3) if k != axis]
-        turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
-        rotation = rotation @ turn
-    shear = np.eye(3)
-    shear[0, 1], shear[1, 2] = rng.uniform(-0.05, 0.05, 2)
-    matrix = rotation @ np.diag(rng.uniform(0.9, 1.1, 3)) @ shear
+    """``(matrix, offset)`` in voxels: the moving head at voxel p shows the fixed head at
+    M p + o (``make_heads.known_motion`` about the grid's centre)."""
+    from make_heads import known_motion as motion
+
+    moved = motion(rng)
+    matrix = moved[:3, :3]
     centre = (np.array(shape) - 1) / 2
-    offset = centre - matrix @ centre + rng.uniform(-20, 20, 3)
-    return matrix, offset
+    return matrix, centre - matrix @ centre + moved[:3, 3]
 
 
 def moving_head(fixed: np.ndarray, matrix, offset, rng: np.random.Generator) -> np.ndarray:
