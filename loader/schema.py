@@ -55,7 +55,6 @@ SIMILARITY = "similarity"  # schema 4
 
 # The TEMPLATE group (schema 4, standard-space stores only): the template's brain, cut as
 # the scans' slices are, for drawing its outline over them.
-TEMPLATE = "template"
 TEMPLATE_BRAIN = "template/brain"
 TEMPLATE_SLICE = "template/slice"
 
@@ -74,7 +73,7 @@ ATTR_COMPLETE = "complete"
 ATTR_PARTICIPANT_COLUMNS = "participant_columns"
 ATTR_SPACE = "space"  # schema 4
 ATTR_TEMPLATE = "template"  # schema 4
-SPACES = ("native", "mni")
+SPACES = ("native", "mni")  # the choices of preprocess's --space
 
 # Attributes of IMAGES: a stored value v means the intensity v * scale + offset.
 ATTR_SCALE = "scale"

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from loader import schema, table
 from loader.options import SettingError, check_settings, option
-from loader.schema import UNLABELLED_SPLIT
+from loader.schema import SPACES, UNLABELLED_SPLIT
 from loader.store import open_store
 from loader.table import NUMERIC, class_indices, column_kind, numeric_values
 from preprocess.discover import (
@@ -46,7 +46,7 @@ from preprocess.errors import PreprocessError, ScanError
 from preprocess.shards import parse_shard, subjects_of_shard
 from preprocess.slices import AXES, kept_positions, label_slices, slices_at
 from preprocess.splits import assign_splits, quantile_strata, split_names
-from preprocess.standard import SPACES, load_template, moved, register
+from preprocess.standard import load_template, moved, register
 from preprocess.volume import (
     MAX_VOXELS,
     NORMALIZATIONS,
@@ -331,10 +331,9 @@ def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray, np.n
         notes += [f"{path.name}: {note}" for note in other.notes]
         others.append(other)
     labels = None if scan.mask is None else _named(scan.mask, _mask_volume, scan.mask, settings)
-    if labels is not None and coverage(labels, volume) < 0.999:
+    if labels is not None and (covered := coverage(labels, volume)) < 0.999:
         raise ScanError(
-            f"{scan.mask.name}: the mask covers only {coverage(labels, volume):.0%} of the "
-            "scan's field of view"
+            f"{scan.mask.name}: the mask covers only {covered:.0%} of the scan's field of view"
         )
     if settings.space == "mni":
         positions, channels, masks, facts = _standard(volume, others, labels, settings)

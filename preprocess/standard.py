@@ -32,7 +32,6 @@ from preprocess.errors import InputError, ScanError
 from preprocess.slices import AXES, label_slices
 from preprocess.volume import foreground
 
-SPACES = ("native", "mni")
 TEMPLATE_NAME = "MNI152NLin2009aSym"
 TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"  # in nilearn/datasets/data
 INSTALL = "pip install 'slicestore[mni]' (SimpleITK and nilearn's template)"
