@@ -376,11 +376,11 @@ def _native(volume, others, labels, settings: Settings):
     scale = normalization(volume.voxels, mask, settings.normalize, volume.slope, volume.inter)
     channels = [cut(volume.voxels, scale=scale)]
     for other in others:
-        data, _ = on_grid(other, volume)
+        data = on_grid(other, volume)
         channels.append(cut(data, scale=normalization(data, foreground(data), settings.normalize)))
     masks = None
     if labels is not None:
-        on_reference, _ = on_grid(labels, volume, order=0, data=labels.voxels)
+        on_reference = on_grid(labels, volume, order=0, data=labels.voxels)
         masks = label_slices(
             on_reference.astype(np.uint8),
             positions,

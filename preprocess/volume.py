@@ -320,7 +320,7 @@ def _pick_volume(image, volume: int | None):
 
 def on_grid(
     source: Volume, reference: Volume, order: int = 1, data: np.ndarray | None = None
-) -> tuple[np.ndarray, float]:
+) -> np.ndarray:
     """A volume's intensities resampled onto another's voxel grid through their affines.
 
     Scans of one session share the scanner's space, so this aligns them without any
@@ -333,14 +333,13 @@ def on_grid(
         data: ``source.data`` where the caller has it already.
 
     Returns:
-        ``(data, coverage)``: float32 on the reference's grid, and the share of the
-        reference's voxels that lie inside the source's field of view.
+        float32 on the reference's grid (how much of it the source covers:
+        :func:`coverage`).
     """
     data = source.data if data is None else data
     to_source = np.linalg.inv(source.affine) @ reference.affine
-    covered = coverage(source, reference)
     if reference.shape == source.shape and np.allclose(to_source, np.eye(4), atol=1e-4):
-        return data, covered  # the same grid
+        return data  # the same grid
     out = ndimage.affine_transform(
         data,
         to_source,
@@ -350,7 +349,7 @@ def on_grid(
         cval=float(data.min()),
         prefilter=False,
     )
-    return out.astype(np.float32, copy=False), covered
+    return out.astype(np.float32, copy=False)
 
 
 def coverage(source: Volume, reference: Volume) -> float:

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import MNI_SETTINGS, blob_volume, lesion_mask, write_nifti
+from make_phantoms import write_bids
 
 from loader import open_store, schema
+from preprocess.cli import main as preprocess_main
 from preprocess.pipeline import Settings as PreprocessSettings
 from preprocess.slices import label_slices, unslice
 from training import predict, train
@@ -62,11 +64,7 @@ def test_predicting_the_stores_own_scans_gives_the_runs_own_answers(
 
 
 def test_a_regression_run_predicts_its_validation_subjects_as_it_scored_them(tmp_path):
-    from make_phantoms import write_bids
-
     write_bids(tmp_path / "bids", subjects=10, seed=2, voxel_sizes=((4.0, 4.0, 4.0),))
-    from preprocess.cli import main as preprocess_main
-
     store = tmp_path / "s.h5"
     args = [str(tmp_path / "bids"), "-o", str(store), "--size", "32", "--workers", "1"]
     assert preprocess_main([*args, "--label-column", "group", "--val-fraction", "0.4"]) == 0

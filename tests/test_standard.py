@@ -22,13 +22,16 @@ from helpers import (
     write_nifti,
 )
 from make_heads import known_motion, moved_head, scanner_grid, template_head
+from scipy import ndimage
 
 from loader import open_store, schema
 from loader.cli import main as loader_main
 from loader.qc import chosen_scans
-from preprocess import pipeline
+from loader.stores import first_difference
+from preprocess import pipeline, standard
 from preprocess.cli import main
 from preprocess.pipeline import RunOptions, Settings, run
+from preprocess.slices import label_slices
 from preprocess.standard import load_template
 
 SCHEMA3 = Path(__file__).parent / "data" / "schema3.h5"  # written before standard space
@@ -124,8 +127,6 @@ def test_the_second_modality_and_the_mask_land_on_the_t1s_anatomy(study):
     sphere = (np.linalg.norm(world - LESION_MM, axis=1) < LESION_RADIUS).reshape(
         template.image.shape
     )
-    from preprocess.slices import label_slices
-
     expected = label_slices(sphere.astype(np.uint8), planes, template.voxel_size, "axial", 32)
     overlap = (
         2 * np.sum((masks == 1) & (expected == 1)) / (np.sum(masks == 1) + np.sum(expected == 1))
@@ -206,8 +207,6 @@ def test_odd_inputs_register_or_get_one_line_each(tmp_path, capsys):
     template = load_template("axial", 0.05)
     affine = scanner_grid((90, 110, 90), (2.0, 2.0, 2.0), "RAS")
     matrix = np.linalg.inv(template.affine) @ stripped_truth @ affine
-    from scipy import ndimage
-
     stripped = ndimage.affine_transform(template.image, matrix, output_shape=(90, 110, 90), order=1)
     write_nifti(folder / "stripped.nii.gz", stripped * 8, affine, np.int16)
     # a scan already in MNI space (the head on the template's own grid, 2 mm): registers
@@ -295,8 +294,6 @@ def test_the_registration_picture_of_a_native_store_is_one_line(tmp_path, capsys
 
 
 def test_stores_in_different_spaces_are_not_read_as_one(study):
-    from loader.stores import first_difference
-
     _, _, store = study
     with open_store(store) as mni, open_store(SCHEMA3) as old:
         assert first_difference(mni, old).startswith("space: 'mni' in")
@@ -305,8 +302,6 @@ def test_stores_in_different_spaces_are_not_read_as_one(study):
 def test_without_simpleitk_space_mni_is_one_line_naming_what_to_install(
     tmp_path, capsys, monkeypatch
 ):
-    from preprocess import standard
-
     find_spec = standard.importlib.util.find_spec
     monkeypatch.setattr(
         standard.importlib.util,

@@ -29,6 +29,8 @@ import numpy as np
 from nibabel import orientations
 from tqdm import tqdm
 
+import training.model
+import training.segmentation  # noqa: F401
 from loader import files, open_store, schema
 from loader.sequence import model_input
 from loader.target import REGRESSION, SEGMENTATION
