@@ -19,7 +19,7 @@ import numpy as np
 from loader import files
 from loader.exits import run_main
 from loader.options import add_options, check_settings, option, settings_from_args
-from loader.qc import registration_picture
+from loader.qc import mark_sides, registration_picture
 from loader.schema import SIMILARITY, SOURCE_PATH, SUBJECT_ID, SUBJECT_SPLIT, VIEW_SIDES
 from loader.store import Store, open_store
 from loader.stores import check_agree, store_paths
@@ -192,19 +192,9 @@ def preview(store: Store, path: str, count: int = 36, seed: int = 0) -> None:
         title += f"\n{table[SUBJECT_SPLIT][scan]}, slice {int(store.slice_index[row])}"
         ax.set_title(title, fontsize=7)
         if sides:
-            _mark_sides(ax, sides)
+            mark_sides(ax, sides)
     axis = store.config.get("axis", "?")
     figure.suptitle(f"{store.path}: {len(rows)} random {axis} slices", fontsize=9)
     figure.tight_layout()
     files.save_png(figure, path)
     plt.close(figure)
-
-
-def _mark_sides(ax, sides: tuple[str, str, str, str]) -> None:
-    """Write the patient's sides at the top, bottom, left and right edge of a tile."""
-    top, bottom, left, right = sides
-    style = {"color": "yellow", "fontsize": 7, "transform": ax.transAxes}
-    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
-    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
-    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
-    ax.text(0.98, 0.5, right, ha="right", va="center", **style)

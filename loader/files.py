@@ -13,9 +13,12 @@ line prints as ``PATH: the disk is full``.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +73,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Rows as a CSV file with a header: every key of any row is a column, in order of
+    first appearance; a row without one leaves it empty."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
+
+
 def save_png(figure, path: str | os.PathLike, dpi: int = 100) -> None:
     """A matplotlib figure as a PNG file through :func:`replacing`."""
     with replacing(path) as temporary, open(temporary, "wb") as handle:
@@ -83,6 +99,28 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def fresh_folder(output: str | os.PathLike) -> Path:
+    """An empty ``<output>.partial`` folder to write a folder of results into, before
+    :func:`publish_folder` puts it in place of ``output`` (a leftover is emptied)."""
+    output = Path(output)
+    partial = output.with_name(output.name + TEMPORARY_ENDING)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def publish_folder(partial: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Put a finished folder in place of ``output``: an older ``output`` goes only then."""
+    partial, output = Path(partial), Path(output)
+    old = output.with_name(output.name + ".old")
+    if output.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output, old)
+    os.replace(partial, output)
+    fsync_path(output.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def is_disk_full(exc: BaseException) -> bool:

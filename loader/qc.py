@@ -129,3 +129,13 @@ def _plane_aspect(template: dict, size: int) -> float:
     along = {"sagittal": 0, "coronal": 1, "axial": 2}[template["axis"]]
     extent = max(template["shape"][k] * voxel[k] for k in range(3) if k != along)
     return float(voxel[along] / (extent / size))
+
+
+def mark_sides(ax, sides: tuple[str, str, str, str]) -> None:
+    """Write the patient's sides at the top, bottom, left and right edge of a tile."""
+    top, bottom, left, right = sides
+    style = {"color": "yellow", "fontsize": 7, "transform": ax.transAxes}
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)

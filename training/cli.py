@@ -112,10 +112,12 @@ def _scores(scores: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``python -m training`` (or ``python -m training predict``); returns the exit status."""
+    """Run ``python -m training`` (or its ``predict``, ``explain``, ``compare``); returns the
+    exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["predict"]:
-        return predict_main(argv[1:])
+    commands = {"predict": predict_main, "explain": explain_main, "compare": compare_main}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
     parser, flags = _parser()
 
     def body(args: argparse.Namespace) -> int:
@@ -209,3 +211,92 @@ def predict_main(argv: list[str]) -> int:
         return 1 if result.rejected else 0
 
     return run_main(_predict_parser()[0], argv, body)
+
+
+def _explain_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m training explain``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training explain",
+        description="Occlusion maps of a run's best model: for each subject of a split, how "
+        "much hiding each patch of each slice lowers the probability of the subject's class "
+        "(or the predicted value), drawn over the slices and saved as numbers; and the maps "
+        "averaged per class (per third of the target for regression) at each slice "
+        "position. Exit status: 0 when done, 2 for usage errors (nothing written).",
+    )
+    parser.add_argument("run", metavar="RUN_DIR", help="a run folder of python -m training")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the folder to write")
+    parser.add_argument("--split", default="val", help="the split whose subjects are explained")
+    parser.add_argument(
+        "--subjects", nargs="+", metavar="ID", help="only these subjects (default: the split's)"
+    )
+    parser.add_argument(
+        "--patch", type=int, metavar="N", help="side of the hidden square (default: slice / 8)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    return parser
+
+
+def explain_main(argv: list[str]) -> int:
+    """Run ``python -m training explain``; returns the exit status."""
+    from training.explain import explain
+
+    def body(args: argparse.Namespace) -> int:
+        result = explain(
+            args.run,
+            args.output,
+            split=args.split,
+            subjects=args.subjects,
+            patch=args.patch,
+            overwrite=args.overwrite,
+        )
+        groups = ", ".join(f"{name} ({len(ids)})" for name, ids in result.groups.items())
+        print(
+            f"wrote {result.output} in {result.seconds:.1f} s: maps of "
+            f"{_plural(len(result.subjects), 'subject')}; groups: {groups}"
+        )
+        if result.approximate:
+            print(
+                "note: a native-space store: slice k is not the same anatomy in every "
+                "subject, so the group averages are approximate (--space mni makes them exact)"
+            )
+        return 0
+
+    return run_main(_explain_parser(), argv, body)
+
+
+def _compare_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m training compare``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training compare",
+        description="One table of runs: store, target, splits, the settings that differ, "
+        "best epoch, validation and test scores per slice and per subject, time; as text, "
+        "as compare.csv and with the validation curves side by side in compare.png. Exit "
+        "status: 0 when done, 2 for usage errors.",
+    )
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders holding run folders"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        default=".",
+        metavar="DIR",
+        help="where compare.csv and compare.png go (default: the current folder)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing files")
+    return parser
+
+
+def compare_main(argv: list[str]) -> int:
+    """Run ``python -m training compare``; returns the exit status."""
+    from training.compare import compare, format_table
+
+    def body(args: argparse.Namespace) -> int:
+        result = compare(args.runs, args.output, overwrite=args.overwrite)
+        print(format_table(result))
+        for line in result.notes:
+            print(line)
+        print(f"wrote {result.table} and {result.picture}")
+        return 0
+
+    return run_main(_compare_parser(), argv, body)

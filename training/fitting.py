@@ -11,7 +11,7 @@ import numpy as np
 
 from loader import H5Sequence, Store, files
 from loader.target import CLASSIFICATION, REGRESSION, SEGMENTATION, Target
-from training import run_folder, segmentation
+from training import run_folder, segmentation, tensorboard
 from training.checkpoints import Rest, RunState, stop_at_batch_end
 from training.data import training_values
 from training.errors import TrainingError
@@ -184,7 +184,13 @@ def fit(
         state.set_model(model)
         state.restore(data["val"][0])
     history_log = _History(run_dir / run_folder.HISTORY)
-    own = [history_log, state]  # the epoch's row is in history.csv before the checkpoint
+    own = [history_log]
+    if settings.tensorboard:
+        log_dir = run_dir / run_folder.TENSORBOARD
+        if resume:
+            tensorboard.prune(log_dir, state.epoch)
+        own.append(tensorboard.EpochLog(log_dir))
+    own.append(state)  # the epoch is in history.csv (and the logs) before its checkpoint
     if show:
         from tqdm.keras import TqdmCallback
 

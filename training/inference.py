@@ -11,10 +11,8 @@ mni``) and the reorientation, and the most probable label is taken last.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import gzip
-import io
 import json
 import os
 import shutil
@@ -118,16 +116,14 @@ def predict(
     channels = config["settings"].get("channels", "last")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: exists; use --overwrite to replace it")
-    model = _load_model(run_dir, settings, channels)
+    model = load_run_model(run_dir, settings, channels)
     try:
         found = find_scans([str(i) for i in inputs], settings, report)
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc
     known, splits = _training_scans(store, report)
     result = Prediction(output)
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    partial = files.fresh_folder(output)
     try:
         options = RunOptions() if workers is None else RunOptions(workers=workers)
         show = sys.stderr.isatty() if progress is None else progress
@@ -153,7 +149,7 @@ def predict(
         _write_tables(partial, result, target)
         if answers.examples:
             plot_written_back([example[1:] for example in answers.examples], partial / PICTURE)
-        _publish(partial, output)
+        files.publish_folder(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -242,7 +238,7 @@ def preprocess_settings(store_config: dict, labels=None) -> PreprocessSettings:
         raise TrainingError(f"the store's preprocessing settings cannot be used: {exc}") from exc
 
 
-def _load_model(run_dir: Path, settings: PreprocessSettings, channels: str) -> keras.Model:
+def load_run_model(run_dir: Path, settings: PreprocessSettings, channels: str) -> keras.Model:
     """The run's best model, checked against the slices the settings make."""
     import training.model
     import training.segmentation  # noqa: F401
@@ -451,25 +447,7 @@ def _output_name(scan) -> str:
 
 def _write_tables(folder: Path, result: Prediction, target: dict) -> None:
     for name, rows in ((run_folder.PREDICTIONS, result.subjects), (SCANS, result.scans)):
-        columns: list[str] = []
-        for row in rows:
-            columns += [key for key in row if key not in columns]
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        files.write_text(folder / name, text.getvalue())
+        files.write_rows(folder / name, rows)
     if result.metrics:
         document = {"target": target["name"], "task": target["task"], "scores": result.metrics}
         files.write_text(folder / run_folder.METRICS, json.dumps(document, indent=2))
-
-
-def _publish(partial: Path, output: Path) -> None:
-    """Put the finished folder in place of ``output`` (an older one goes only then)."""
-    old = output.with_name(output.name + ".old")
-    if output.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output, old)
-    os.replace(partial, output)
-    files.fsync_path(output.parent)
-    shutil.rmtree(old, ignore_errors=True)

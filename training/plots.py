@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from loader import files
+from loader.qc import mark_sides
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
@@ -156,3 +157,71 @@ def plot_written_back(examples: list[tuple[str, np.ndarray, np.ndarray]], path: 
 def _save(figure, path: Path) -> None:
     files.save_png(figure, path)
     plt.close(figure)
+
+
+def plot_maps(lines: list, title: str, sides: tuple | None, path: Path) -> None:
+    """Saliency maps over their slices: one row per subject or group, one tile per slice.
+
+    Red pixels raised the explained score (hiding them lowers it), blue ones lowered it;
+    the colour scale is shared by the whole picture and the overlay's opacity follows the
+    map's size, so quiet pixels show the slice.
+
+    Args:
+        lines: ``(row label, tiles)``; a tile is ``(title, image, map)``, both ``(S, S)``
+            in the viewing orientation.
+        title: the picture's title.
+        sides: the patient's sides at the tiles' (top, bottom, left, right), or None.
+        path: the PNG to write.
+    """
+    columns = max(1, max(len(tiles) for _, tiles in lines))
+    maps = np.concatenate([np.ravel(m) for _, tiles in lines for _, _, m in tiles])
+    scale = float(np.nanpercentile(np.abs(maps), 99.5)) if maps.size else 0.0
+    scale = scale or 1.0
+    figure, axes = plt.subplots(
+        len(lines), columns, figsize=(1.9 * columns + 0.6, 2.1 * len(lines) + 0.5), squeeze=False
+    )
+    for row, (label, tiles) in zip(axes, lines, strict=True):
+        for ax in row:
+            ax.axis("off")
+        for ax, (name, image, saliency) in zip(row, tiles, strict=False):
+            ax.imshow(image, cmap="gray")
+            opacity = np.clip(np.nan_to_num(np.abs(saliency)) / scale, 0, 1) * 0.85
+            ax.imshow(saliency, cmap="RdBu_r", vmin=-scale, vmax=scale, alpha=opacity)
+            ax.set_title(name, fontsize=7)
+            if sides:
+                mark_sides(ax, sides)
+        row[0].text(
+            -0.08, 0.5, label, transform=row[0].transAxes, rotation=90, fontsize=7,
+            ha="right", va="center",
+        )  # fmt: skip
+    figure.suptitle(f"{title}\ncolour scale: +-{scale:.3g}", fontsize=8)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def plot_compared_curves(curves: list[tuple[str, dict, str]], path: Path) -> None:
+    """The validation curves of several runs side by side: the loss, then each task's
+    monitored score (accuracy, MAE, Dice), one line per run.
+
+    Args:
+        curves: ``(run name, history, task)`` per run (``history`` from :func:`read_history`).
+        path: the PNG to write.
+    """
+    panels = ["val_loss"]
+    for _, history, _ in curves:
+        panels += [name for name in history if name.startswith("val_") and name not in panels]
+    panels = [p for p in panels if p in ("val_loss", "val_accuracy", "val_mae", "val_dice")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for name, history, _ in curves:
+            if history.get(panel):
+                epochs = np.arange(1, len(history[panel]) + 1)
+                ax.plot(epochs, history[panel], "-o", markersize=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(panel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    figure.tight_layout()
+    _save(figure, path)

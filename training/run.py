@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -34,14 +35,14 @@ from loader.options import SettingError
 from loader.store import StoreChangedError
 from loader.stores import check_agree, store_paths
 from loader.target import SEGMENTATION, Target
-from training import distributed, run_folder
+from training import distributed, run_folder, tensorboard
 from training.data import build_data, check_store, choose_target, class_weights
 from training.errors import TrainingError
 from training.fitting import MONITORS, build_model, fit
 from training.model import build, unet
 from training.plots import read_history
 from training.results import evaluate, write_results
-from training.settings import Settings
+from training.settings import NOT_COMPUTED, Settings
 
 __all__ = ["Result", "Settings", "TrainingError", "train"]
 
@@ -111,6 +112,8 @@ def train(
             resume=resume,
         )
     report = report or (lambda line: print(line, file=sys.stderr))
+    if settings.tensorboard:
+        tensorboard.check_available()
     process = _start_processes(settings)
     with _open(store) as opened, _own_run_dir(run_dir, process) as run_dir:
         targets = choose_target(opened, settings)
@@ -276,8 +279,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
             raise FileExistsError(
                 f"{run_dir}: exists and is not empty; use --overwrite to replace its run"
             )
-        for name in run_folder.RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
+        _remove_run_files(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -317,10 +319,6 @@ def run_config(
     }
 
 
-# Settings a resumed run may change: they do not change what is computed.
-_FREE_ON_RESUME = ("workers", "use_multiprocessing", "checkpoint_every")
-
-
 def _resumable(run_dir: Path, config: dict) -> bool:
     """Whether ``run_dir`` holds a run to continue with this ``config``.
 
@@ -343,8 +341,8 @@ def _resumable(run_dir: Path, config: dict) -> bool:
     for key in ("settings", "target", "model"):
         mine, theirs = now.get(key), saved.get(key)
         if key == "settings":
-            mine = {k: v for k, v in mine.items() if k not in _FREE_ON_RESUME}
-            theirs = {k: v for k, v in (theirs or {}).items() if k not in _FREE_ON_RESUME}
+            mine = {k: v for k, v in mine.items() if k not in NOT_COMPUTED}
+            theirs = {k: v for k, v in (theirs or {}).items() if k not in NOT_COMPUTED}
         if mine != theirs:
             differ = (
                 sorted(k for k in mine if mine.get(k) != theirs.get(k))
@@ -366,11 +364,17 @@ def _resumable(run_dir: Path, config: dict) -> bool:
     if not (run_dir / run_folder.CHECKPOINT).is_file():
         if (run_dir / run_folder.METRICS).is_file() and not _interrupted(run_dir):
             raise TrainingError(f"{run_dir}: the run is complete; nothing to resume")
-        for name in run_folder.RUN_FILES:
-            if name != run_folder.CONFIG:
-                (run_dir / name).unlink(missing_ok=True)
+        _remove_run_files(run_dir, keep=(run_folder.CONFIG,))
         return False
     return True
+
+
+def _remove_run_files(run_dir: Path, keep=()) -> None:
+    """Remove an earlier run's files (and its TensorBoard logs) from ``run_dir``."""
+    for name in run_folder.RUN_FILES:
+        if name not in keep:
+            (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / run_folder.TENSORBOARD, ignore_errors=True)
 
 
 def _interrupted(run_dir: Path) -> bool:

@@ -13,6 +13,7 @@ CONFUSION = "confusion.png"  # classification
 SCATTER = "scatter.png"  # regression
 SEGMENTATION_PICTURE = "segmentation.png"  # segmentation
 PICTURES = (CURVES, CONFUSION, SCATTER, SEGMENTATION_PICTURE)
+TENSORBOARD = "tensorboard"  # a folder: Keras' TensorBoard logs (--tensorboard)
 
 # What a run folder holds; --overwrite removes these and nothing else.
 RUN_FILES = (MODEL, CHECKPOINT, HISTORY, METRICS, CONFIG, *PICTURES, PREDICTIONS)

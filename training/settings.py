@@ -14,6 +14,9 @@ TARGET = "target (what to predict)"
 DATA = "data"
 MODEL = "model and fitting"
 HOSTS = "several processes or hosts (KERAS_BACKEND=jax)"
+# Settings that change how a run goes but not what it computes: a resumed run may change
+# them, and run comparisons do not list them as differences.
+NOT_COMPUTED = ("workers", "use_multiprocessing", "checkpoint_every", "tensorboard")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,11 @@ class Settings:
         "none",
         "weigh classes by their inverse frequency in the training splits",
         choices=CLASS_WEIGHTS,
+        group=MODEL,
+    )
+    tensorboard: bool = option(
+        False,
+        "write TensorBoard logs (scalars per epoch, the model graph) under RUN_DIR/tensorboard/",
         group=MODEL,
     )
 
