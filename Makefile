@@ -23,8 +23,10 @@ demo: $(INSTALLED)
 	$(BIN)/python scripts/make_phantoms.py $(DEMO)/bids --subjects 48 --seed 0 --flair --overwrite
 	$(BIN)/python -m preprocess $(DEMO)/bids -o $(DEMO)/store.h5 --label-column group --overwrite
 	$(BIN)/python -m loader $(DEMO)/store.h5 --preview $(DEMO)/preview.png
-	$(BIN)/python -m training $(DEMO)/store.h5 -o $(DEMO)/run --epochs 5 --batch-size 64 --overwrite
+	$(BIN)/python -m training $(DEMO)/store.h5 -o $(DEMO)/run --epochs 5 --batch-size 64 --tensorboard --overwrite
 	$(BIN)/python -m training $(DEMO)/store.h5 -o $(DEMO)/run-age --target age --epochs 5 --batch-size 64 --overwrite
+	$(BIN)/python -m training explain $(DEMO)/run -o $(DEMO)/explain --overwrite
+	$(BIN)/python -m training compare $(DEMO)/run $(DEMO)/run-age -o $(DEMO) --overwrite
 	$(BIN)/python -m preprocess $(DEMO)/bids -o $(DEMO)/lesions.h5 --suffix T1w FLAIR --masks lesion --label-column group --overwrite
 	$(BIN)/python -m loader $(DEMO)/lesions.h5 --preview $(DEMO)/lesions.png --count 12
 	$(BIN)/python -m training $(DEMO)/lesions.h5 -o $(DEMO)/run-lesions --target mask --epochs 3 --batch-size 16 --overwrite

@@ -22,6 +22,7 @@ from preprocess.cli import _parser as preprocess_parser
 from preprocess.pipeline import RunOptions, Settings
 from preprocess.writer import partial_path
 from training.cli import _parser as training_parser
+from training.cli import _compare_parser, _explain_parser
 from training.cli import _predict_parser as predict_parser
 from training.cli import main as training_main
 
@@ -30,7 +31,15 @@ README = (ROOT / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
-    "parser", [preprocess_parser, training_parser, loader_parser, predict_parser]
+    "parser",
+    [
+        preprocess_parser,
+        training_parser,
+        loader_parser,
+        predict_parser,
+        lambda: (_explain_parser(), {}),
+        lambda: (_compare_parser(), {}),
+    ],
 )
 def test_the_readme_option_tables_are_the_help(parser):
     table = option_table(parser()[0])

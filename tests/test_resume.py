@@ -40,6 +40,7 @@ KILLED_RUN = textwrap.dedent("""
 
     store, run_dir, where, at = sys.argv[1:5]
     at = int(at)
+    more = {name: True for name in sys.argv[5:]}  # flags: tensorboard
 
     class KillAfterBatch(keras.callbacks.Callback):
         epoch = 0
@@ -58,7 +59,9 @@ KILLED_RUN = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
     checkpoints.np.savez = savez_then_die
 
-    training.train(store, run_dir, progress=False, callbacks=[KillAfterBatch()], **{settings})
+    training.train(
+        store, run_dir, progress=False, callbacks=[KillAfterBatch()], **{settings}, **more
+    )
 """).replace("{settings}", repr(SETTINGS))
 
 
@@ -236,3 +239,47 @@ def test_an_interrupt_while_scoring_is_resumed_by_scoring(phantom_store, tmp_pat
     assert not resumed.interrupted
     assert resumed.epochs_run == 1
     assert resumed.metrics == whole.metrics
+
+
+def test_a_killed_run_with_tensorboard_logs_each_epoch_once(phantom_store, reference, tmp_path):
+    """Killed while writing epoch 0's checkpoint, after its scalars reached the logs: the
+    resumed run runs the rest of epoch 0 again and the logs still hold each epoch once."""
+    from training.tensorboard import read_events
+
+    run_dir = tmp_path / "run"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(phantom_store), str(run_dir), "write", "3"]
+        + ["tensorboard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    logged = run_dir / "tensorboard"
+    before = [e for path in logged.rglob("*tfevents*") for e in read_events(path)]
+    assert any(v.tag == "epoch_loss" for e in before for v in e.summary.value if e.step == 0)
+    assert _train_here(phantom_store, run_dir, "--resume", "--tensorboard") == 0
+    _assert_same_run(run_dir, reference)  # the logs change nothing computed
+    with open(run_dir / "history.csv", newline="") as handle:
+        history = list(csv.DictReader(handle))
+    for folder, prefix in (("train", ""), ("validation", "val_")):
+        steps: dict[str, list[int]] = {}
+        values: dict[tuple[str, int], float] = {}
+        for path in sorted((logged / folder).glob("*tfevents*")):
+            for event in read_events(path):
+                for value in event.summary.value:
+                    steps.setdefault(value.tag, []).append(event.step)
+                    number = np.frombuffer(value.tensor.tensor_content, np.float32)
+                    values[value.tag, event.step] = float(number[0]) if number.size else None
+        assert sorted(steps["epoch_loss"]) == list(range(len(history))), steps
+        for epoch, row in enumerate(history):
+            assert values["epoch_loss", epoch] == pytest.approx(float(row[prefix + "loss"]))
+    graphs = [
+        value
+        for path in logged.rglob("*tfevents*")
+        for event in read_events(path)
+        for value in event.summary.value
+        if value.metadata.plugin_data.plugin_name == "graph_keras_model"
+    ]
+    assert len(graphs) == 1  # the model graph, once

@@ -225,7 +225,12 @@ def _explain_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("run", metavar="RUN_DIR", help="a run folder of python -m training")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="the folder to write")
-    parser.add_argument("--split", default="val", help="the split whose subjects are explained")
+    parser.add_argument(
+        "--split",
+        default="val",
+        metavar="SPLIT",
+        help="the split whose subjects are explained (default: val)",
+    )
     parser.add_argument(
         "--subjects", nargs="+", metavar="ID", help="only these subjects (default: the split's)"
     )

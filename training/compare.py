@@ -158,14 +158,16 @@ def _read(path: Path) -> dict:
 
 
 def _short_names(paths: list[Path]) -> list[str]:
-    """Each run's name: its path below the folder all runs share.
+    """Each run's name: its folder's name, or its path below the folder all runs share
+    where two folders have the same name.
 
-    >>> _short_names([Path("/r/a/x"), Path("/r/b/x")]), _short_names([Path("/r/one")])
-    (['a/x', 'b/x'], ['one'])
+    >>> _short_names([Path("/r/a/x"), Path("/r/b/x")]), _short_names([Path("/r/a"), Path("/s/b")])
+    (['a/x', 'b/x'], ['a', 'b'])
     """
     absolute = [p.resolve() for p in paths]
-    if len(absolute) == 1:
-        return [absolute[0].name]
+    names = [p.name for p in absolute]
+    if len(set(names)) == len(names):
+        return names
     common = Path(os.path.commonpath(absolute))
     return [str(p.relative_to(common)) for p in absolute]
 
