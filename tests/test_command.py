@@ -21,8 +21,8 @@ from loader.options import SettingError, option_table
 from preprocess.cli import _parser as preprocess_parser
 from preprocess.pipeline import RunOptions, Settings
 from preprocess.writer import partial_path
-from training.cli import _parser as training_parser
 from training.cli import _compare_parser, _explain_parser
+from training.cli import _parser as training_parser
 from training.cli import _predict_parser as predict_parser
 from training.cli import main as training_main
 

@@ -248,8 +248,16 @@ def test_a_killed_run_with_tensorboard_logs_each_epoch_once(phantom_store, refer
 
     run_dir = tmp_path / "run"
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, str(phantom_store), str(run_dir), "write", "3"]
-        + ["tensorboard"],
+        [
+            sys.executable,
+            "-c",
+            KILLED_RUN,
+            str(phantom_store),
+            str(run_dir),
+            "write",
+            "3",
+            "tensorboard",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
