@@ -1,4 +1,9 @@
-"""Finding scans: NIfTI files, BIDS trees, class-folder trees, and the labels that go with them.
+"""Finding scans: image files, BIDS trees, class-folder trees, and the labels that go with them.
+
+An image file is NIfTI (``.nii``, ``.nii.gz``), FreeSurfer's MGH (``.mgz``, ``.mgh``) or an
+Analyze 7.5 pair (``NAME.hdr`` with ``NAME.img`` beside it; an ``.img`` alone is not a
+scan); BIDS trees take NIfTI only, as BIDS has it. DICOM files are found here too
+(:func:`is_dicom`) and converted by ``preprocess.dicom``.
 
 Three layouts of an input folder, told apart by ``auto`` (or named with ``--layout``):
 
@@ -30,6 +35,8 @@ from loader import table
 from preprocess.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, ".mgz", ".mgh", ".hdr")  # .hdr: an Analyze (or NIfTI) pair
+DICOM_MARKER_OFFSET, DICOM_MARKER = 128, b"DICM"  # a DICOM Part 10 file: 128 bytes, then DICM
 LAYOUTS = ("auto", "bids", "classes", "plain")
 BIDS_SKIP = {"derivatives", "sourcedata", "code"}
 _ENTITY = re.compile(r"(?:^|_)(sub|ses)-([a-zA-Z0-9]+)")
@@ -47,6 +54,8 @@ class Scan:
         label: the class name, or None when unlabelled.
         others: the files of the further modalities (channels), in ``--suffix`` order.
         mask: the file of its label mask, or None.
+        notes: what was noticed while finding it (a DICOM conversion's warnings).
+        origin: for a DICOM series, its folder and series, as messages name it.
     """
 
     path: Path
@@ -56,6 +65,13 @@ class Scan:
     label: str | None = None
     others: tuple[Path, ...] = ()
     mask: Path | None = None
+    notes: tuple[str, ...] = ()
+    origin: str = ""
+
+    @property
+    def shown(self) -> str:
+        """How messages name the scan: its file, or a DICOM series' folder and number."""
+        return self.origin or str(self.path)
 
 
 def is_nifti(path: Path) -> bool:
@@ -67,13 +83,35 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
 
 
-def strip_nifti_suffix(name: str) -> str:
-    """The file name without ``.nii`` or ``.nii.gz``.
+def is_image(path: Path) -> bool:
+    """Whether the name ends like an image file this project reads (NIfTI, MGH, Analyze).
 
-    >>> strip_nifti_suffix("sub-01_T1w.nii.gz")
-    'sub-01_T1w'
+    >>> is_image(Path("brain.mgz")), is_image(Path("OAS1_0001.hdr")), is_image(Path("x.img"))
+    (True, True, False)
     """
-    for suffix in (".nii.gz", ".nii"):
+    return path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
+
+
+def is_dicom(path: Path) -> bool:
+    """Whether a file starts like DICOM: 128 bytes, then ``DICM`` (a DICOMDIR index is not
+    an image and does not count)."""
+    if path.name.upper() == "DICOMDIR":
+        return False
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(DICOM_MARKER_OFFSET)
+            return handle.read(4) == DICOM_MARKER
+    except OSError:
+        return False
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """The file name without its image ending (``.nii``, ``.nii.gz``, ``.mgz``, ...).
+
+    >>> strip_nifti_suffix("sub-01_T1w.nii.gz"), strip_nifti_suffix("OAS1_0001_MR1.hdr")
+    ('sub-01_T1w', 'OAS1_0001_MR1')
+    """
+    for suffix in (".nii.gz", *sorted(IMAGE_SUFFIXES, key=len, reverse=True)):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -105,14 +143,14 @@ def find_layout(folder: Path) -> str:
         name.startswith("sub-") and (folder / name).is_dir() for name in names
     ):
         return "bids"
-    if any(is_nifti(folder / name) for name in names):
+    if any(is_image(folder / name) for name in names):
         return "plain"
     with_scans = [
         name
         for name in names
         if (folder / name).is_dir()
         and not name.startswith(".")
-        and any(is_nifti(p) for p in _walk(folder / name))
+        and any(is_image(p) for p in _walk(folder / name))
     ]
     return "classes" if len(with_scans) >= 2 else "plain"
 
@@ -171,8 +209,17 @@ def discover(
         if not path.exists():
             raise InputError(f"{path}: no such file or folder")
         if path.is_file():
-            if not is_nifti(path):
-                rejected.append((str(path), "not NIfTI: the name does not end in .nii or .nii.gz"))
+            if is_dicom(path):
+                continue  # its folder's series: preprocess.dicom
+            if not is_image(path):
+                rejected.append(
+                    (str(path), "not an image: the name does not end in .nii, .nii.gz, .mgz, "
+                     ".mgh or .hdr, and it is not DICOM")
+                )  # fmt: skip
+                continue
+            problem = _unpaired(path)
+            if problem:
+                rejected.append((str(path), problem))
                 continue
             found = [_plain_scan(path, path.name)]
         else:
@@ -214,7 +261,11 @@ def _scan_folder(folder: Path, layout: str, suffix: str, unreadable: list) -> li
         ]
     scans = []
     for path in _walk(folder, unreadable=unreadable):
-        if not is_nifti(path):
+        if not is_image(path):
+            continue
+        problem = _unpaired(path)
+        if problem:
+            unreadable.append((str(path), problem))
             continue
         relative = path.relative_to(folder)
         label = relative.parts[0] if layout == "classes" and len(relative.parts) > 1 else None
@@ -222,6 +273,15 @@ def _scan_folder(folder: Path, layout: str, suffix: str, unreadable: list) -> li
             continue
         scans.append(_plain_scan(path, f"{base}/{relative.as_posix()}", label))
     return scans
+
+
+def _unpaired(path: Path) -> str | None:
+    """Why an Analyze header cannot be read: its ``.img`` is missing; None otherwise."""
+    if not path.name.lower().endswith(".hdr"):
+        return None
+    if any(path.with_suffix(end).is_file() for end in (".img", ".IMG", ".img.gz")):
+        return None
+    return "an Analyze header without its image: no .img beside it"
 
 
 def read_subjects_table(

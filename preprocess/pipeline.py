@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -33,6 +34,7 @@ from loader.options import SettingError, check_settings, option
 from loader.schema import SPACES, UNLABELLED_SPLIT
 from loader.store import open_store
 from loader.table import NUMERIC, class_indices, column_kind, numeric_values
+from preprocess import dicom
 from preprocess.discover import (
     LAYOUTS,
     Scan,
@@ -65,6 +67,7 @@ SPLITS = "splits (per subject, stratified by label)"
 SHARDS = "shards (one store per part of the subjects, e.g. a scheduler's array job)"
 SPACE = "space (--space mni needs: pip install 'slicestore[mni]')"
 RUNNING = "running"
+DICOM = "DICOM series (converted by dcm2niix; no patient identifiers stored)"
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,27 @@ class Settings:
         metavar="N",
         at_least=1,
         group=FINDING,
+    )
+    series: str | None = option(
+        None,
+        "take the DICOM series whose description or protocol name matches this regular "
+        "expression (case-insensitive), e.g. mprage",
+        metavar="REGEX",
+        kind=str,
+        default_text="every 3-D series but localizers and derived ones",
+        group=DICOM,
+    )
+    dicom_subject: str = option(
+        "patient-id",
+        "what names a DICOM series' subject: its PatientID, or the first folder below the "
+        "input (for archives that removed PatientID)",
+        choices=dicom.SUBJECT_SOURCES,
+        group=DICOM,
+    )
+    keep_patient_ids: bool = option(
+        False,
+        "store DICOM subject ids as given (PatientID or folder name), not as a keyed hash",
+        group=DICOM,
     )
     normalize: str = option(
         "percentile", "intensity scaling per volume", choices=NORMALIZATIONS, group=SLICES
@@ -232,6 +256,13 @@ class Settings:
                 val_fraction=self.val_fraction,
                 test_fraction=self.test_fraction,
             )
+        if self.series is not None:
+            try:
+                re.compile(self.series)
+            except re.error as exc:
+                raise SettingError(
+                    f"{{series}} is not a regular expression ({exc})", series=self.series
+                ) from exc
         if self.min_similarity and self.space != "mni":
             raise SettingError(
                 "{min_similarity} applies to {space} mni only",
@@ -275,6 +306,15 @@ class RunOptions:
         "leave out a scan still not done after this many seconds (0: no limit)",
         metavar="SECONDS",
         at_least=0,
+        group=RUNNING,
+    )
+    id_salt: str | None = option(
+        None,
+        "the secret that keys the hash naming DICOM subjects and sessions (never stored; "
+        "the same secret gives the same ids)",
+        metavar="SECRET",
+        kind=str,
+        default_text=f"${dicom.SALT_VARIABLE}",
         group=RUNNING,
     )
 
@@ -321,7 +361,7 @@ def process_scan(scan: Scan, settings: Settings) -> tuple[dict, np.ndarray, np.n
         raise ScanError(
             f"--context {settings.context} but the volume has only {depth} {settings.axis} slices"
         )
-    notes = list(volume.notes)
+    notes = [*scan.notes, *volume.notes]
     others = []
     for suffix, path in zip(settings.suffix[1:], scan.others, strict=True):
         other = _named(path, load_volume, path, settings.volume, False, settings.max_voxels)
@@ -535,20 +575,79 @@ class Found:
     rejected: list[tuple[str, str]]
     participants: dict[str, dict] = field(default_factory=dict)
     strata: dict[str, int] | None = None
+    converted: dicom.Converted | None = None
+
+    def close(self) -> None:
+        """Remove the images converted from DICOM (once the scans are processed)."""
+        if self.converted is not None:
+            self.converted.close()
 
 
-def find_scans(inputs: list[str], settings: Settings, report=print) -> Found:
+def find_scans(
+    inputs: list[str], settings: Settings, report=print, salt: str | None = None
+) -> Found:
     """The scans of the inputs with their labels, the labels table, and inputs rejected up front.
 
     The labels table is ``--labels FILE``, else the ``participants.tsv`` of BIDS inputs;
-    every column of it is kept. How it matched the scans' subjects is reported.
+    every column of it is kept. How it matched the scans' subjects is reported. DICOM
+    series are converted into a temporary folder: ``close()`` the result when done.
+
+    Args:
+        salt: the secret of the hash naming DICOM subjects; defaults to
+            ``$SLICESTORE_ID_SALT``.
 
     Raises:
         PreprocessError: no scans, or a problem with the inputs or the label file.
     """
     scans, rejected = discover(inputs, settings.layout, settings.suffix[0], settings.masks_suffix)
+    folders, not_dicom = dicom.find_folders(inputs)
+    rejected += not_dicom
+    converted, naming = None, None
+    if folders:
+        naming = _dicom_naming(folders, settings, salt)
+        converted = dicom.convert(folders, naming, settings.series)
+        scans = sorted(scans + converted.scans, key=lambda scan: scan.source)
+        rejected += converted.rejected
+        for line in converted.skipped:
+            report(f"note: {line}")
+    try:
+        found = _labelled(scans, rejected, inputs, settings, report, naming)
+    except BaseException:
+        if converted is not None:
+            converted.close()
+        raise
+    found.converted = converted
+    return found
+
+
+def _dicom_naming(folders, settings: Settings, salt: str | None) -> dicom.Naming:
+    """How the DICOM series' subjects are named; refuses what DICOM cannot do.
+
+    Raises:
+        PreprocessError: several modalities or masks (paired by NIfTI file names), or no
+            secret for the hash.
+    """
+    where = folders[0][1]
+    if len(settings.suffix) > 1 or settings.masks or settings.masks_suffix:
+        raise PreprocessError(
+            f"{where}: DICOM series are chosen with --series; --suffix (several), --masks and "
+            "--masks-suffix pair NIfTI files by name: convert the DICOM series first"
+        )
+    salt = salt if salt is not None else os.environ.get(dicom.SALT_VARIABLE) or None
+    if not settings.keep_patient_ids and not salt:
+        raise PreprocessError(
+            f"{where}: DICOM inputs: subject ids are stored as a keyed hash of PatientID: give "
+            f"--id-salt SECRET (or set {dicom.SALT_VARIABLE}); the same secret gives the same "
+            "ids; or --keep-patient-ids to store them as they are"
+        )
+    return dicom.Naming(settings.dicom_subject, settings.keep_patient_ids, salt)
+
+
+def _labelled(scans, rejected, inputs, settings: Settings, report, naming) -> Found:
+    """The scans with their labels and the labels table (its ids hashed as the DICOM
+    subjects' are, when ``naming`` hashes them)."""
     if not scans:
-        raise PreprocessError(f"no NIfTI scans found in {', '.join(map(str, inputs))}")
+        raise PreprocessError(f"no scans found in {', '.join(map(str, inputs))}")
     if len(settings.suffix) > 1 or settings.masks or settings.masks_suffix:
         scans, unpaired = pair_files(scans, settings.suffix, settings.masks, settings.masks_suffix)
         rejected += unpaired
@@ -571,7 +670,10 @@ def find_scans(inputs: list[str], settings: Settings, report=print) -> Found:
     for path in paths:
         notes: list[str] = []
         try:
-            participants.update(read_subjects_table(path, settings.id_column, notes))
+            rows = read_subjects_table(path, settings.id_column, notes)
+            if naming is not None and not naming.keep:  # ids are PatientIDs: hashed too
+                rows = {naming.subject_id(subject): row for subject, row in rows.items()}
+            participants.update(rows)
         except PreprocessError as exc:
             if settings.labels or settings.label_column:
                 raise
@@ -648,44 +750,45 @@ def run(
     summary = Summary(output)
     _check_output(output, options)
     shard = parse_shard(settings.shard, settings.shard_count)
-    found = find_scans(inputs, settings, report)
-    with warnings.catch_warnings(record=True) as caught:  # e.g. a class too small for a split
-        warnings.simplefilter("always")
-        assignment = split_assignment(found, settings)
-    scans = _scans_of_shard(found.scans, shard)
-    for path, reason in found.rejected:
-        _reject(summary, report, path, reason)
-    config = store_config(settings, inputs, shard)
-    template = None
-    if settings.space == "mni":  # the template and its slab, decided once for every scan
-        standard = load_template(settings.axis, settings.min_foreground)
-        template = (standard.facts(), standard.positions, standard.brain_slices(settings.size))
-        first, last = template[0]["slab"]
-        report(
-            f"standard space: {template[0]['name']}, {settings.axis} planes {first} to {last} "
-            f"({len(standard.positions)} slices a scan)"
-        )
-    with Partial(output, config, resume=options.resume, overwrite=options.overwrite) as partial:
-        done = partial.done()
-        summary.resumed = sum(scan.source in done for scan in scans)
-        todo = [scan for scan in scans if scan.source not in done]
-        if todo:
-            _compute(todo, settings, options, partial, summary, report, progress)
-        if not partial.done():
-            partial.remove()
-            raise PreprocessError(
-                f"no usable scans: all {len(summary.rejected)} were rejected; no store written"
+    found = find_scans(inputs, settings, report, options.id_salt)
+    with contextlib.closing(found):  # DICOM series' images, converted for this run
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a class too small for a split
+            warnings.simplefilter("always")
+            assignment = split_assignment(found, settings)
+        scans = _scans_of_shard(found.scans, shard)
+        for path, reason in found.rejected:
+            _reject(summary, report, path, reason)
+        config = store_config(settings, inputs, shard)
+        template = None
+        if settings.space == "mni":  # the template and its slab, decided once for every scan
+            standard = load_template(settings.axis, settings.min_foreground)
+            template = (standard.facts(), standard.positions, standard.brain_slices(settings.size))
+            first, last = template[0]["slab"]
+            report(
+                f"standard space: {template[0]['name']}, {settings.axis} planes {first} to {last} "
+                f"({len(standard.positions)} slices a scan)"
             )
-        for line in same_files(partial.done().values()):
-            summary.warnings.append(line)
-            report(f"warning: {line}")
-        summary.check_registration = poor_registrations(partial.done().values())
-        summary.splits = partial.finalize(
-            found.class_names, options.buffer_mb << 20, found.participants, assignment, template
-        )
-    for warning in caught:
-        summary.warnings.append(f"{output}: {warning.message}")
-        report(f"warning: {output}: {warning.message}")
+        with Partial(output, config, resume=options.resume, overwrite=options.overwrite) as partial:
+            done = partial.done()
+            summary.resumed = sum(scan.source in done for scan in scans)
+            todo = [scan for scan in scans if scan.source not in done]
+            if todo:
+                _compute(todo, settings, options, partial, summary, report, progress)
+            if not partial.done():
+                partial.remove()
+                raise PreprocessError(
+                    f"no usable scans: all {len(summary.rejected)} were rejected; no store written"
+                )
+            for line in same_files(partial.done().values()):
+                summary.warnings.append(line)
+                report(f"warning: {line}")
+            summary.check_registration = poor_registrations(partial.done().values())
+            summary.splits = partial.finalize(
+                found.class_names, options.buffer_mb << 20, found.participants, assignment, template
+            )
+        for warning in caught:
+            summary.warnings.append(f"{output}: {warning.message}")
+            report(f"warning: {output}: {warning.message}")
     _count_slices(summary)
     summary.size_bytes = output.stat().st_size
     summary.seconds = time.perf_counter() - started
@@ -780,14 +883,14 @@ def _compute(todo, settings, options, partial, summary, report, progress) -> Non
             with results as pairs:  # on any error here, the pool's scans are cancelled
                 for scan, result in pairs:
                     if isinstance(result, str):
-                        _reject(summary, say, str(scan.path), result)
+                        _reject(summary, say, scan.shown, result)
                     else:
                         record, slices, masks = result
                         partial.add(record, slices, masks)
                         summary.written += 1
                         for note in record["notes"]:
-                            summary.warnings.append(f"{scan.path}: {note}")
-                            say(f"warning: {scan.path}: {note}")
+                            summary.warnings.append(f"{scan.shown}: {note}")
+                            say(f"warning: {scan.shown}: {note}")
                     bar.update()
         except BrokenProcessPool as exc:
             raise PreprocessError(

@@ -80,7 +80,8 @@ def load_volume(
     nibabel's warnings become notes too.
 
     Args:
-        path: a ``.nii`` or ``.nii.gz`` file.
+        path: a NIfTI (``.nii``, ``.nii.gz``), MGH (``.mgz``, ``.mgh``) or Analyze
+            (``.hdr`` beside its ``.img``) file.
         volume: which volume of a 4-D file to take. Defaults to None (3-D files only).
         allow_constant: accept a volume of one value (a mask without a lesion).
         max_voxels: refuse a volume whose header claims more voxels, before reading them
@@ -150,8 +151,15 @@ def read_image(path: str | os.PathLike, max_voxels: int = MAX_VOXELS):
 
 def _load(path, volume: int | None, allow_constant: bool, max_voxels: int) -> Volume:
     image = read_image(path, max_voxels)
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise ScanError(f"not NIfTI: nibabel reads it as {type(image).__name__}")
+    if not isinstance(image, nib.AnalyzeImage | nib.MGHImage):  # NIfTI is an Analyze kind
+        raise ScanError(f"not NIfTI, MGH or Analyze: nibabel reads it as {type(image).__name__}")
+    notes = []
+    if not isinstance(image, nib.Nifti1Pair | nib.Nifti2Pair):  # Analyze 7.5 (or SPM's)
+        codes = "".join(orientations.aff2axcodes(image.affine))
+        notes.append(
+            f"an Analyze header has no orientation: {codes} assumed, as nibabel assumes it "
+            "(the first voxel axis runs right to left: radiological storage)"
+        )
     kind = image.get_data_dtype().kind
     if kind == "c":
         raise ScanError("complex-valued voxels: save the magnitude as a real-valued image first")
@@ -180,7 +188,6 @@ def _load(path, volume: int | None, allow_constant: bool, max_voxels: int) -> Vo
     voxels = orientations.apply_orientation(stored, ornt)  # a view
     del stored
     affine = affine @ orientations.inv_ornt_aff(ornt, image.shape)
-    notes = []
     if voxels.dtype.kind == "b":
         voxels = voxels.view(np.uint8)
     if voxels.dtype.kind == "f" or slope <= 0:  # intensities as float32, NaN set to 0

@@ -54,7 +54,8 @@ def _base(
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = sop_class
     ds.Modality = "MR"
-    ds.Manufacturer = "SIEMENS"
+    ds.Manufacturer = "GE MEDICAL SYSTEMS"
+    ds.PatientPosition = "HFS"
     ds.MagneticFieldStrength = 3
     for key, value in who.items():
         setattr(ds, key, value)
@@ -62,13 +63,12 @@ def _base(
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
     ds.StudyDate, ds.StudyTime, ds.SeriesDate = "20240102", "101500", "20240102"
     ds.StudyID = "1"
-    ds.FrameOfReferenceUID = study + ".1"
+    ds.FrameOfReferenceUID = generate_uid()
     ds.SeriesNumber = number
     ds.SeriesDescription = ds.ProtocolName = description
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
     ds.EchoTime, ds.RepetitionTime, ds.FlipAngle = 2.3, 2300, 9
     return ds
 
@@ -105,6 +105,7 @@ def write_series(
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.InstanceNumber = k + 1
         ds.ImageType = list(image_type)
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
         position, orientation, spacing = _geometry(affine, k)
         ds.ImagePositionPatient, ds.ImageOrientationPatient = position, orientation
         ds.PixelSpacing = spacing
@@ -123,11 +124,12 @@ def write_enhanced(
     data: np.ndarray,
     affine: np.ndarray,
     who: dict,
+    study: str | None = None,
     number: int = 5,
     description: str = "t1_mprage_enhanced",
 ) -> str:
     """The volume as one enhanced multi-frame MR file; returns the study UID."""
-    study = generate_uid()
+    study = study or generate_uid()
     ds = _base(who, study, generate_uid(), number, description, ENHANCED_MR_IMAGE)
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -145,9 +147,6 @@ def write_enhanced(
     plane = Dataset()
     plane.ImageOrientationPatient = orientation
     shared.PlaneOrientationSequence = Sequence([plane])
-    rescale = Dataset()
-    rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = 0, 1, "US"
-    shared.PixelValueTransformationSequence = Sequence([rescale])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     per_frame = []
     for k in range(frames):

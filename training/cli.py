@@ -179,6 +179,12 @@ def _predict_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     parser.add_argument(
         "--workers", type=int, metavar="N", help="processes that compute slices (CPUs, at most 8)"
     )
+    parser.add_argument(
+        "--id-salt",
+        metavar="SECRET",
+        help="DICOM inputs: the secret naming subjects, as preprocess's --id-salt "
+        "(default: $SLICESTORE_ID_SALT)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     return parser, {}
 
@@ -197,6 +203,7 @@ def predict_main(argv: list[str]) -> int:
             probabilities=args.probabilities,
             workers=args.workers,
             report=lambda line: print(line, file=sys.stderr),
+            id_salt=args.id_salt,
         )
         print(
             f"wrote {result.output} in {result.seconds:.1f} s: {len(result.scans)} scans of "

@@ -87,6 +87,7 @@ def predict(
     workers: int | None = None,
     progress: bool | None = None,
     report=print,
+    id_salt: str | None = None,
 ) -> Prediction:
     """Predict new scans with a run's best model.
 
@@ -101,6 +102,8 @@ def predict(
         workers: processes that compute slices. Defaults to preprocess's default.
         progress: a progress bar over the scans; None shows one on a terminal.
         report: called with each line about a rejected scan or a warning.
+        id_salt: the secret naming DICOM inputs' subjects, as ``python -m preprocess
+            --id-salt`` takes it. Defaults to ``$SLICESTORE_ID_SALT``.
 
     Raises:
         TrainingError: not a run folder, a model that does not fit the store's settings,
@@ -112,20 +115,38 @@ def predict(
     config = read_run(run_dir)
     store = config["store"] if isinstance(config["store"], dict) else config["store"][0]
     settings = preprocess_settings(store["config"], labels)
-    target = config["target"]
     channels = config["settings"].get("channels", "last")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: exists; use --overwrite to replace it")
     model = load_run_model(run_dir, settings, channels)
     try:
-        found = find_scans([str(i) for i in inputs], settings, report)
+        found = find_scans([str(i) for i in inputs], settings, report, id_salt)
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc
+    with contextlib.closing(found):  # DICOM series' images, converted for this prediction
+        options = RunOptions() if workers is None else RunOptions(workers=workers)
+        result = _predict_found(
+            found, model, settings, config, output, labels, options,
+            progress=progress, report=report, probabilities=probabilities,
+        )  # fmt: skip
+        result.seconds = time.perf_counter() - started  # start-up included
+        return result
+
+
+def _predict_found(
+    found, model, settings, config, output, labels, options, *, progress, report, probabilities
+) -> Prediction:
+    """Predict the scans found; write ``output``."""
+    store = config["store"] if isinstance(config["store"], dict) else config["store"][0]
+    target = config["target"]
+    channels = config["settings"].get("channels", "last")
     known, splits = _training_scans(store, report)
     result = Prediction(output)
+    for path, reason in found.rejected:
+        result.rejected.append((path, reason))
+        report(f"rejected: {path}: {reason}")
     partial = files.fresh_folder(output)
     try:
-        options = RunOptions() if workers is None else RunOptions(workers=workers)
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(total=len(found.scans), unit="scan", disable=not show, file=sys.stderr)
         say = bar.write if show else report
@@ -135,8 +156,8 @@ def predict(
             for scan, computed in pairs:
                 bar.update()
                 if isinstance(computed, str):
-                    result.rejected.append((str(scan.path), computed))
-                    say(f"rejected: {scan.path}: {computed}")
+                    result.rejected.append((scan.shown, computed))
+                    say(f"rejected: {scan.shown}: {computed}")
                 else:
                     answers.add(scan, computed[0], computed[1], result)
         if not result.scans:
@@ -153,7 +174,6 @@ def predict(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    result.seconds = time.perf_counter() - started
     return result
 
 
@@ -180,12 +200,16 @@ class _Answers:
         answer = np.asarray(self.model.predict(x, batch_size=64, verbose=0), dtype=np.float64)
         seen = self.known.get(record["sha256"])
         if seen is not None:
-            result.seen.append(str(scan.path))
+            result.seen.append(scan.shown)
             self.say(
-                f"warning: {scan.path}: this scan (sha256 {record['sha256'][:12]}) is in the "
+                f"warning: {scan.shown}: this scan (sha256 {record['sha256'][:12]}) is in the "
                 f"store the model was trained on (split {seen}): its answer is not a fair test"
             )
-        row = {"path": str(scan.path), "subject": scan.subject_id, "session": scan.session}
+        row = {
+            "path": scan.origin or str(scan.path),
+            "subject": scan.subject_id,
+            "session": scan.session,
+        }
         row["seen_in_training"] = seen or ""
         if self.target["task"] == SEGMENTATION:
             row |= _write_segmentation(

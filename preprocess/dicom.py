@@ -1,0 +1,307 @@
+"""DICOM series as scans: found by their ``DICM`` marker, converted by dcm2niix, and named
+without patient identifiers.
+
+Every folder below an input that holds DICOM files (any depth, with or without ``.dcm``,
+a DICOMDIR or not) is converted by dcm2niix (the binary of the ``dcm2niix`` wheel) into a
+temporary folder, removed when the run ends; each series it writes (each echo or image
+type of one, where dcm2niix splits them) is one scan. What dcm2niix says about a series
+(missing slices, varying slice spacing, gantry tilt, dimensions that differ between
+slices) becomes the scan's note or its ``rejected:`` line, never stray output.
+
+Subjects are the series' ``PatientID`` (or, with ``--dicom-subject folder``, the first
+folder below the input); sessions are the study (``StudyInstanceUID``). Neither is stored
+as it is: both become a keyed hash (HMAC-SHA256 with the run's secret ``--id-salt``,
+12 and 8 hex digits), the same for the same secret; ``--keep-patient-ids`` stores
+``PatientID`` (or the folder name) as given, and an unkeyed hash for the study. A scan's
+stored name is built from those ids and the series number and description, never from the
+DICOM's folder or file names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+
+from preprocess.discover import Scan, is_dicom, is_image
+
+SUFFIX = ".dcm"
+TEXT_ENDINGS = (".json", ".tsv", ".csv", ".txt", ".img")  # never DICOM: not opened
+SUBJECT_SOURCES = ("patient-id", "folder")
+SALT_VARIABLE = "SLICESTORE_ID_SALT"  # the secret, when --id-salt is not given
+# dcm2niix's lines that leave a series out: the image would not be the scan
+REJECTING = {
+    "Missing images": "missing slices",
+    "Interslice distance varies": "the slice spacing varies",
+    "Slices not stacked": "its slices disagree in size or orientation",
+}
+LOCALIZER = re.compile(r"locali[sz]er|scout|survey|3-?plane", re.IGNORECASE)
+FILE_PROBLEM = re.compile(r"(?:Warning|Error): (.*?):? (/\S+|\S+/\S+)\s*$")
+
+
+def find_folders(
+    inputs: list[str | os.PathLike],
+) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """The folders holding DICOM files, each with the input it was found in, and the
+    ``.dcm`` files that are not DICOM.
+
+    Returns:
+        ``(input, folder)`` pairs in folder order, and ``(path, reason)`` rejections.
+    """
+    found: dict[Path, Path] = {}  # folder -> input
+    rejected = []
+    for item in map(Path, inputs):
+        if item.is_file():
+            if is_dicom(item):
+                found.setdefault(item.parent, item.parent)
+            continue
+        for top, dirs, names in os.walk(item, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(n for n in names if not n.startswith(".")):
+                path = Path(top) / name
+                if is_image(path) or name.lower().endswith(TEXT_ENDINGS):
+                    continue
+                if is_dicom(path):
+                    found.setdefault(Path(top), item)
+                elif name.lower().endswith(SUFFIX):
+                    rejected.append((str(path), "not DICOM: no DICM marker at byte 128"))
+    return [(found[folder], folder) for folder in sorted(found)], rejected
+
+
+def dcm2niix_path() -> str | None:
+    """The dcm2niix binary: the ``dcm2niix`` wheel's, else one on the PATH."""
+    spec = importlib.util.find_spec("dcm2niix")
+    if spec is not None and spec.origin:
+        binary = Path(spec.origin).parent / "dcm2niix"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    return shutil.which("dcm2niix")
+
+
+def keyed_hash(value: str, salt: str | None, digits: int) -> str:
+    """A value as hex digits of HMAC-SHA256 under ``salt`` (SHA-256 without one).
+
+    >>> keyed_hash("MRN0001", "secret", 12), keyed_hash("MRN0001", "other", 12)
+    ('106a3b591974', 'c969cecf6cb4')
+    """
+    if salt is None:
+        return hashlib.sha256(value.encode()).hexdigest()[:digits]
+    return hmac.new(salt.encode(), value.encode(), "sha256").hexdigest()[:digits]
+
+
+@dataclass
+class Naming:
+    """How DICOM-derived subjects and sessions are named.
+
+    Attributes:
+        subject: ``patient-id`` or ``folder``.
+        keep: store the ids as given instead of hashed.
+        salt: the secret of the hash (None only with ``keep``).
+    """
+
+    subject: str = "patient-id"
+    keep: bool = False
+    salt: str | None = None
+
+    def subject_id(self, value: str) -> str:
+        return value if self.keep else keyed_hash(value, self.salt, 12)
+
+    def session(self, study_uid: str) -> str:
+        return keyed_hash(study_uid, None if self.keep else self.salt, 8)
+
+
+@dataclass
+class Converted:
+    """The scans of DICOM series, converted into a temporary folder (removed by ``close``)."""
+
+    scans: list[Scan] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # note lines: series left out by choice
+    folder: Path | None = None
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
+def convert(folders: list[tuple[Path, Path]], naming: Naming, series: str | None) -> Converted:
+    """Convert each folder's series with dcm2niix; the scans, rejections and skipped series.
+
+    Args:
+        folders: ``(input, folder)`` from :func:`find_folders`.
+        naming: how subjects and sessions are named.
+        series: a regular expression a series' description or protocol name must match
+            (case-insensitive); None takes every 3-D series but localizers and derived ones.
+    """
+    result = Converted()
+    binary = dcm2niix_path()
+    if binary is None:
+        for _, folder in folders:
+            result.rejected.append(
+                (str(folder), "DICOM series need dcm2niix: pip install dcm2niix")
+            )
+        return result
+    result.folder = Path(tempfile.mkdtemp(prefix="slicestore-dicom-"))
+    pattern = re.compile(series, re.IGNORECASE) if series else None
+    for index, (item, folder) in enumerate(folders):
+        out = result.folder / f"{index:05d}"
+        out.mkdir()
+        outputs, problems = _run(binary, folder, out)
+        result.rejected += problems
+        by_series: dict[str, list] = {}
+        for name, lines in outputs:
+            facts = _sidecar(out / f"{name}.json")
+            by_series.setdefault(str(facts.get("SeriesInstanceUID", name)), []).append(
+                (name, lines, facts)
+            )
+        for written in by_series.values():
+            _add_series(result, item, folder, out, written, naming, pattern)
+    return result
+
+
+def _run(binary: str, folder: Path, out: Path) -> tuple[list, list[tuple[str, str]]]:
+    """dcm2niix on one folder (not its sub-folders): ``(output name, its lines)`` per
+    series written, and rejections for files or the whole folder."""
+    command = [binary, "-g", "i", "-b", "y", "-ba", "n", "-z", "n", "-d", "0"]
+    command += ["-f", "%s_%j", "-o", str(out), str(folder)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [], [(str(folder), f"dcm2niix failed: {exc}")]
+    outputs, pending, problems = [], [], []
+    for line in (done.stdout + done.stderr).splitlines():
+        line = line.strip()
+        converted = re.match(r"Convert \d+ DICOM as (\S+) \(", line)
+        if converted:
+            outputs.append((Path(converted.group(1)).name, pending))
+            pending = []
+            continue
+        bad_file = FILE_PROBLEM.match(line)
+        if bad_file and Path(bad_file.group(2)).name in _names(folder):
+            path = folder / Path(bad_file.group(2)).name
+            problems.append((str(path), f"unreadable DICOM file (dcm2niix: {bad_file.group(1)})"))
+        elif line.startswith(("Warning:", "Error:", "Slices not stacked")) or "not stacked" in line:
+            pending.append(line)
+    if not outputs and not problems:
+        errors = [line for line in pending if line.startswith("Error")] or pending
+        reason = errors[-1] if errors else f"exit status {done.returncode}"
+        problems.append((str(folder), f"dcm2niix converted no series ({reason})"))
+    return outputs, problems
+
+
+def _names(folder: Path) -> set[str]:
+    try:
+        return {entry.name for entry in folder.iterdir()}
+    except OSError:
+        return set()
+
+
+def _sidecar(path: Path) -> dict:
+    """A series' header facts, as dcm2niix's JSON sidecar gives them (empty when absent)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _add_series(result: Converted, item, folder, out: Path, written, naming, pattern) -> None:
+    """The images dcm2niix wrote for one series: skipped when ``--series`` does not choose
+    it, all rejected when one of them is (a series split because its slices disagree),
+    else each added as :func:`_add` says."""
+    facts = written[0][2]
+    if pattern is not None and not any(
+        pattern.search(str(facts.get(key) or "")) for key in ("SeriesDescription", "ProtocolName")
+    ):
+        result.skipped.append(f"{_series_name(folder, facts)}: skipped: --series does not match it")
+        return
+    for _, lines, facts in written:
+        for text, meaning in REJECTING.items():
+            if any(text in line for line in lines):
+                what = _series_name(folder, facts)
+                result.rejected.append((what, f"{meaning} (dcm2niix: {_first(lines, text)})"))
+                return
+    for name, lines, facts in written:
+        _add(result, item, folder, out, name, lines, facts, naming, pattern)
+
+
+def _series_name(folder: Path, facts: dict) -> str:
+    """How messages name a series: its folder, number and description."""
+    description = str(facts.get("SeriesDescription") or facts.get("ProtocolName") or "")
+    return f"{folder}: series {facts.get('SeriesNumber', '?')} {description!r}"
+
+
+def _add(result: Converted, item, folder, out, name, lines, facts, naming, pattern) -> None:
+    """One written image of a series: a scan, a rejection or a skipped note."""
+    number = facts.get("SeriesNumber", "")
+    description = str(facts.get("SeriesDescription") or facts.get("ProtocolName") or "")
+    what = _series_name(folder, facts)
+    images = [out / f"{name}{end}" for end in ("_Tilt_1.nii", ".nii")]
+    image = next((path for path in images if path.is_file()), None)
+    if image is None:
+        result.rejected.append((what, "dcm2niix wrote no image for it"))
+        return
+    kinds = [str(kind).upper() for kind in facts.get("ImageType", [])]
+    if pattern is None and ("LOCALIZER" in kinds or LOCALIZER.search(description)):
+        result.skipped.append(f"{what}: skipped: a localizer")
+        return
+    if pattern is None and "DERIVED" in kinds:
+        result.skipped.append(f"{what}: skipped: derived ({'/'.join(kinds)})")
+        return
+    if _planes(image) < 2:
+        result.skipped.append(f"{what}: skipped: a 2-D image")
+        return
+    if naming.subject == "folder":
+        parts = folder.relative_to(item).parts
+        given = parts[0] if parts else item.name
+    else:
+        given = str(facts.get("PatientID") or "").strip()
+        if not given:
+            reason = "no PatientID in its header: name subjects by folder (--dicom-subject folder)"
+            result.rejected.append((what, reason))
+            return
+    subject = naming.subject_id(given)
+    study = str(facts.get("StudyInstanceUID") or "")
+    session = naming.session(study) if study else ""
+    postfix = name.split("_", 1)[1][len(str(facts.get("SeriesInstanceUID", ""))) :]
+    label = re.sub(r"[^A-Za-z0-9.+-]+", "-", description).strip("-") or "series"
+    series_name = f"{int(number) if str(number).isdigit() else 0:03d}-{label}{postfix}"
+    source = f"{item.name}/sub-{subject}/ses-{session or 'none'}/{series_name}"
+    notes = [_note(line) for line in lines if line.startswith("Warning")]
+    if image.name.endswith("_Tilt_1.nii"):
+        notes.append("gantry tilt: dcm2niix resampled the series onto an untilted grid")
+    result.scans.append(Scan(image, source, subject, session, notes=tuple(notes), origin=what))
+
+
+def _note(line: str) -> str:
+    """A dcm2niix warning as a stored note: any path in it (folder names may name the
+    patient) replaced.
+
+    >>> _note("Warning: Unable to read /data/Doe_Jane/IM0001 (bad tag)")
+    'dcm2niix: Unable to read <path> (bad tag)'
+    """
+    text = line.split(":", 1)[-1].strip()
+    return "dcm2niix: " + re.sub(r"\S*/\S*", "<path>", text)
+
+
+def _first(lines: list[str], text: str) -> str:
+    return next(line for line in lines if text in line).removeprefix("Warning: ").strip()
+
+
+def _planes(image: Path) -> int:
+    """The number of planes along the third axis of a NIfTI file (1 for a 2-D image)."""
+    try:
+        shape = nib.load(image).shape
+    except Exception:
+        return 0
+    return shape[2] if len(shape) > 2 else 1
