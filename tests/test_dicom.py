@@ -356,3 +356,50 @@ def test_dicom_inputs_go_through_shards_and_predict(archive, phantom_store, tmp_
     nifti, from_dicom = rows["scan.nii.gz"], next(r for k, r in rows.items() if "series" in k)
     assert from_dicom["subject"] == dicom.keyed_hash(patient(6)["PatientID"], SALT, 12)
     assert float(from_dicom["probability"]) == pytest.approx(float(nifti["probability"]), abs=1e-4)
+
+
+def test_a_dicomdir_export_converts_each_series_once(tmp_path):
+    """A CD-style export: a DICOMDIR index and the files in PT*/ST*/SE* folders."""
+    from pydicom.fileset import FileSet
+
+    data, affine = _anatomical()
+    series = tmp_path / "series"
+    write_series(series, data, affine, patient(7), description="cd")
+    file_set = FileSet()
+    for path in sorted(series.iterdir()):
+        file_set.add(path)
+    export = tmp_path / "cd"
+    file_set.write(export)
+    file_set._stage["t"].cleanup()  # pydicom's staging folder, else removed at exit, warning
+    assert (export / "DICOMDIR").is_file()
+    out = tmp_path / "s.h5"
+    assert preprocess_main([str(export), "-o", str(out), "--size", "32", "--id-salt", SALT]) == 0
+    slices = _slices_by_name(out)
+    assert list(slices) == ["cd"]  # once, though the DICOMDIR lists every file again
+    nib.save(nib.Nifti1Image(data, affine), _path(tmp_path / "n" / "cd.nii.gz"))
+    preprocess_run([str(tmp_path / "n")], tmp_path / "n.h5", Settings(**SMALL),
+                   RunOptions(workers=1), report=lambda _: None)  # fmt: skip
+    expected = _slices_by_name(tmp_path / "n.h5")["cd"]
+    assert np.abs(slices["cd"].astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_what_dicom_cannot_do_is_one_line(archive, tmp_path, capsys):
+    out = tmp_path / "s.h5"
+    two = ["--suffix", "T1w", "FLAIR", "--id-salt", SALT]
+    assert preprocess_main([str(archive / "dicom"), "-o", str(out), *two]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "DICOM series are chosen with --series" in err
+    assert len(err.splitlines()) == 1
+    failing = tmp_path / "dcm2niix"  # a dcm2niix that fails on everything
+    failing.write_text("#!/bin/sh\necho 'Error: Unable to open folder'\nexit 3\n")
+    failing.chmod(0o755)
+    folder = archive / "dicom" / "Doe_Jane2"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dicom, "dcm2niix_path", lambda: str(failing))
+        inputs = [str(folder), str(archive / "nifti" / "axial.nii.gz")]
+        assert preprocess_main([*inputs, "-o", str(out), "--id-salt", SALT]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "converted no series" in line]
+    assert len(lines) == 2  # each of the patient's two series folders
+    assert all("Unable to open folder" in line for line in lines)
+    assert out.is_file()  # the NIfTI scan was written

@@ -63,7 +63,11 @@ def test_plain_folder_and_files_take_subject_from_sub_entity(tmp_path):
     scans, rejected = discover([tmp_path / "in", tmp_path / "readme.txt"])
     assert [s.subject_id for s in scans] == ["in/scan", "07", "07"]
     assert rejected == [
-        (str(tmp_path / "readme.txt"), "not NIfTI: the name does not end in .nii or .nii.gz")
+        (
+            str(tmp_path / "readme.txt"),
+            "not an image: the name does not end in .nii, .nii.gz, .mgz, .mgh or .hdr, and it "
+            "is not DICOM",
+        )
     ]
 
 

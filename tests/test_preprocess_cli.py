@@ -139,7 +139,7 @@ def test_rejected_scans_are_named_and_the_rest_is_written(tmp_path, capsys):
     assert code == 1
     lines = [line for line in err.splitlines() if line.startswith("rejected: ")]
     assert len(lines) == 5
-    assert any("notes.txt: not NIfTI" in line for line in lines)
+    assert any("notes.txt: not an image" in line for line in lines)
     assert any("constant.nii: constant" in line for line in lines)
     assert any("garbage.nii.gz: " in line for line in lines)
     assert any("fourd.nii.gz: 4-D with 2 volumes" in line for line in lines)

@@ -86,7 +86,8 @@ def occlusion_maps(
         averaged over the patch positions that hide it.
 
     >>> top_left = lambda x: x[:, :2, :2, 0].sum(axis=(1, 2))[:, None]  # reads 4 pixels
-    >>> maps = occlusion_maps(top_left, np.ones((1, 4, 4, 1), np.float32), np.zeros(1, int), 2)
+    >>> image = np.zeros((1, 4, 4, 1), np.float32); image[0, :2, :2] = 1  # bright there
+    >>> maps = occlusion_maps(top_left, image, np.zeros(1, int), 2)
     >>> bool(maps[0, :2, :2].min() > 0), float(maps[0, 3, 3])  # nothing there counts
     (True, 0.0)
     """

@@ -1,0 +1,67 @@
+"""Benchmark DICOM inputs against NIfTI: ``python -m preprocess`` as a user runs it.
+
+``--scans`` 1 mm T1-sized heads (176 x 256 x 256 int16, as ``make_phantoms`` draws them)
+are written twice: as ``.nii.gz`` and as DICOM series of 176 single-frame files (what a
+scanner exports; pydicom writes them, as the tests do). Each folder is preprocessed by a
+new ``python -m preprocess`` process (start-up included), with one worker and with two, in
+turns, so the table's ratio is the cost of reading DICOM through dcm2niix.
+
+    python scripts/bench_dicom.py --scans 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from make_phantoms import GROUPS, head_phantom, save
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from dicom_series import patient, write_series  # noqa: E402
+
+
+def _seconds(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=ROOT,
+                   env={**os.environ, "SLICESTORE_ID_SALT": "bench"})  # fmt: skip
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scans", type=int, default=4)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        for index in range(args.scans):
+            data, affine = head_phantom(rng, GROUPS[index % 2], (1.0, 1.0, 1.0), fov_mm=256)
+            data, affine = data[40:216], affine.copy()
+            affine[:3, 3] += affine[:3, 0] * 40
+            values = np.clip(data, 0, 32767).astype(np.int16)
+            save(folder / "nifti" / f"scan{index}.nii.gz", values, affine, "int16")
+            write_series(folder / "dicom" / f"scan{index}", values, affine, patient(index))
+        print(f"# {platform.node()}, python -m preprocess on {args.scans} T1-sized scans "
+              "(176 x 256 x 256), start-up included")  # fmt: skip
+        print("| workers | NIfTI (s) | DICOM (s) | DICOM / NIfTI |")
+        print("| --- | --- | --- | --- |")
+        for workers in (1, 2):
+            times = {}
+            for kind in ("nifti", "dicom"):
+                out = folder / f"{kind}-{workers}.h5"
+                command = [sys.executable, "-m", "preprocess", str(folder / kind), "-o", str(out)]
+                times[kind] = _seconds([*command, "--workers", str(workers)])
+            print(f"| {workers} | {times['nifti']:.1f} | {times['dicom']:.1f} | "
+                  f"{times['dicom'] / times['nifti']:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
