@@ -33,7 +33,7 @@ from pathlib import Path
 
 import nibabel as nib
 
-from preprocess.discover import Scan, is_dicom, is_image
+from preprocess.discover import BIDS_SKIP, Scan, find_layout, is_dicom, is_image
 
 SUFFIX = ".dcm"
 TEXT_ENDINGS = (".json", ".tsv", ".csv", ".txt", ".img")  # never DICOM: not opened
@@ -53,7 +53,8 @@ def find_folders(
     inputs: list[str | os.PathLike],
 ) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
     """The folders holding DICOM files, each with the input it was found in, and the
-    ``.dcm`` files that are not DICOM.
+    ``.dcm`` files that are not DICOM. In a BIDS tree, ``sourcedata/`` (where the DICOM
+    its NIfTI came from is kept), ``derivatives/`` and ``code/`` are not searched.
 
     Returns:
         ``(input, folder)`` pairs in folder order, and ``(path, reason)`` rejections.
@@ -65,8 +66,11 @@ def find_folders(
             if is_dicom(item):
                 found.setdefault(item.parent, item.parent)
             continue
+        if not item.is_dir():
+            continue
+        skip = BIDS_SKIP if find_layout(item) == "bids" else set()
         for top, dirs, names in os.walk(item, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in skip)
             for name in sorted(n for n in names if not n.startswith(".")):
                 path = Path(top) / name
                 if is_image(path) or name.lower().endswith(TEXT_ENDINGS):

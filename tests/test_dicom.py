@@ -403,3 +403,15 @@ def test_what_dicom_cannot_do_is_one_line(archive, tmp_path, capsys):
     assert len(lines) == 2  # each of the patient's two series folders
     assert all("Unable to open folder" in line for line in lines)
     assert out.is_file()  # the NIfTI scan was written
+
+
+def test_the_sourcedata_of_a_bids_tree_is_not_converted_again(tmp_path):
+    data, affine = _anatomical()
+    tree = tmp_path / "bids"
+    nib.save(nib.Nifti1Image(data, affine), _path(tree / "sub-01" / "anat" / "sub-01_T1w.nii.gz"))
+    (tree / "participants.tsv").write_text("participant_id\nsub-01\n")
+    write_series(tree / "sourcedata" / "sub-01" / "t1", data, affine, patient(8))
+    folders, rejected = dicom.find_folders([tree])
+    assert folders == []
+    assert rejected == []
+    assert dicom.find_folders([tree / "sourcedata"])[0] != []  # given on its own, it is read
