@@ -19,6 +19,8 @@ DICOM's folder or file names.
 
 from __future__ import annotations
 
+import concurrent.futures as futures
+import functools
 import hashlib
 import hmac
 import importlib.util
@@ -158,25 +160,26 @@ def convert(folders: list[tuple[Path, Path]], naming: Naming, series: str | None
         return result
     result.folder = Path(tempfile.mkdtemp(prefix="slicestore-dicom-"))
     pattern = re.compile(series, re.IGNORECASE) if series else None
-    for index, (item, folder) in enumerate(folders):
-        out = result.folder / f"{index:05d}"
-        out.mkdir()
-        outputs, problems = _run(binary, folder, out)
-        result.rejected += problems
-        by_series: dict[str, list] = {}
-        for name, lines in outputs:
-            facts = _sidecar(out / f"{name}.json")
-            by_series.setdefault(str(facts.get("SeriesInstanceUID", name)), []).append(
-                (name, lines, facts)
-            )
-        for written in by_series.values():
-            _add_series(result, item, folder, out, written, naming, pattern)
+    outs = [result.folder / f"{index:05d}" for index in range(len(folders))]
+    cores = min(8, len(os.sched_getaffinity(0)))
+    with futures.ThreadPoolExecutor(cores) as pool:  # a dcm2niix process per folder
+        runs = pool.map(functools.partial(_run, binary), [f for _, f in folders], outs)
+        for (item, folder), out, (outputs, problems) in zip(folders, outs, runs, strict=True):
+            result.rejected += problems
+            by_series: dict[str, list] = {}
+            for name, lines in outputs:
+                facts = _sidecar(out / f"{name}.json")
+                uid = str(facts.get("SeriesInstanceUID", name))
+                by_series.setdefault(uid, []).append((name, lines, facts))
+            for written in by_series.values():
+                _add_series(result, item, folder, out, written, naming, pattern)
     return result
 
 
 def _run(binary: str, folder: Path, out: Path) -> tuple[list, list[tuple[str, str]]]:
     """dcm2niix on one folder (not its sub-folders): ``(output name, its lines)`` per
     series written, and rejections for files or the whole folder."""
+    out.mkdir()
     command = [binary, "-g", "i", "-b", "y", "-ba", "n", "-z", "n", "-d", "0"]
     command += ["-f", "%s_%j", "-o", str(out), str(folder)]
     try:
