@@ -10,13 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
-from helpers import MNI_SETTINGS, blob_volume, lesion_mask, write_nifti
+from dicom_series import patient, write_series
+from helpers import MNI_SETTINGS, NIBABEL_DATA, blob_volume, lesion_mask, write_nifti
 from make_phantoms import write_bids
 
 from loader import open_store, schema
 from preprocess.cli import main as preprocess_main
+from preprocess.dicom import keyed_hash
 from preprocess.pipeline import Settings as PreprocessSettings
 from preprocess.slices import label_slices, unslice
 from training import predict, train
@@ -161,3 +164,19 @@ def test_a_run_trained_on_tensorflow_predicts_on_jax(classification_run, phantom
         assert float(on_jax[row["subject"]]["probability"]) == pytest.approx(
             float(row["probability"]), abs=1e-3
         )
+
+
+def test_a_dicom_series_is_predicted_as_the_nifti_it_came_from(classification_run, tmp_path):
+    image = nib.load(NIBABEL_DATA / "anatomical.nii")
+    data, affine = np.asarray(image.dataobj, dtype=np.int16), image.affine
+    folder = tmp_path / "new"
+    write_nifti(folder / "nifti" / "scan.nii.gz", data, affine)
+    write_series(folder / "dicom" / "scan", data, affine, patient(6), description="scan")
+    out = tmp_path / "predicted"
+    result = predict(classification_run, [folder / "nifti", folder / "dicom"], out,
+                     id_salt="secret", report=lambda _: None)  # fmt: skip
+    rows = {row["path"].rsplit("/", 1)[-1]: row for row in result.scans}
+    assert sorted(rows) == ["scan.nii.gz", "scan: series 3 'scan'"]
+    nifti, from_dicom = rows["scan.nii.gz"], rows["scan: series 3 'scan'"]
+    assert from_dicom["subject"] == keyed_hash(patient(6)["PatientID"], "secret", 12)
+    assert float(from_dicom["probability"]) == pytest.approx(float(nifti["probability"]), abs=1e-4)

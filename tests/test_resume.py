@@ -22,6 +22,7 @@ from run_helpers import interrupted_and_resumed
 from training.cli import main as training_main
 from training.inference import predict
 from training.run import TrainingError, train
+from training.tensorboard import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 # Three epochs of 32-slice batches, early stopping with a short patience (its state must
@@ -106,15 +107,24 @@ def reference(phantom_store, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     ("where", "at", "readers"),
-    [("batch", 4, []), ("batch", 0, ["--workers", "2", "--multiprocessing"]), ("write", 3, [])],
-    ids=["after-a-batch", "after-an-epoch-end-read-by-processes", "while-writing-a-checkpoint"],
+    [
+        ("batch", 4, []),
+        ("batch", 0, ["--workers", "2", "--multiprocessing"]),
+        ("write", 3, ["--tensorboard"]),
+    ],
+    ids=[
+        "after-a-batch",
+        "after-an-epoch-end-read-by-processes",
+        "while-writing-a-checkpoint-with-tensorboard-logs",
+    ],
 )
 def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrupted_one(
     phantom_store, reference, tmp_path, capsys, where, at, readers
 ):
     run_dir = tmp_path / "run"
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, str(phantom_store), str(run_dir), where, str(at)],
+        [sys.executable, "-c", KILLED_RUN, str(phantom_store), str(run_dir), where, str(at)]
+        + [flag[2:] for flag in readers if flag == "--tensorboard"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -127,9 +137,13 @@ def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrup
     else:  # killed writing the third checkpoint: the second stands, the half-done one is left
         assert (run_dir / "checkpoint.npz.partial").exists()
         assert (state["epoch"], state["batch"]) == (0, 6)
+    if "--tensorboard" in readers:  # epoch 0 reached the logs before its checkpoint did
+        assert 0 in _logged_steps(run_dir / "tensorboard" / "train")["epoch_loss"]
     assert _train_here(phantom_store, run_dir, "--resume", *readers) == 0  # readers may differ
     assert "Traceback" not in capsys.readouterr().err
-    _assert_same_run(run_dir, reference)
+    _assert_same_run(run_dir, reference)  # TensorBoard's logs change nothing computed
+    if "--tensorboard" in readers:
+        _assert_each_epoch_logged_once(run_dir)
 
 
 def test_a_killed_run_resumes_exactly_on_jax_too(phantom_store, phantom_bids, tmp_path):
@@ -241,53 +255,28 @@ def test_an_interrupt_while_scoring_is_resumed_by_scoring(phantom_store, tmp_pat
     assert resumed.metrics == whole.metrics
 
 
-def test_a_killed_run_with_tensorboard_logs_each_epoch_once(phantom_store, reference, tmp_path):
-    """Killed while writing epoch 0's checkpoint, after its scalars reached the logs: the
-    resumed run runs the rest of epoch 0 again and the logs still hold each epoch once."""
-    from training.tensorboard import read_events
+def _logged_steps(folder: Path) -> dict[str, list[int]]:
+    """Tag -> the steps logged, over a TensorBoard folder's event files."""
+    steps: dict[str, list[int]] = {}
+    for path in sorted(folder.glob("*tfevents*")):
+        for event in read_events(path):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    return steps
 
-    run_dir = tmp_path / "run"
-    killed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            KILLED_RUN,
-            str(phantom_store),
-            str(run_dir),
-            "write",
-            "3",
-            "tensorboard",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    logged = run_dir / "tensorboard"
-    before = [e for path in logged.rglob("*tfevents*") for e in read_events(path)]
-    assert any(v.tag == "epoch_loss" for e in before for v in e.summary.value if e.step == 0)
-    assert _train_here(phantom_store, run_dir, "--resume", "--tensorboard") == 0
-    _assert_same_run(run_dir, reference)  # the logs change nothing computed
+
+def _assert_each_epoch_logged_once(run_dir: Path) -> None:
+    """The logs hold each epoch once, with history.csv's values, and the graph once."""
     with open(run_dir / "history.csv", newline="") as handle:
         history = list(csv.DictReader(handle))
+    logged = run_dir / "tensorboard"
     for folder, prefix in (("train", ""), ("validation", "val_")):
-        steps: dict[str, list[int]] = {}
-        values: dict[tuple[str, int], float] = {}
+        assert sorted(_logged_steps(logged / folder)["epoch_loss"]) == list(range(len(history)))
         for path in sorted((logged / folder).glob("*tfevents*")):
             for event in read_events(path):
                 for value in event.summary.value:
-                    steps.setdefault(value.tag, []).append(event.step)
-                    number = np.frombuffer(value.tensor.tensor_content, np.float32)
-                    values[value.tag, event.step] = float(number[0]) if number.size else None
-        assert sorted(steps["epoch_loss"]) == list(range(len(history))), steps
-        for epoch, row in enumerate(history):
-            assert values["epoch_loss", epoch] == pytest.approx(float(row[prefix + "loss"]))
-    graphs = [
-        value
-        for path in logged.rglob("*tfevents*")
-        for event in read_events(path)
-        for value in event.summary.value
-        if value.metadata.plugin_data.plugin_name == "graph_keras_model"
-    ]
-    assert len(graphs) == 1  # the model graph, once
+                    if value.tag == "epoch_loss":
+                        number = np.frombuffer(value.tensor.tensor_content, np.float32)[0]
+                        expected = float(history[event.step][prefix + "loss"])
+                        assert float(number) == pytest.approx(expected)
+    assert _logged_steps(logged / "train")["keras"] == [0]  # the model graph, once
