@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_series import patient, write_enhanced, write_series
-from helpers import NIBABEL_DATA, blob_volume
+from helpers import NIBABEL_DATA, assert_same_store_content, blob_volume
 from make_heads import known_motion, moved_head, scanner_grid
 
 from loader import open_store
@@ -21,6 +21,7 @@ from preprocess import dicom
 from preprocess.cli import main as preprocess_main
 from preprocess.pipeline import RunOptions, Settings
 from preprocess.pipeline import run as preprocess_run
+from preprocess.writer import Partial, partial_path
 
 SALT = "a long random secret"
 SMALL = dict(size=32, val_fraction=0.25)
@@ -397,3 +398,33 @@ def test_the_sourcedata_of_a_bids_tree_is_not_converted_again(tmp_path):
     assert folders == []
     assert rejected == []
     assert dicom.find_folders([tree / "sourcedata"])[0] != []  # given on its own, it is read
+
+
+def test_an_interrupted_dicom_run_resumes_to_the_store_of_an_uninterrupted_one(
+    archive, tmp_path, monkeypatch
+):
+    settings = Settings(series="axial|sagittal|oblique|third|fourth", **SMALL)
+    target, clean = tmp_path / "resumed.h5", tmp_path / "clean.h5"
+    added = []
+    add = Partial.add
+
+    def add_then_stop(self, *args, **kwargs):
+        add(self, *args, **kwargs)
+        added.append(1)
+        if len(added) == 2:
+            raise KeyboardInterrupt  # Ctrl-C after two series were written
+
+    monkeypatch.setattr(Partial, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_run([str(archive / "dicom")], target, settings,
+                       RunOptions(workers=1, id_salt=SALT), report=lambda _: None)  # fmt: skip
+    monkeypatch.undo()
+    assert not target.exists()
+    assert partial_path(target).is_dir()
+    summary = preprocess_run([str(archive / "dicom")], target, settings,
+                             RunOptions(workers=1, id_salt=SALT, resume=True),
+                             report=lambda _: None)  # fmt: skip
+    assert summary.resumed == 2  # converted again, named alike: the two are not redone
+    preprocess_run([str(archive / "dicom")], clean, settings,
+                   RunOptions(workers=1, id_salt=SALT), report=lambda _: None)  # fmt: skip
+    assert_same_store_content(target, clean)

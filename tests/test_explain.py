@@ -197,3 +197,29 @@ def test_standard_space_maps_land_on_the_template_grid(study, tmp_path):
     dice = 2 * (written & truth & kept).sum() / (written.sum() + (truth & kept).sum())
     assert dice > 0.9
     assert not written[~kept].any()
+
+
+def test_a_standard_space_run_gets_its_maps_on_the_template_grid_too(study, tmp_path):
+    _, _, path = study
+    run_dir = tmp_path / "run"
+    train(path, run_dir, epochs=1, batch_size=64, progress=False, report=lambda _: None)
+    out = tmp_path / "explained"
+    result = explain(run_dir, out, patch=8, progress=False)
+    assert result.approximate is False
+    assert json.loads((out / "explain.json").read_text())["space"] == "mni"
+    with open_store(path) as store:
+        template = store.template
+        planes, _ = store.template_brain()
+    along = {"sagittal": 0, "coronal": 1, "axial": 2}[template["axis"]]
+    for row in result.subjects:
+        maps = np.load(out / "maps" / f"{row['subject']}.npy")
+        image = nib.load(out / "maps" / f"{row['subject']}.nii.gz")
+        assert image.shape == tuple(template["shape"])
+        assert np.allclose(image.affine, np.array(template["affine"]))
+        volume = np.asanyarray(image.dataobj)
+        touched = np.flatnonzero(np.abs(volume).sum(axis=tuple(a for a in range(3) if a != along)))
+        assert set(touched) <= set(planes.tolist())  # only the stored planes carry a map
+        assert len(maps) == len(planes)  # one map per stored slice, every plane of the slab
+    for name in result.groups:
+        averaged = nib.load(out / "average" / f"{name}.nii.gz")
+        assert averaged.shape == tuple(template["shape"])
