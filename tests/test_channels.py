@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -14,7 +12,7 @@ import keras
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import blob_volume, free_port, write_nifti
+from helpers import blob_volume, write_nifti
 from make_phantoms import reorder, write_bids
 from nibabel.processing import resample_from_to
 from run_helpers import interrupted_and_resumed
@@ -206,17 +204,6 @@ def test_phantom_lesions_are_bright_in_flair_under_their_masks(tmp_path):
     assert flair[lesion].mean() > flair[brain & ~lesion].mean() + 0.2
 
 
-@pytest.fixture(scope="module")
-def lesion_store(tmp_path_factory) -> Path:
-    """Eight phantom subjects with T1w and FLAIR as channels and lesion masks, slices of
-    32 x 32 (a U-Net on them costs a quarter of one on 64 x 64)."""
-    folder = tmp_path_factory.mktemp("lesions")
-    write_bids(folder / "bids", subjects=8, seed=0, flair=True)
-    args = [folder / "bids", "-o", folder / "s.h5", "--suffix", "T1w", "FLAIR", "--size", "32"]
-    assert _run(*args, "--masks", "lesion", "--workers", "1") == 0
-    return folder / "s.h5"
-
-
 def test_a_short_segmentation_run_finds_the_phantom_lesions(lesion_store, tmp_path, capsys):
     run = tmp_path / "run"
     args = [lesion_store, "-o", run, "--target", "mask", "--epochs", "8", "--batch-size", "8"]
@@ -315,26 +302,3 @@ def test_a_segmentation_run_resumes_exactly(lesion_store, tmp_path):
     history = (tmp_path / "resumed" / "history.csv").read_bytes()
     assert history == (tmp_path / "whole" / "history.csv").read_bytes()
     assert resumed.metrics == whole.metrics
-
-
-def test_segmentation_trains_on_two_processes_with_jax(lesion_store, tmp_path):
-    """The Dice metric resets on every backend (it once failed on JAX alone, too)."""
-    run, port = tmp_path / "run", free_port()
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    args = [str(lesion_store), "-o", str(run), "--target", "mask", "--epochs", "1"]
-    args += ["--batch-size", "32", "--distributed", "--coordinator", f"127.0.0.1:{port}"]
-    args += ["--num-processes", "2"]
-    command = [sys.executable, "-m", "training", *args, "--process-id"]
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    processes = [
-        subprocess.Popen([*command, str(index)], cwd=ROOT, env=env, **pipes) for index in range(2)
-    ]
-    outputs = [process.communicate(timeout=600) for process in processes]
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err[-3000:]
-    assert "process 1 of 2: done" in outputs[1][0]
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["task"] == "segmentation"
-    assert set(metrics["splits"]["val"]["slices"]["dice"]) == {"1"}
-    config = json.loads((run / "config.json").read_text())
-    assert (config["processes"], config["versions"]["keras_backend"]) == (2, "jax")

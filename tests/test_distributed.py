@@ -16,7 +16,7 @@ from training.cli import main as training_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESS = """
-import sys, numpy as np, training
+import sys, numpy as np, training.cli
 from loader import H5Sequence
 index, port, store, run_dir, out = int(sys.argv[1]), sys.argv[2], *sys.argv[3:]
 served = []  # (epoch, row) of every training slice this process read
@@ -26,17 +26,23 @@ def logged(self, i):
         served.extend((self.epoch, int(row)) for row in self.rows(i))
     return read(self, i)
 H5Sequence.__getitem__ = logged
-result = training.train(
-    store, run_dir, epochs=2, batch_size=32, patience=5, seed=3, progress=False,
-    distributed=True, coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=index,
-)
-assert result.process == (index, 2)
-np.save(out, np.concatenate([np.ravel(w) for w in result.model.get_weights()]))
+results = []
+train = training.cli.train
+training.cli.train = lambda *args, **kwargs: results.append(train(*args, **kwargs)) or results[0]
+code = training.cli.main([
+    store, "-o", run_dir, "--target", "mask", "--epochs", "2", "--batch-size", "32",
+    "--patience", "5", "--seed", "3", "--distributed", "--coordinator", f"127.0.0.1:{port}",
+    "--num-processes", "2", "--process-id", str(index),
+])
+assert code == 0 and results[0].process == (index, 2)
+np.save(out, np.concatenate([np.ravel(w) for w in results[0].model.get_weights()]))
 np.save(out.replace("weights", "rows"), np.array(served))
 """
 
 
-def test_two_processes_train_one_model_on_their_own_shares(phantom_store, tmp_path):
+def test_two_processes_train_one_model_on_their_own_shares(lesion_store, tmp_path):
+    """Two JAX processes segment lesions (the U-Net, its Dice metric reset on every
+    backend): one model kept in step, each process reading its own rows of every epoch."""
     port, run_dir = free_port(), tmp_path / "run"
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
     processes = [
@@ -47,7 +53,7 @@ def test_two_processes_train_one_model_on_their_own_shares(phantom_store, tmp_pa
                 PROCESS,
                 str(index),
                 str(port),
-                str(phantom_store),
+                str(lesion_store),
                 str(run_dir),
                 str(tmp_path / f"weights{index}.npy"),
             ],
@@ -59,13 +65,14 @@ def test_two_processes_train_one_model_on_their_own_shares(phantom_store, tmp_pa
         )
         for index in range(2)
     ]
-    for process in processes:
-        _, err = process.communicate(timeout=300)
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err[-3000:]
+    assert "process 1 of 2: done" in outputs[1][0]
     first, second = (np.load(tmp_path / f"weights{index}.npy") for index in range(2))
     np.testing.assert_array_equal(first, second)  # one model, kept in step
     served = [np.load(tmp_path / f"rows{index}.npy") for index in range(2)]
-    with open_store(phantom_store) as store:
+    with open_store(lesion_store) as store:
         train = store.splits["train"]
     # Keras reads one batch to learn the shapes, then two epochs: per epoch of the plan, each
     # process read its own rows (disjoint), and together every row but < one batch a process
@@ -85,7 +92,9 @@ def test_two_processes_train_one_model_on_their_own_shares(phantom_store, tmp_pa
     assert config["settings"]["distributed"] is True
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2
-    assert {"val", "test"} == set(metrics["splits"])
+    assert metrics["task"] == "segmentation"
+    assert set(metrics["splits"]) == {"val"}
+    assert set(metrics["splits"]["val"]["slices"]["dice"]) == {"1"}
     with open(run_dir / "history.csv") as handle:
         assert len(handle.read().splitlines()) == 3  # one writer: a header and two epochs
 
