@@ -17,7 +17,7 @@ $(INSTALLED): pyproject.toml
 test: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n 3 --dist worksteal --durations=15
+	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=15
 
 demo: $(INSTALLED)
 	$(BIN)/python scripts/make_phantoms.py $(DEMO)/bids --subjects 48 --seed 0 --flair --overwrite
