@@ -187,7 +187,7 @@ def explain(
         raise FileExistsError(f"{output}: exists; use --overwrite to replace it")
     facts = config["store"] if isinstance(config["store"], list) else [config["store"]]
     settings = _run_settings(config)
-    with _stores(facts) as stores:
+    with _RunStores(facts) as stores:
         size = stores[0].slice_shape[0]
         patch = patch or max(2, size // 8)
         if not 1 <= patch <= size:
@@ -224,7 +224,7 @@ def _run_settings(config: dict) -> Settings:
         raise TrainingError(f"the run's settings cannot be read: {exc}") from exc
 
 
-class _stores:
+class _RunStores:
     """The run's stores, opened and checked to be the files the run read."""
 
     def __init__(self, facts: list[dict]):
