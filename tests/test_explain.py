@@ -165,6 +165,7 @@ def test_what_cannot_be_explained_is_one_line_and_writes_nothing(blob_runs, tmp_
         ([str(group_run), "--subjects", "sub-99"], "subject 'sub-99' is not in split 'val'"),
         ([str(segmentation)], "a segmentation run"),
         ([str(tmp_path)], "not a run folder"),
+        ([str(group_run), "--patch", "0"], "--patch must be 1 to 32 pixels; received 0"),
     ]
     for args, message in cases:
         out = tmp_path / "out"

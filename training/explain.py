@@ -189,7 +189,7 @@ def explain(
     settings = _run_settings(config)
     with _RunStores(facts) as stores:
         size = stores[0].slice_shape[0]
-        patch = patch or max(2, size // 8)
+        patch = max(2, size // 8) if patch is None else patch
         if not 1 <= patch <= size:
             raise TrainingError(f"--patch must be 1 to {size} pixels; received {patch}")
         model = load_run_model(run_dir, preprocess_settings(facts[0]["config"]), settings.channels)
