@@ -287,6 +287,10 @@ def _add(result: Converted, item, folder, out, name, lines, facts, naming, patte
     notes = [_note(line) for line in lines if line.startswith("Warning")]
     if image.name.endswith("_Tilt_1.nii"):
         notes.append("gantry tilt: dcm2niix resampled the series onto an untilted grid")
+    twin = next((scan for scan in result.scans if scan.source == source), None)
+    if twin is not None:  # a copy of the series in another folder
+        result.rejected.append((what, f"the same series as {twin.origin} (patient, study, number)"))
+        return
     result.scans.append(Scan(image, source, subject, session, notes=tuple(notes), origin=what))
 
 

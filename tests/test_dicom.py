@@ -5,6 +5,7 @@ reaches a store."""
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -249,14 +250,16 @@ def test_localizers_derived_and_2d_series_are_skipped_with_a_note(tmp_path, caps
     who = patient(9)
     folder = tmp_path / "exam"
     study = write_series(folder / "t1", data, affine, who, number=2, description="t1")
+    shutil.copytree(folder / "t1", folder / "zcopy")  # the same series again, in one input
     write_series(folder / "loc", data[:, :, :3], affine, who, study, 1, "AAHead_Scout",
                  image_type=("ORIGINAL", "PRIMARY", "M", "ND"))  # fmt: skip
     write_series(folder / "map", data, affine, who, study, 3, "t1_map",
                  image_type=("DERIVED", "SECONDARY", "MAP"))  # fmt: skip
     write_series(folder / "one", data[:, :, 10:11], affine, who, study, 4, "single")
     out = tmp_path / "s.h5"
-    assert preprocess_main([str(folder), "-o", str(out), "--size", "32", "--id-salt", SALT]) == 0
+    assert preprocess_main([str(folder), "-o", str(out), "--size", "32", "--id-salt", SALT]) == 1
     printed = capsys.readouterr().err
+    assert f"{folder / 'zcopy'}: series 2 't1': the same series as {folder / 't1'}" in printed
     assert "series 1 'AAHead_Scout': skipped: a localizer" in printed
     assert "series 3 't1_map': skipped: derived" in printed
     assert "series 4 'single': skipped: a 2-D image" in printed
