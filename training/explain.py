@@ -197,15 +197,17 @@ def explain(
         chosen = _chosen(stores, targets, split, subjects)
         score = _scorer(model, task, settings.channels)
         result = Explanation(output, approximate=stores[0].space != "mni")
+        rows = _rows_of(stores, chosen)
         partial = files.fresh_folder(output)
         try:
-            (partial / MAPS).mkdir()
-            (partial / PICTURES).mkdir()
+            for folder in (MAPS, PICTURES, AVERAGES):
+                (partial / folder).mkdir()
+            writer = _Writer(partial, result, stores[0], config, _grouping(chosen, task, config))
             show = sys.stderr.isatty() if progress is None else progress
-            explained = []
             for subject in tqdm(chosen, unit="subject", disable=not show, file=sys.stderr):
-                explained.append(_explain_subject(subject, stores, score, task, patch))
-            _write(partial, result, explained, stores, config, split, patch)
+                item = _explain_subject(subject, stores, rows, score, task, patch)
+                writer.add(item)  # written now: one subject's slices in memory at a time
+            writer.finish(stores, split, patch)
             files.publish_folder(partial, output)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
@@ -305,34 +307,46 @@ def _scorer(model, task: str, channels: str):
     return score
 
 
-def _subject_slices(store: Store, scans: list[int]) -> tuple[np.ndarray, np.ndarray]:
+READ_BLOCK = 1 << 20  # rows of /subject read at a time while finding the subjects' rows
+
+
+def _rows_of(stores, chosen: list[_Subject]) -> dict[tuple[int, int], np.ndarray]:
+    """(store, scan) -> the scan's rows, in one pass over each store's ``/subject``
+    (rows are shuffled within a split: a scan's rows are spread over it)."""
+    found: dict[tuple[int, int], list[np.ndarray]] = {}
+    for index, store in enumerate(stores):
+        wanted = np.array([scan for s in chosen if s.store == index for scan in s.scans])
+        if not len(wanted):
+            continue
+        for start in range(0, store.num_slices, READ_BLOCK):
+            block = np.asarray(store.subject[start : start + READ_BLOCK])
+            hits = np.flatnonzero(np.isin(block, wanted))
+            for scan in np.unique(block[hits]):
+                rows = start + hits[block[hits] == scan]
+                found.setdefault((index, int(scan)), []).append(rows)
+    return {key: np.concatenate(parts) for key, parts in found.items()}
+
+
+def _subject_slices(store: Store, rows_per_scan: list[np.ndarray]) -> tuple[np.ndarray, ...]:
     """A subject's stored slices as float32 ``(n, S, S, C)`` and their ``/slice``
-    positions, in increasing position (sessions in store order at equal positions)."""
-    images, positions = [], []
-    for scan in scans:
-        rows = _scan_rows(store, scan)
-        low, high = int(rows[0]), int(rows[-1]) + 1  # one scan's rows are contiguous
-        stored = store.images[low:high][rows - low]
-        stored = stored if stored.ndim == 4 else stored[..., None]
-        images.append(stored.astype(np.float32) * store.scale + store.offset)
-        positions.append(store.slice_index[low:high][rows - low].astype(np.int64))
-    images, positions = np.concatenate(images), np.concatenate(positions)
-    order = np.argsort(positions, kind="stable")
+    positions, in increasing position (at equal positions, its scans in the subjects
+    table's order: sessions)."""
+    rows = np.concatenate(rows_per_scan).astype(np.int64)
+    scan_rank = np.concatenate([np.full(len(r), k) for k, r in enumerate(rows_per_scan)])
+    by_row = np.argsort(rows)
+    stored = store.images[rows[by_row]]  # only these rows (h5py reads a sorted list of rows)
+    stored = stored if stored.ndim == 4 else stored[..., None]
+    images = stored.astype(np.float32) * np.float32(store.scale) + np.float32(store.offset)
+    positions = np.asarray(store.slice_index[rows[by_row]], dtype=np.int64)
+    order = np.lexsort((scan_rank[by_row], positions))  # by position, then by scan
     return images[order], positions[order]
 
 
-def _scan_rows(store: Store, scan: int, block: int = 1 << 20) -> np.ndarray:
-    """The rows of one scan, reading ``/subject`` a block at a time."""
-    found = []
-    for start in range(0, store.num_slices, block):
-        found.append(start + np.flatnonzero(store.subject[start : start + block] == scan))
-    return np.concatenate(found)
-
-
-def _explain_subject(subject: _Subject, stores, score, task: str, patch: int) -> dict:
+def _explain_subject(subject: _Subject, stores, rows, score, task: str, patch: int) -> dict:
     """One subject's maps, slices and answer."""
     store = stores[subject.store]
-    images, positions = _subject_slices(store, subject.scans)
+    mine = [rows.get((subject.store, scan), np.zeros(0, np.int64)) for scan in subject.scans]
+    images, positions = _subject_slices(store, mine)
     outputs = score(images).mean(axis=0)  # pooled over slices, as evaluation pools
     if task == REGRESSION:
         column, predicted = 0, float(outputs[0])
@@ -361,106 +375,114 @@ def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name.replace("/", "__"))
 
 
-def _groups(explained: list[dict], task: str, class_names: list[str], target: str) -> dict:
-    """Group name -> the explained subjects in it: by the class explained, or for
-    regression by thirds of the true values (the predicted one where none)."""
+def _grouping(chosen: list[_Subject], task: str, config: dict):
+    """``group(item) -> name``: the class explained, or for regression the third of the
+    true values the subject's value (the predicted one where none) falls in."""
+    target = config["target"]
     if task != REGRESSION:
-        groups: dict[str, list[dict]] = {name: [] for name in class_names}
-        for item in explained:
-            groups[class_names[item["column"]]].append(item)
-        return {name: items for name, items in groups.items() if items}
-    values = np.array(
-        [e["predicted"] if e["subject"].value is None else e["subject"].value for e in explained]
-    )
+        names = target["class_names"]
+        return lambda item: names[item["column"]]
+    label = target["name"] or "value"
+    values = np.array([s.value for s in chosen if s.value is not None], dtype=np.float64)
     if len(values) < QUANTILES:
-        return {f"{target} (all)": explained}
+        return lambda item: f"{label} (all)"
     edges = np.quantile(values, np.linspace(0, 1, QUANTILES + 1))
-    bins = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, QUANTILES - 1)
-    return {
-        f"{target} {edges[k]:.3g}-{edges[k + 1]:.3g}": [
-            e for e, b in zip(explained, bins, strict=True) if b == k
-        ]
-        for k in range(QUANTILES)
-        if (bins == k).any()
-    }
+
+    def third(item) -> str:
+        value = item["predicted"] if item["subject"].value is None else item["subject"].value
+        k = int(np.clip(np.searchsorted(edges, value, side="right") - 1, 0, QUANTILES - 1))
+        return f"{label} {edges[k]:.3g}-{edges[k + 1]:.3g}"
+
+    return third
 
 
-def _averages(
-    items: list[dict], positions: np.ndarray, channel: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The group's map and image averaged over subjects at each position (a subject's
-    sessions first averaged); NaN where no subject of the group has the position."""
-    size = items[0]["maps"].shape[1:]
-    maps = np.zeros((len(positions), *size))
-    images = np.zeros((len(positions), *size))
-    counts = np.zeros(len(positions))
-    for item in items:
-        for k, position in enumerate(positions):
-            mine = item["positions"] == position
-            if mine.any():
-                maps[k] += item["maps"][mine].mean(axis=0)
-                images[k] += item["images"][mine][..., channel].mean(axis=0)
-                counts[k] += 1
-    with np.errstate(invalid="ignore"):
-        counts = counts[:, None, None]
-        return (maps / counts).astype(np.float32), (images / counts).astype(np.float32)
+class _Writer:
+    """Writes each subject's outputs as it comes and keeps, per group, running sums of the
+    maps and images at each slice position (a subject's sessions averaged first)."""
 
+    def __init__(self, partial: Path, result: Explanation, store: Store, config: dict, group):
+        self.partial, self.result, self.config, self.group = partial, result, config, group
+        self.task = config["target"]["task"]
+        self.class_names = config["target"]["class_names"] or []
+        self.channel = int(store.config.get("context", 0))  # the slice itself
+        self.sides = VIEW_SIDES.get(store.config.get("axis", ""))
+        self.template = store.template if store.space == "mni" else None
+        self.sums: dict[str, dict[int, list]] = {}  # group -> position -> [map, image, count]
 
-def _write(partial: Path, result: Explanation, explained, stores, config, split, patch) -> None:
-    """Maps, averages, tables, pictures and the summary into ``partial``."""
-    store = stores[0]
-    task, target = config["target"]["task"], config["target"]
-    class_names = target["class_names"] or []
-    context = int(store.config.get("context", 0))
-    sides = VIEW_SIDES.get(store.config.get("axis", ""))
-    template = store.template if store.space == "mni" else None
-    for item in explained:
-        item["channel"] = context
+    def add(self, item: dict) -> None:
+        item["channel"] = self.channel
         subject = item["subject"]
         stem = _file_stem(subject.name)
-        np.save(partial / MAPS / f"{stem}.npy", item["maps"])
-        if template is not None:
-            _save_on_template(partial / MAPS / f"{stem}.nii.gz", item, template)
-        result.subjects.append(_subject_row(item, task, class_names, stem))
-        picture = _subject_picture(item, task, class_names, target["name"], sides)
-        plot_maps(*picture, partial / PICTURES / f"{stem}.png")
-    groups = _groups(explained, task, class_names, target["name"] or "value")
-    positions = np.unique(np.concatenate([item["positions"] for item in explained]))
-    (partial / AVERAGES).mkdir()
-    np.save(partial / AVERAGES / "slices.npy", positions.astype(np.int64))
-    lines = []
-    for name, items in groups.items():
-        maps, images = _averages(items, positions, context)
-        np.save(partial / AVERAGES / f"{_file_stem(name)}.npy", maps)
-        if template is not None:
-            average = {"maps": np.nan_to_num(maps), "positions": positions}
-            _save_on_template(partial / AVERAGES / f"{_file_stem(name)}.nii.gz", average, template)
-        result.groups[name] = [item["subject"].name for item in items]
-        lines.append(_group_line(name, items, maps, images, positions))
-    note = (
-        "native space: slice k is not the same anatomy in every subject, the averages are "
-        "approximate"
-        if result.approximate
-        else f"standard space ({template['name']}): slice k is the same anatomy for all"
-    )
-    title = f"{METHOD} ({patch}-pixel patches), averaged per group over subjects of {split}; {note}"
-    plot_maps(lines, title, sides, partial / GROUPS_PICTURE)
-    files.write_rows(partial / SUBJECTS, result.subjects)
-    summary = {
-        "method": METHOD,
-        "score": "the predicted value" if task == REGRESSION else "the probability of the class",
-        "patch": patch,
-        "stride": max(1, patch // 2),
-        "fill": "the slice's mean value per channel",
-        "split": split,
-        "space": store.space,
-        "approximate": result.approximate,
-        "target": target["name"],
-        "task": task,
-        "stores": [{"path": s.path, "uuid": s.uuid} for s in stores],
-        "groups": result.groups,
-    }
-    files.write_text(partial / SUMMARY, json.dumps(summary, indent=2))
+        np.save(self.partial / MAPS / f"{stem}.npy", item["maps"])
+        if self.template is not None:
+            _save_on_template(self.partial / MAPS / f"{stem}.nii.gz", item, self.template)
+        row = _subject_row(item, self.task, self.class_names, stem)
+        self.result.subjects.append(row)
+        name = self.group(item)
+        self.result.groups.setdefault(name, []).append(subject.name)
+        sums = self.sums.setdefault(name, {})
+        for position in np.unique(item["positions"]):
+            mine = item["positions"] == position
+            entry = sums.setdefault(int(position), [0.0, 0.0, 0])
+            entry[0] = entry[0] + item["maps"][mine].mean(axis=0, dtype=np.float64)
+            entry[1] = entry[1] + item["images"][mine][..., self.channel].mean(axis=0)
+            entry[2] += 1
+        picture = _subject_picture(item, self.task, self.class_names, self.config, self.sides)
+        plot_maps(*picture, self.partial / PICTURES / f"{stem}.png")
+
+    def finish(self, stores, split: str, patch: int) -> None:
+        """The averages, their picture, ``subjects.csv`` and ``explain.json``."""
+        averages = self.partial / AVERAGES
+        positions = np.array(sorted({p for sums in self.sums.values() for p in sums}), np.int64)
+        np.save(averages / "slices.npy", positions)
+        lines = []
+        for name, sums in self.sums.items():
+            maps, images = _averages(sums, positions)
+            np.save(averages / f"{_file_stem(name)}.npy", maps)
+            if self.template is not None:
+                average = {"maps": np.nan_to_num(maps), "positions": positions}
+                _save_on_template(averages / f"{_file_stem(name)}.nii.gz", average, self.template)
+            count = len(self.result.groups[name])
+            lines.append(_group_line(name, count, maps, images, positions))
+        note = (
+            "native space: slice k is not the same anatomy in every subject, the averages "
+            "are approximate"
+            if self.result.approximate
+            else f"standard space ({self.template['name']}): slice k is the same anatomy for all"
+        )
+        title = f"{METHOD} ({patch}-pixel patches), averaged per group over {split}; {note}"
+        plot_maps(lines, title, self.sides, self.partial / GROUPS_PICTURE)
+        files.write_rows(self.partial / SUBJECTS, self.result.subjects)
+        summary = {
+            "method": METHOD,
+            "score": (
+                "the predicted value" if self.task == REGRESSION else "the probability of the class"
+            ),
+            "patch": patch,
+            "stride": max(1, patch // 2),
+            "fill": "the slice's mean value per channel",
+            "split": split,
+            "space": stores[0].space,
+            "approximate": self.result.approximate,
+            "target": self.config["target"]["name"],
+            "task": self.task,
+            "stores": [{"path": s.path, "uuid": s.uuid} for s in stores],
+            "groups": self.result.groups,
+        }
+        files.write_text(self.partial / SUMMARY, json.dumps(summary, indent=2))
+
+
+def _averages(sums: dict[int, list], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A group's map and image averaged over its subjects at each position; NaN where no
+    subject of the group has the position."""
+    size = next(iter(sums.values()))[0].shape
+    maps = np.full((len(positions), *size), np.nan, np.float32)
+    images = np.full((len(positions), *size), np.nan, np.float32)
+    for k, position in enumerate(positions):
+        if int(position) in sums:
+            total_map, total_image, count = sums[int(position)]
+            maps[k], images[k] = total_map / count, total_image / count
+    return maps, images
 
 
 def _subject_row(item: dict, task: str, class_names: list[str], stem: str) -> dict:
@@ -491,8 +513,9 @@ def _spread(count: int, wanted: int = DRAWN) -> np.ndarray:
     return np.unique(np.linspace(0, count - 1, min(count, wanted)).round().astype(int))
 
 
-def _subject_picture(item, task, class_names, target_name, sides) -> tuple:
+def _subject_picture(item, task, class_names, config, sides) -> tuple:
     subject = item["subject"]
+    target_name = config["target"]["name"] or "value"
     tiles = [
         (
             f"slice {item['positions'][k]}",
@@ -512,11 +535,11 @@ def _subject_picture(item, task, class_names, target_name, sides) -> tuple:
     return [(f"sub-{subject.name}", tiles)], title, sides
 
 
-def _group_line(name, items, maps, images, positions) -> tuple[str, list]:
+def _group_line(name, count, maps, images, positions) -> tuple[str, list]:
     """One row of the groups picture: the group's average at evenly spread positions."""
     present = np.flatnonzero(~np.isnan(maps).any(axis=(1, 2)))
     tiles = [(f"slice {positions[k]}", images[k], maps[k]) for k in present[_spread(len(present))]]
-    return f"{name}\n({len(items)} subjects)", tiles
+    return f"{name}\n({count} subjects)", tiles
 
 
 def _save_on_template(path: Path, item: dict, template: dict) -> None:
