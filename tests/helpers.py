@@ -4,6 +4,7 @@ resumed are in ``run_helpers.py``, which loads Keras)."""
 
 from __future__ import annotations
 
+import csv
 import socket
 from dataclasses import asdict
 from pathlib import Path
@@ -100,6 +101,12 @@ def decode_ids(x: np.ndarray, scale: float = 255.0) -> np.ndarray:
     """The row ids carried by a batch ``x`` of shape ``(b, h, w, 1)`` or ``(b, 1, h, w)``."""
     digits = np.rint(x.reshape(len(x), -1)[:, :3] * scale).astype(np.int64)
     return digits[:, 0] * 65536 + digits[:, 1] * 256 + digits[:, 2]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A CSV file's rows, as dicts by its header."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def free_port() -> int:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from helpers import read_rows
 from run_helpers import StopAt
 
 from training import train
@@ -28,11 +28,6 @@ def runs(phantom_store, tmp_path_factory) -> Path:
     return root
 
 
-def _csv(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_compare_lists_each_run_with_its_scores_and_the_settings_that_differ(
     runs, tmp_path, capsys
 ):
@@ -44,7 +39,7 @@ def test_compare_lists_each_run_with_its_scores_and_the_settings_that_differ(
     assert {"learning_rate", "seed"} <= set(header)  # differ between the runs
     assert "epochs" not in header  # the same in all three
     assert "batch_size" not in header
-    rows = {row["run"]: row for row in _csv(out / "compare.csv")}
+    rows = {row["run"]: row for row in read_rows(out / "compare.csv")}
     assert sorted(rows) == ["age", "group", "stopped"]
     assert [rows[name]["status"] for name in ("age", "group", "stopped")] == [
         "complete",

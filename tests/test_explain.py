@@ -3,7 +3,6 @@ for classification and regression; the maps on the template's grid in standard s
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from dataclasses import asdict
@@ -12,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import read_rows
 
 from loader import open_store
 from preprocess.pipeline import Settings
@@ -132,7 +132,7 @@ def test_a_regression_on_dose_looks_at_the_blob_and_groups_by_thirds(blob_runs, 
     args[args.index("--subjects") + 1 : args.index("--split")] = train_ids
     assert training_main(["explain", *args]) == 0
     assert "maps of 3 subjects" in capsys.readouterr().out
-    rows = {row["subject"]: row for row in _rows(out / "subjects.csv")}
+    rows = {row["subject"]: row for row in read_rows(out / "subjects.csv")}
     assert sorted(rows) == train_ids
     for subject, row in rows.items():
         assert row["explained"] == "value"
@@ -142,11 +142,6 @@ def test_a_regression_on_dose_looks_at_the_blob_and_groups_by_thirds(blob_runs, 
     groups = json.loads((out / "explain.json").read_text())["groups"]
     assert len(groups) == 3
     assert all(name.startswith("dose ") for name in groups)
-
-
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_what_cannot_be_explained_is_one_line_and_writes_nothing(blob_runs, tmp_path, capsys):

@@ -3,7 +3,6 @@ segmentations back on each scan's own grid."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from dicom_series import patient, write_series
-from helpers import MNI_SETTINGS, NIBABEL_DATA, blob_volume, lesion_mask, write_nifti
+from helpers import MNI_SETTINGS, NIBABEL_DATA, blob_volume, lesion_mask, read_rows, write_nifti
 from make_phantoms import write_bids
 
 from loader import open_store, schema
@@ -36,18 +35,13 @@ def classification_run(phantom_store, tmp_path_factory) -> Path:
     return run_dir
 
 
-def _csv(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_predicting_the_stores_own_scans_gives_the_runs_own_answers(
     classification_run, phantom_bids, tmp_path
 ):
     out = tmp_path / "out"
     result = predict(classification_run, [phantom_bids], out, workers=2, report=lambda _: None)
-    own = {row["subject"]: row for row in _csv(classification_run / "predictions.csv")}
-    mine = {row["subject"]: row for row in _csv(out / "predictions.csv")}
+    own = {row["subject"]: row for row in read_rows(classification_run / "predictions.csv")}
+    mine = {row["subject"]: row for row in read_rows(out / "predictions.csv")}
     assert own  # val and test subjects
     for subject, row in own.items():
         assert mine[subject]["split"] == row["split"]
@@ -58,7 +52,7 @@ def test_predicting_the_stores_own_scans_gives_the_runs_own_answers(
         assert int(mine[subject]["slices"]) == int(row["slices"])
         assert mine[subject]["true"] == row["true"]  # from the tree's participants.tsv
     # every scan was in the training store: each is flagged, with its split
-    scans = _csv(out / "scans.csv")
+    scans = read_rows(out / "scans.csv")
     assert len(scans) == len(result.scans) == 16
     assert all(row["seen_in_training"] in ("train", "val", "test") for row in scans)
     assert len(result.seen) == 16
@@ -74,8 +68,8 @@ def test_a_regression_run_predicts_its_validation_subjects_as_it_scored_them(tmp
     run_dir = tmp_path / "run"
     train(store, run_dir, target="age", epochs=1, batch_size=32, progress=False)
     predict(run_dir, [tmp_path / "bids"], tmp_path / "out", workers=1, report=lambda _: None)
-    mine = {row["subject"]: row for row in _csv(tmp_path / "out" / "predictions.csv")}
-    for row in _csv(run_dir / "predictions.csv"):
+    mine = {row["subject"]: row for row in read_rows(tmp_path / "out" / "predictions.csv")}
+    for row in read_rows(run_dir / "predictions.csv"):
         assert float(mine[row["subject"]]["predicted"]) == pytest.approx(
             float(row["predicted"]), rel=1e-3
         )
@@ -158,8 +152,8 @@ def test_a_run_trained_on_tensorflow_predicts_on_jax(classification_run, phantom
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    on_jax = {row["subject"]: row for row in _csv(out / "predictions.csv")}
-    for row in _csv(classification_run / "predictions.csv"):
+    on_jax = {row["subject"]: row for row in read_rows(out / "predictions.csv")}
+    for row in read_rows(classification_run / "predictions.csv"):
         assert on_jax[row["subject"]]["predicted"] == row["predicted"]
         assert float(on_jax[row["subject"]]["probability"]) == pytest.approx(
             float(row["probability"]), abs=1e-3
