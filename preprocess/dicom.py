@@ -141,7 +141,12 @@ class Converted:
             self.folder = None
 
 
-def convert(folders: list[tuple[Path, Path]], naming: Naming, series: str | None) -> Converted:
+def convert(
+    folders: list[tuple[Path, Path]],
+    naming: Naming,
+    series: str | None,
+    class_inputs: frozenset[Path] = frozenset(),
+) -> Converted:
     """Convert each folder's series with dcm2niix; the scans, rejections and skipped series.
 
     Args:
@@ -149,6 +154,8 @@ def convert(folders: list[tuple[Path, Path]], naming: Naming, series: str | None
         naming: how subjects and sessions are named.
         series: a regular expression a series' description or protocol name must match
             (case-insensitive); None takes every 3-D series but localizers and derived ones.
+        class_inputs: inputs laid out as class folders: the first folder below the input
+            is a series' label (and ``--dicom-subject folder`` takes the one below it).
     """
     result = Converted()
     binary = dcm2niix_path()
@@ -172,7 +179,8 @@ def convert(folders: list[tuple[Path, Path]], naming: Naming, series: str | None
                 uid = str(facts.get("SeriesInstanceUID", name))
                 by_series.setdefault(uid, []).append((name, lines, facts))
             for written in by_series.values():
-                _add_series(result, item, folder, out, written, naming, pattern)
+                place = (item, folder, item in class_inputs)
+                _add_series(result, place, out, written, naming, pattern)
     return result
 
 
@@ -222,10 +230,11 @@ def _sidecar(path: Path) -> dict:
         return {}
 
 
-def _add_series(result: Converted, item, folder, out: Path, written, naming, pattern) -> None:
+def _add_series(result: Converted, place, out: Path, written, naming, pattern) -> None:
     """The images dcm2niix wrote for one series: skipped when ``--series`` does not choose
     it, all rejected when one of them is (a series split because its slices disagree),
     else each added as :func:`_add` says."""
+    folder = place[1]
     facts = written[0][2]
     if pattern is not None and not any(
         pattern.search(str(facts.get(key) or "")) for key in ("SeriesDescription", "ProtocolName")
@@ -239,7 +248,7 @@ def _add_series(result: Converted, item, folder, out: Path, written, naming, pat
                 result.rejected.append((what, f"{meaning} (dcm2niix: {_first(lines, text)})"))
                 return
     for name, lines, facts in written:
-        _add(result, item, folder, out, name, lines, facts, naming, pattern)
+        _add(result, place, out, name, lines, facts, naming, pattern)
 
 
 def _series_name(folder: Path, facts: dict) -> str:
@@ -248,8 +257,15 @@ def _series_name(folder: Path, facts: dict) -> str:
     return f"{folder}: series {facts.get('SeriesNumber', '?')} {description!r}"
 
 
-def _add(result: Converted, item, folder, out, name, lines, facts, naming, pattern) -> None:
-    """One written image of a series: a scan, a rejection or a skipped note."""
+def _add(result: Converted, place, out, name, lines, facts, naming, pattern) -> None:
+    """One written image of a series: a scan, a rejection or a skipped note.
+
+    ``place`` is ``(input, folder, classes)``: where the series was found, and whether the
+    input's first folders are classes."""
+    item, folder, classes = place
+    parts = folder.relative_to(item).parts
+    label = parts[0] if classes and parts else None
+    parts = parts[1:] if classes else parts
     number = facts.get("SeriesNumber", "")
     description = str(facts.get("SeriesDescription") or facts.get("ProtocolName") or "")
     what = _series_name(folder, facts)
@@ -269,8 +285,7 @@ def _add(result: Converted, item, folder, out, name, lines, facts, naming, patte
         result.skipped.append(f"{what}: skipped: a 2-D image")
         return
     if naming.subject == "folder":
-        parts = folder.relative_to(item).parts
-        given = parts[0] if parts else item.name
+        given = parts[0] if parts else (label or item.name)
     else:
         given = str(facts.get("PatientID") or "").strip()
         if not given:
@@ -281,8 +296,8 @@ def _add(result: Converted, item, folder, out, name, lines, facts, naming, patte
     study = str(facts.get("StudyInstanceUID") or "")
     session = naming.session(study) if study else ""
     postfix = name.split("_", 1)[1][len(str(facts.get("SeriesInstanceUID", ""))) :]
-    label = re.sub(r"[^A-Za-z0-9.+-]+", "-", description).strip("-") or "series"
-    series_name = f"{int(number) if str(number).isdigit() else 0:03d}-{label}{postfix}"
+    described = re.sub(r"[^A-Za-z0-9.+-]+", "-", description).strip("-") or "series"
+    series_name = f"{int(number) if str(number).isdigit() else 0:03d}-{described}{postfix}"
     source = f"{item.name}/sub-{subject}/ses-{session or 'none'}/{series_name}"
     notes = [_note(line) for line in lines if line.startswith("Warning")]
     if image.name.endswith("_Tilt_1.nii"):
@@ -291,7 +306,8 @@ def _add(result: Converted, item, folder, out, name, lines, facts, naming, patte
     if twin is not None:  # a copy of the series in another folder
         result.rejected.append((what, f"the same series as {twin.origin} (patient, study, number)"))
         return
-    result.scans.append(Scan(image, source, subject, session, notes=tuple(notes), origin=what))
+    scan = Scan(image, source, subject, session, label, notes=tuple(notes), origin=what)
+    result.scans.append(scan)
 
 
 def _note(line: str) -> str:

@@ -40,6 +40,7 @@ from preprocess.discover import (
     Scan,
     column_of,
     discover,
+    find_layout,
     match_labels,
     pair_files,
     read_subjects_table,
@@ -605,7 +606,14 @@ def find_scans(
     converted, naming = None, None
     if folders:
         naming = _dicom_naming(folders, settings, salt)
-        converted = dicom.convert(folders, naming, settings.series)
+        classes = frozenset(
+            Path(item)
+            for item in inputs
+            if Path(item).is_dir()
+            and (settings.layout if settings.layout != "auto" else find_layout(Path(item)))
+            == "classes"
+        )
+        converted = dicom.convert(folders, naming, settings.series, classes)
         scans = sorted(scans + converted.scans, key=lambda scan: scan.source)
         rejected += converted.rejected
         for line in converted.skipped:

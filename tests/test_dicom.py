@@ -431,3 +431,26 @@ def test_an_interrupted_dicom_run_resumes_to_the_store_of_an_uninterrupted_one(
     preprocess_run([str(archive / "dicom")], clean, settings,
                    RunOptions(workers=1, id_salt=SALT), report=lambda _: None)  # fmt: skip
     assert_same_store_content(target, clean)
+
+
+def test_class_folders_of_dicom_series_label_their_scans(tmp_path):
+    data, affine = _anatomical()
+    tree = tmp_path / "classes"
+    for number, group in enumerate(("AD", "AD", "CN", "CN")):
+        write_series(tree / group / f"case{number}" / "t1", data, affine, patient(20 + number))
+    out = tmp_path / "s.h5"
+    assert preprocess_main([str(tree), "-o", str(out), "--size", "32", "--id-salt", SALT]) == 0
+    with open_store(out) as store:
+        assert store.class_names == ["AD", "CN"]
+        table = store.subjects_table()
+        labels = [store.class_names[k] for k in table["label"]]
+        by_subject = dict(zip((str(s) for s in table["id"]), labels, strict=True))
+    for number, group in enumerate(("AD", "AD", "CN", "CN")):
+        subject = dicom.keyed_hash(patient(20 + number)["PatientID"], SALT, 12)
+        assert by_subject[subject] == group
+    by_folder = tmp_path / "folders.h5"
+    args = ["--size", "32", "--id-salt", SALT, "--dicom-subject", "folder"]
+    assert preprocess_main([str(tree), "-o", str(by_folder), *args]) == 0
+    with open_store(by_folder) as store:  # the folder below the class folder names them
+        ids = {str(s) for s in store.subjects_table()["id"]}
+    assert ids == {dicom.keyed_hash(f"case{number}", SALT, 12) for number in range(4)}
