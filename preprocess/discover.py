@@ -10,8 +10,9 @@ Three layouts of an input folder, told apart by ``auto`` (or named with ``--layo
 * ``bids``: the folder holds ``participants.tsv``, ``dataset_description.json`` or
   ``sub-*`` folders. Scans are ``sub-<id>/[ses-<id>/]anat/*_<suffix>.nii[.gz]``;
   ``derivatives/``, ``sourcedata/`` and ``code/`` are skipped.
-* ``classes``: no image file at the top and at least two sub-folders that hold images
-  or DICOM series,
+* ``classes``: no image file at the top and at least two sub-folders that hold some
+  (folders of DICOM series alone are not taken for classes: an archive's folders are
+  patients; say ``--layout classes``),
   like ``keras.utils.image_dataset_from_directory``: the sub-folder names are the classes.
 * ``plain``: every NIfTI file below the folder.
 
@@ -151,7 +152,7 @@ def find_layout(folder: Path) -> str:
         for name in names
         if (folder / name).is_dir()
         and not name.startswith(".")
-        and any(is_image(p) or is_dicom(p) for p in _walk(folder / name))
+        and any(is_image(p) for p in _walk(folder / name))
     ]
     return "classes" if len(with_scans) >= 2 else "plain"
 

@@ -438,8 +438,13 @@ def test_class_folders_of_dicom_series_label_their_scans(tmp_path):
     tree = tmp_path / "classes"
     for number, group in enumerate(("AD", "AD", "CN", "CN")):
         write_series(tree / group / f"case{number}" / "t1", data, affine, patient(20 + number))
+    guessed = tmp_path / "guessed.h5"  # folders of DICOM alone: patients, not classes
+    assert preprocess_main([str(tree), "-o", str(guessed), "--size", "32", "--id-salt", SALT]) == 0
+    with open_store(guessed) as store:
+        assert store.class_names == []
     out = tmp_path / "s.h5"
-    assert preprocess_main([str(tree), "-o", str(out), "--size", "32", "--id-salt", SALT]) == 0
+    args = ["--size", "32", "--id-salt", SALT, "--layout", "classes"]
+    assert preprocess_main([str(tree), "-o", str(out), *args]) == 0
     with open_store(out) as store:
         assert store.class_names == ["AD", "CN"]
         table = store.subjects_table()
@@ -449,7 +454,7 @@ def test_class_folders_of_dicom_series_label_their_scans(tmp_path):
         subject = dicom.keyed_hash(patient(20 + number)["PatientID"], SALT, 12)
         assert by_subject[subject] == group
     by_folder = tmp_path / "folders.h5"
-    args = ["--size", "32", "--id-salt", SALT, "--dicom-subject", "folder"]
+    args += ["--dicom-subject", "folder"]
     assert preprocess_main([str(tree), "-o", str(by_folder), *args]) == 0
     with open_store(by_folder) as store:  # the folder below the class folder names them
         ids = {str(s) for s in store.subjects_table()["id"]}
