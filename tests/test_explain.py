@@ -19,7 +19,9 @@ from preprocess.standard import load_template
 from preprocess.writer import Partial, scan_record
 from training import train
 from training.cli import main as training_main
-from training.explain import _save_on_template, explain, occlusion_maps
+from training.explain import explain
+from training.explain_folder import _save_on_template
+from training.occlusion import occlusion_maps
 
 SIZE = 32
 BLOB = (slice(4, 12), slice(20, 28))  # rows, columns of the only region that carries the answer
