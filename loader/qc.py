@@ -21,7 +21,6 @@ VIEWS = {
     "coronal": ("coronal", "axial", "sagittal"),
     "sagittal": ("sagittal", "axial", "coronal"),
 }
-READ_BLOCK = 1 << 20  # rows of /subject read at a time while finding a scan's rows
 
 
 def chosen_scans(similarity: np.ndarray, worst: int, random: int, seed: int) -> list[int]:
@@ -63,7 +62,7 @@ def registration_picture(
     table = store.subjects_table()
     scans = chosen_scans(table[SIMILARITY], worst, random, seed)
     planes, brain = store.template_brain()
-    rows_of = _rows_of_scans(store, scans)
+    rows_of = store.rows_of_scans(scans)
     axis = store.template["axis"]
     aspect = _plane_aspect(store.template, store.slice_shape[0])
     figure, axes = plt.subplots(len(scans), 3, figsize=(7.5, 2.6 * len(scans)), squeeze=False)
@@ -92,16 +91,6 @@ def registration_picture(
     files.save_png(figure, path)
     plt.close(figure)
     return scans
-
-
-def _rows_of_scans(store: Store, scans: list[int]) -> dict[int, np.ndarray]:
-    """The rows of each scan, reading ``/subject`` a block at a time."""
-    found: dict[int, list[np.ndarray]] = {scan: [] for scan in scans}
-    for start in range(0, store.num_slices, READ_BLOCK):
-        block = store.subject[start : start + READ_BLOCK]
-        for scan in scans:
-            found[scan].append(start + np.flatnonzero(block == scan))
-    return {scan: np.concatenate(rows) for scan, rows in found.items()}
 
 
 def _volume(store: Store, rows: np.ndarray, planes: np.ndarray) -> np.ndarray:

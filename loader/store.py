@@ -27,6 +27,7 @@ from loader.schema import (
 
 # Every read-only open in a process uses these settings: h5py refuses to open one file
 # twice with different locking flags, and locking breaks on shared and network filesystems.
+SUBJECT_BLOCK = 1 << 20  # rows of /subject read at a time while finding scans' rows
 CHUNK_CACHE_BYTES = 32 * 1024**2
 CHUNK_CACHE_SLOTS = 10007
 
@@ -301,6 +302,26 @@ class Store:
         """
         split = self.subjects_table()[schema.SUBJECT_SPLIT]
         return np.ones(len(split), dtype=bool) if names is None else np.isin(split, list(names))
+
+    def rows_of_scans(self, scans) -> dict[int, np.ndarray]:
+        """The rows of each scan (rows of the subjects table), in increasing order: one pass
+        over ``/subject``, a block at a time (rows are shuffled within a split, so a
+        scan's rows are spread over it). A scan without rows gets an empty array."""
+        wanted = np.unique(np.asarray(list(scans), dtype=np.int64))
+        found: dict[int, list[np.ndarray]] = {int(scan): [] for scan in wanted}
+        for start in range(0, self.num_slices, SUBJECT_BLOCK):
+            block = np.asarray(self.subject[start : start + SUBJECT_BLOCK])
+            hits = np.flatnonzero(np.isin(block, wanted))
+            if not len(hits):
+                continue
+            order = np.argsort(block[hits], kind="stable")
+            scans_hit, first = np.unique(block[hits][order], return_index=True)
+            for scan, rows in zip(scans_hit, np.split(start + hits[order], first[1:]), strict=True):
+                found[int(scan)].append(rows)
+        return {
+            scan: np.concatenate(rows) if rows else np.zeros(0, np.int64)
+            for scan, rows in found.items()
+        }
 
     @property
     def version(self) -> int:

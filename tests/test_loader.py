@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import decode_ids, write_id_store
 
+import loader.store
 from loader import H5Sequence, StoreError, open_store
 from loader.plan import EpochPlan, aligned_blocks
 from loader.store import StoreChangedError, schema
@@ -411,3 +412,17 @@ def test_shards_of_an_epoch_are_disjoint_equal_and_cover_it(tmp_path, stores):
             np.testing.assert_array_equal(share.rows(i), whole.rows(i * count + share.shard[0]))
     with pytest.raises(ValueError, match="`shard` must be"):
         H5Sequence(paths, shard=(3, 3))
+
+
+def test_the_rows_of_scans_are_found_in_blocks_of_subject(id_store, monkeypatch):
+    """Rows are shuffled within a split: each scan's rows, whatever the block size of the
+    pass over /subject, and an empty list for a scan that has none."""
+    with open_store(id_store) as store:
+        subject = np.asarray(store.subject[:])  # small test store: read whole to compare
+        scans = [0, 3, int(subject.max()), 10_000]
+        for block in (7, 64, 1 << 20):
+            monkeypatch.setattr(loader.store, "SUBJECT_BLOCK", block)
+            found = store.rows_of_scans(scans)
+            assert sorted(found) == sorted(scans)
+            for scan in scans:
+                np.testing.assert_array_equal(found[scan], np.flatnonzero(subject == scan))

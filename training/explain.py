@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from loader import Store, files, open_store
 from loader.schema import SESSION, SUBJECT_ID
+from loader.sequence import model_input
 from loader.target import REGRESSION, SEGMENTATION
 from training.data import choose_target
 from training.errors import TrainingError
@@ -193,36 +194,27 @@ def _chosen(stores, targets, split: str, wanted: list[str] | None) -> list[_Subj
     return chosen
 
 
-READ_BLOCK = 1 << 20  # rows of /subject read at a time while finding the subjects' rows
-
-
 def _rows_of(stores, chosen: list[_Subject]) -> dict[tuple[int, int], np.ndarray]:
-    """(store, scan) -> the scan's rows, in one pass over each store's ``/subject``
-    (rows are shuffled within a split: a scan's rows are spread over it)."""
-    found: dict[tuple[int, int], list[np.ndarray]] = {}
+    """(store, scan) -> the scan's rows, for the chosen subjects' scans."""
+    found = {}
     for index, store in enumerate(stores):
-        wanted = np.array([scan for s in chosen if s.store == index for scan in s.scans])
-        if not len(wanted):
-            continue
-        for start in range(0, store.num_slices, READ_BLOCK):
-            block = np.asarray(store.subject[start : start + READ_BLOCK])
-            hits = np.flatnonzero(np.isin(block, wanted))
-            for scan in np.unique(block[hits]):
-                rows = start + hits[block[hits] == scan]
-                found.setdefault((index, int(scan)), []).append(rows)
-    return {key: np.concatenate(parts) for key, parts in found.items()}
+        scans = [scan for subject in chosen if subject.store == index for scan in subject.scans]
+        if scans:
+            found |= {(index, scan): rows for scan, rows in store.rows_of_scans(scans).items()}
+    return found
 
 
 def _subject_slices(store: Store, rows_per_scan: list[np.ndarray]) -> tuple[np.ndarray, ...]:
-    """A subject's stored slices as float32 ``(n, S, S, C)`` and their ``/slice``
-    positions, in increasing position (at equal positions, its scans in the subjects
-    table's order: sessions)."""
+    """A subject's stored slices as the model reads them, float32 ``(n, S, S, C)``, and
+    their ``/slice`` positions, in increasing position (at equal positions, its scans in
+    the subjects table's order: sessions)."""
     rows = np.concatenate(rows_per_scan).astype(np.int64)
     scan_rank = np.concatenate([np.full(len(r), k) for k, r in enumerate(rows_per_scan)])
     by_row = np.argsort(rows)
     stored = store.images[rows[by_row]]  # only these rows (h5py reads a sorted list of rows)
-    stored = stored if stored.ndim == 4 else stored[..., None]
-    images = stored.astype(np.float32) * np.float32(store.scale) + np.float32(store.offset)
+    images = model_input(
+        stored if stored.ndim == 4 else stored[..., None], store.scale, store.offset
+    )
     positions = np.asarray(store.slice_index[rows[by_row]], dtype=np.int64)
     order = np.lexsort((scan_rank[by_row], positions))  # by position, then by scan
     return images[order], positions[order]
@@ -231,7 +223,7 @@ def _subject_slices(store: Store, rows_per_scan: list[np.ndarray]) -> tuple[np.n
 def _explain_subject(subject: _Subject, stores, rows, score, task: str, patch: int) -> dict:
     """One subject's maps, slices and answer."""
     store = stores[subject.store]
-    mine = [rows.get((subject.store, scan), np.zeros(0, np.int64)) for scan in subject.scans]
+    mine = [rows[subject.store, scan] for scan in subject.scans]
     images, positions = _subject_slices(store, mine)
     outputs = score(images).mean(axis=0)  # pooled over slices, as evaluation pools
     if task == REGRESSION:
