@@ -14,13 +14,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from loader import files
 from loader.target import REGRESSION, SEGMENTATION
 from training import run_folder
 from training.errors import TrainingError
-from training.fitting import MONITORS
+from training.fitting import MONITORS, best_epoch
 from training.plots import plot_compared_curves, read_history
 from training.settings import NOT_COMPUTED
 
@@ -216,7 +214,9 @@ def _row(name: str, run: dict, differing: list[str], stores: list[str]) -> dict:
         value = settings.get(setting)
         row[setting] = "+".join(map(str, value)) if isinstance(value, list) else _text(value)
     row["epochs_run"] = metrics.get("epochs_run", len(run["history"].get("loss", [])))
-    row["best_epoch"] = metrics.get("best_epoch", _best_epoch(run))
+    monitor = MONITORS.get(run["task"])
+    best = best_epoch(run["history"], monitor) if monitor else None  # so far, when unfinished
+    row["best_epoch"] = metrics.get("best_epoch", "" if best is None else best)
     splits = metrics.get("splits", {})
     for role in ("val", "test"):
         for level in ("slices", "subjects"):
@@ -233,16 +233,6 @@ def _text(value) -> str:
     ('', '0.001', 'True')
     """
     return "" if value is None else str(value)
-
-
-def _best_epoch(run: dict) -> int | str:
-    """The best epoch so far from the history, for a run without ``metrics.json``."""
-    monitor = MONITORS.get(run["task"])
-    values = run["history"].get(monitor[0]) if monitor else None
-    if not values:
-        return ""
-    pick = np.argmax if monitor[1] == "max" else np.argmin
-    return int(pick(values)) + 1
 
 
 def format_table(result: Comparison) -> str:

@@ -26,6 +26,21 @@ MONITORS = {
 }
 
 
+def best_epoch(history: dict[str, list[float]], monitor: tuple[str, str]) -> int | None:
+    """The best epoch (numbered from 1) of a history by ``monitor`` (name, mode); None
+    when the history has no value of it.
+
+    >>> history = {"val_mae": [3.0, 2.0, 2.5]}
+    >>> best_epoch(history, ("val_mae", "min")), best_epoch(history, ("val_accuracy", "max"))
+    (2, None)
+    """
+    values = history.get(monitor[0])
+    if not values:
+        return None
+    pick = np.argmax if monitor[1] == "max" else np.argmin
+    return int(pick(values)) + 1
+
+
 def build_model(
     model_fn, stores: list[Store], settings: Settings, targets: list[Target]
 ) -> keras.Model:

@@ -28,7 +28,6 @@ from importlib import metadata
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from loader import Store, files, open_store
 from loader.options import SettingError
@@ -38,7 +37,7 @@ from loader.target import SEGMENTATION, Target
 from training import distributed, run_folder, tensorboard
 from training.data import build_data, check_store, choose_target, class_weights
 from training.errors import TrainingError
-from training.fitting import MONITORS, build_model, fit
+from training.fitting import MONITORS, best_epoch, build_model, fit
 from training.model import build, unet
 from training.plots import read_history
 from training.results import evaluate, write_results
@@ -202,11 +201,7 @@ def _fit_and_score(
 def _epochs(run_dir: Path, monitor: tuple[str, str]) -> tuple[int, int | None]:
     """Epochs run and the best one (numbered from 1), from ``history.csv``."""
     history = read_history(run_dir / run_folder.HISTORY)
-    best = None
-    if history.get(monitor[0]):
-        pick = np.argmax if monitor[1] == "max" else np.argmin
-        best = int(pick(history[monitor[0]])) + 1
-    return len(history.get("loss", [])), best
+    return len(history.get("loss", [])), best_epoch(history, monitor)
 
 
 def _start_processes(settings: Settings) -> tuple[int, int]:
