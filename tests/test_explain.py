@@ -180,8 +180,7 @@ def test_standard_space_maps_land_on_the_template_grid(study, tmp_path):
         planes, brain = store.template_brain()
         template = store.template
         min_foreground = store.config["min_foreground"]
-    item = {"maps": brain.astype(np.float32), "positions": planes}
-    _save_on_template(tmp_path / "brain.nii.gz", item, template)
+    _save_on_template(tmp_path / "brain.nii.gz", planes, brain.astype(np.float32), template)
     image = nib.load(tmp_path / "brain.nii.gz")
     assert image.shape == tuple(template["shape"])
     assert np.allclose(image.affine, np.array(template["affine"]))

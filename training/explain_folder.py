@@ -9,7 +9,6 @@ slices are in memory at a time.
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from loader import Store, files
 from loader.schema import VIEW_SIDES
 from loader.target import REGRESSION
 from preprocess.slices import unslice
+from training.inference import write_on_grid
 from training.occlusion import METHOD
 from training.plots import plot_maps
 
@@ -81,18 +81,19 @@ class Writer:
         subject = item["subject"]
         stem = _file_stem(subject.name)
         np.save(self.partial / MAPS / f"{stem}.npy", item["maps"])
+        positions, maps, images = _per_position(item, self.channel)  # sessions averaged
         if self.template is not None:
-            _save_on_template(self.partial / MAPS / f"{stem}.nii.gz", item, self.template)
+            path = self.partial / MAPS / f"{stem}.nii.gz"
+            _save_on_template(path, positions, maps, self.template)
         row = _subject_row(item, self.task, self.class_names, stem)
         self.result.subjects.append(row)
         name = self.group(item)
         self.result.groups.setdefault(name, []).append(subject.name)
         sums = self.sums.setdefault(name, {})
-        for position in np.unique(item["positions"]):
-            mine = item["positions"] == position
+        for position, position_map, image in zip(positions, maps, images, strict=True):
             entry = sums.setdefault(int(position), [0.0, 0.0, 0])
-            entry[0] = entry[0] + item["maps"][mine].mean(axis=0, dtype=np.float64)
-            entry[1] = entry[1] + item["images"][mine][..., self.channel].mean(axis=0)
+            entry[0] = entry[0] + position_map
+            entry[1] = entry[1] + image
             entry[2] += 1
         picture = _subject_picture(item, self.task, self.class_names, self.config, self.sides)
         plot_maps(*picture, self.partial / PICTURES / f"{stem}.png")
@@ -107,8 +108,8 @@ class Writer:
             maps, images = _averages(sums, positions)
             np.save(averages / f"{_file_stem(name)}.npy", maps)
             if self.template is not None:
-                average = {"maps": np.nan_to_num(maps), "positions": positions}
-                _save_on_template(averages / f"{_file_stem(name)}.nii.gz", average, self.template)
+                path = averages / f"{_file_stem(name)}.nii.gz"
+                _save_on_template(path, positions, np.nan_to_num(maps), self.template)
             count = len(self.result.groups[name])
             lines.append(_group_line(name, count, maps, images, positions))
         note = (
@@ -209,18 +210,22 @@ def _group_line(name, count, maps, images, positions) -> tuple[str, list]:
     return f"{name}\n({count} subjects)", tiles
 
 
-def _save_on_template(path: Path, item: dict, template: dict) -> None:
-    """Maps on the template's grid (its shape and affine), one value per voxel of the
-    stored planes (a subject's sessions averaged), 0 elsewhere."""
+def _per_position(item: dict, channel: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A subject's positions, and its map and image (``channel``) at each, its sessions
+    averaged (float64)."""
     positions = np.unique(item["positions"])
-    maps = np.stack([item["maps"][item["positions"] == p].mean(axis=0) for p in positions])
+    at = [item["positions"] == position for position in positions]
+    maps = np.stack([item["maps"][mine].mean(axis=0, dtype=np.float64) for mine in at])
+    images = np.stack([item["images"][mine][..., channel].mean(axis=0) for mine in at])
+    return positions, maps, images
+
+
+def _save_on_template(path: Path, positions, maps: np.ndarray, template: dict) -> None:
+    """Maps of the stored planes ``positions`` on the template's grid (its shape and
+    affine), 0 elsewhere."""
     affine = np.asarray(template["affine"], dtype=np.float64)
-    voxel_size = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     volume = unslice(
-        maps[..., None], positions, tuple(template["shape"]), voxel_size, template["axis"],
-        np.zeros(1, np.float32),
+        maps[..., None].astype(np.float32), positions, tuple(template["shape"]),
+        nib.affines.voxel_sizes(affine), template["axis"], np.zeros(1, np.float32),
     )[..., 0]  # fmt: skip
-    image = nib.Nifti1Image(volume.astype(np.float32), affine)
-    image.set_qform(affine, 1)
-    image.set_sform(affine, 1)
-    files.write_bytes(path, gzip.compress(image.to_bytes(), compresslevel=6))
+    write_on_grid(path, volume.astype(np.float32), affine)

@@ -394,10 +394,7 @@ def _write_segmentation(
     labels = orientations.apply_orientation(maps.argmax(-1).astype(np.uint8), back)
     name = _output_name(scan)
     _keep_example(examples, scan, image, labels, settings)
-    segmentation = nib.Nifti1Image(np.ascontiguousarray(labels), image.affine)
-    segmentation.set_qform(image.affine, 1)
-    segmentation.set_sform(image.affine, 1)
-    files.write_bytes(folder / f"{name}{SEGMENTATION_ENDING}", _gzipped(segmentation))
+    write_on_grid(folder / f"{name}{SEGMENTATION_ENDING}", labels, image.affine)
     row = {"segmentation": f"{name}{SEGMENTATION_ENDING}", "slices": len(answer)}
     counts = np.bincount(labels.ravel(), minlength=answer.shape[-1])
     row |= {f"voxels_{k}": int(n) for k, n in enumerate(counts) if k > 0}
@@ -434,6 +431,15 @@ def _keep_example(examples: list, scan, image, labels: np.ndarray, settings) -> 
 def _gzipped(image: nib.Nifti1Image) -> bytes:
     """A NIfTI image as the bytes of a ``.nii.gz`` file."""
     return gzip.compress(image.to_bytes(), compresslevel=6)
+
+
+def write_on_grid(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """``data`` on the grid ``affine`` as a ``.nii.gz`` file whose qform and sform are both
+    that affine (code 1, scanner), written through the one write helper."""
+    image = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    image.set_qform(affine, 1)
+    image.set_sform(affine, 1)
+    files.write_bytes(path, _gzipped(image))
 
 
 def on_scan_grid(answer: np.ndarray, record: dict, settings: PreprocessSettings) -> np.ndarray:
