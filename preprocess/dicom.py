@@ -35,7 +35,7 @@ from pathlib import Path
 
 import nibabel as nib
 
-from preprocess.discover import BIDS_SKIP, Scan, find_layout, is_dicom, is_image
+from preprocess.discover import BIDS_SKIP, Scan, find_layout, is_dicom, is_image, walk_files
 
 SUFFIX = ".dcm"
 TEXT_ENDINGS = (".json", ".tsv", ".csv", ".txt", ".img")  # never DICOM: not opened
@@ -71,16 +71,13 @@ def find_folders(
         if not item.is_dir():
             continue
         skip = BIDS_SKIP if find_layout(item) == "bids" else set()
-        for top, dirs, names in os.walk(item, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in skip)
-            for name in sorted(n for n in names if not n.startswith(".")):
-                path = Path(top) / name
-                if is_image(path) or name.lower().endswith(TEXT_ENDINGS):
-                    continue
-                if is_dicom(path):
-                    found.setdefault(Path(top), item)
-                elif name.lower().endswith(SUFFIX):
-                    rejected.append((str(path), "not DICOM: no DICM marker at byte 128"))
+        for path in walk_files(item, skip):
+            if is_image(path) or path.name.lower().endswith(TEXT_ENDINGS):
+                continue
+            if is_dicom(path):
+                found.setdefault(path.parent, item)
+            elif path.name.lower().endswith(SUFFIX):
+                rejected.append((str(path), "not DICOM: no DICM marker at byte 128"))
     return [(found[folder], folder) for folder in sorted(found)], rejected
 
 

@@ -152,12 +152,12 @@ def find_layout(folder: Path) -> str:
         for name in names
         if (folder / name).is_dir()
         and not name.startswith(".")
-        and any(is_image(p) for p in _walk(folder / name))
+        and any(is_image(p) for p in walk_files(folder / name))
     ]
     return "classes" if len(with_scans) >= 2 else "plain"
 
 
-def _walk(folder: Path, skip: set[str] = frozenset(), unreadable: list | None = None):
+def walk_files(folder: Path, skip: set[str] = frozenset(), unreadable: list | None = None):
     """Every file below ``folder`` in sorted order, skipping hidden entries and ``skip``.
 
     A folder that cannot be listed adds ``(path, reason)`` to ``unreadable``.
@@ -256,13 +256,13 @@ def _scan_folder(folder: Path, layout: str, suffix: str, unreadable: list) -> li
         wanted = tuple(f"_{suffix}{ext}".lower() for ext in NIFTI_SUFFIXES)
         return [
             _plain_scan(path, f"{base}/{path.relative_to(folder).as_posix()}")
-            for path in _walk(folder, BIDS_SKIP, unreadable)
+            for path in walk_files(folder, BIDS_SKIP, unreadable)
             if is_nifti(path)
             and path.name.lower().endswith(wanted)
             and "sub" in bids_entities(path.name)
         ]
     scans = []
-    for path in _walk(folder, unreadable=unreadable):
+    for path in walk_files(folder, unreadable=unreadable):
         if not is_image(path):
             continue
         problem = _unpaired(path)
@@ -413,7 +413,7 @@ def pair_files(
             root = _bids_root(scan.path)
             if root not in derivatives:
                 derivatives[root] = (
-                    [p for p in _walk(root / "derivatives") if is_nifti(p)]
+                    [p for p in walk_files(root / "derivatives") if is_nifti(p)]
                     if (root / "derivatives").is_dir()
                     else []
                 )

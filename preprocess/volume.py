@@ -154,7 +154,8 @@ def _load(path, volume: int | None, allow_constant: bool, max_voxels: int) -> Vo
     if not isinstance(image, nib.AnalyzeImage | nib.MGHImage):  # NIfTI is an Analyze kind
         raise ScanError(f"not NIfTI, MGH or Analyze: nibabel reads it as {type(image).__name__}")
     notes = []
-    if not isinstance(image, nib.Nifti1Pair | nib.Nifti2Pair):  # Analyze 7.5 (or SPM's)
+    analyze = isinstance(image, nib.AnalyzeImage)  # NIfTI pairs and images are one kind
+    if analyze and not isinstance(image, nib.Nifti1Pair | nib.Nifti2Pair):  # 7.5, or SPM's
         codes = "".join(orientations.aff2axcodes(image.affine))
         notes.append(
             f"an Analyze header has no orientation: {codes} assumed, as nibabel assumes it "

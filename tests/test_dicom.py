@@ -299,6 +299,7 @@ def test_mgz_and_analyze_store_the_slices_of_their_nifti(tmp_path, capsys):
     assert "lonely.hdr: an Analyze header without its image" in printed.err
     assert "other.img" not in printed.err + printed.out
     assert "oasis.hdr: an Analyze header has no orientation: LAS assumed" in printed.err
+    assert "fs.mgz: an Analyze header" not in printed.err  # MGH keeps its orientation
     slices = _slices_by_name(out)
     assert sorted(slices) == ["fs", "nifti", "oasis"]
     for name in ("fs", "oasis"):
