@@ -278,7 +278,8 @@ def _add(result: Converted, place, out, name, lines, facts, naming, pattern) -> 
     if pattern is None and "DERIVED" in kinds:
         result.skipped.append(f"{what}: skipped: derived ({'/'.join(kinds)})")
         return
-    if _planes(image) < 2:
+    planes = _planes(image)
+    if planes is not None and planes < 2:
         result.skipped.append(f"{what}: skipped: a 2-D image")
         return
     if naming.subject == "folder":
@@ -322,10 +323,11 @@ def _first(lines: list[str], text: str) -> str:
     return next(line for line in lines if text in line).removeprefix("Warning: ").strip()
 
 
-def _planes(image: Path) -> int:
-    """The number of planes along the third axis of a NIfTI file (1 for a 2-D image)."""
+def _planes(image: Path) -> int | None:
+    """The number of planes along the third axis of a NIfTI file (1 for a 2-D image);
+    None when its header cannot be read (the scan's load then says why)."""
     try:
         shape = nib.load(image).shape
     except Exception:
-        return 0
+        return None
     return shape[2] if len(shape) > 2 else 1
