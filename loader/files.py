@@ -22,6 +22,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 TEMPORARY_ENDING = ".partial"  # the temporary file's name: the target's name and this
 
 
@@ -84,6 +86,12 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, text.getvalue())
+
+
+def save_array(path: str | os.PathLike, array) -> None:
+    """A numpy array as a ``.npy`` file (no pickles) through :func:`replacing`."""
+    with replacing(path) as temporary, open(temporary, "wb") as handle:  # np.save would add
+        np.save(handle, array, allow_pickle=False)  # ".npy" to a path: a handle keeps it
 
 
 def save_png(figure, path: str | os.PathLike, dpi: int = 100) -> None:

@@ -199,11 +199,7 @@ class Partial:
         key = scan_key(record["source"])
         for ending, rows in ((".npy", slices), (MASK_ENDING, masks)):
             if rows is not None:
-                with (
-                    files.replacing(self.path / f"{key}{ending}") as temporary,
-                    open(temporary, "wb") as handle,  # np.save adds ".npy" to a path
-                ):
-                    np.save(handle, rows, allow_pickle=False)
+                files.save_array(self.path / f"{key}{ending}", rows)
         files.write_text(self.path / f"{key}.json", json.dumps(record))
 
     def remove(self) -> None:

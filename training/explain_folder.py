@@ -80,7 +80,7 @@ class Writer:
         item["channel"] = self.channel
         subject = item["subject"]
         stem = _file_stem(subject.name)
-        np.save(self.partial / MAPS / f"{stem}.npy", item["maps"])
+        files.save_array(self.partial / MAPS / f"{stem}.npy", item["maps"])
         positions, maps, images = _per_position(item, self.channel)  # sessions averaged
         if self.template is not None:
             path = self.partial / MAPS / f"{stem}.nii.gz"
@@ -102,11 +102,11 @@ class Writer:
         """The averages, their picture, ``subjects.csv`` and ``explain.json``."""
         averages = self.partial / AVERAGES
         positions = np.array(sorted({p for sums in self.sums.values() for p in sums}), np.int64)
-        np.save(averages / "slices.npy", positions)
+        files.save_array(averages / "slices.npy", positions)
         lines = []
         for name, sums in self.sums.items():
             maps, images = _averages(sums, positions)
-            np.save(averages / f"{_file_stem(name)}.npy", maps)
+            files.save_array(averages / f"{_file_stem(name)}.npy", maps)
             if self.template is not None:
                 path = averages / f"{_file_stem(name)}.nii.gz"
                 _save_on_template(path, positions, np.nan_to_num(maps), self.template)

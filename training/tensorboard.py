@@ -16,6 +16,7 @@ from pathlib import Path
 
 import keras
 
+from loader import files
 from training.errors import TrainingError
 
 PARTIAL = "prune.partial"  # a rewritten event file before it replaces the old one
@@ -57,8 +58,8 @@ class EpochLog(keras.callbacks.TensorBoard):
 def prune(log_dir: Path, epoch: int) -> None:
     """Remove from the logs the scalars of epochs from ``epoch`` on, and the graph.
 
-    Each event file is rewritten whole under a temporary name and renamed over the old one
-    (a kill leaves one of the two); a file left with no scalars is removed.
+    Each event file is rewritten whole through :func:`loader.files.replacing` (a kill
+    leaves the old one or the new one); a file left with no scalars is removed.
     """
     if not log_dir.is_dir():
         return
@@ -80,11 +81,13 @@ def prune(log_dir: Path, epoch: int) -> None:
             continue
         import tensorflow as tf
 
-        partial = path.with_name(PARTIAL)
-        with tf.io.TFRecordWriter(str(partial)) as writer:
+        # the temporary's name has no "tfevents": TensorBoard never reads a half-written one
+        with (
+            files.replacing(path, path.with_name(PARTIAL)) as temporary,
+            tf.io.TFRecordWriter(str(temporary)) as writer,
+        ):
             for event in kept:
                 writer.write(event.SerializeToString())
-        os.replace(partial, path)
 
 
 def read_events(path: Path) -> list:
