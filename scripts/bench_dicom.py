@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
+from bench_preprocess import command_seconds
 from make_phantoms import GROUPS, head_phantom, save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,18 +29,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 from dicom_series import patient, write_series  # noqa: E402
 
 
-def _seconds(command: list[str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, cwd=ROOT,
-                   env={**os.environ, "SLICESTORE_ID_SALT": "bench"})  # fmt: skip
-    return time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scans", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="turns; medians are shown")
     args = parser.parse_args()
+    os.environ.setdefault("SLICESTORE_ID_SALT", "bench")  # the commands' DICOM subjects
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -63,7 +56,7 @@ def main() -> None:
                     out = folder / f"{kind}-{workers}-{turn}.h5"
                     command = [sys.executable, "-m", "preprocess", str(folder / kind)]
                     command += ["-o", str(out), "--workers", str(workers)]
-                    runs[kind].append(_seconds(command))
+                    runs[kind].append(command_seconds(command))
                     with h5py.File(out, "r") as store:  # every scan made it, from either input
                         assert len(store["subjects/id"]) == args.scans, kind
             times = {kind: float(np.median(seconds)) for kind, seconds in runs.items()}

@@ -14,21 +14,14 @@ import argparse
 import csv
 import json
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench_preprocess import command_seconds
 from make_phantoms import write_bids
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(command: list[str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
-    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -41,8 +34,8 @@ def main() -> None:
         store, run = folder / "store.h5", folder / "run"
         python = [sys.executable, "-m"]
         labels = ["--label-column", "group"]
-        _run([*python, "preprocess", str(folder / "bids"), "-o", str(store), *labels])
-        _run([*python, "training", str(store), "-o", str(run), "--epochs", "1"])
+        command_seconds([*python, "preprocess", str(folder / "bids"), "-o", str(store), *labels])
+        command_seconds([*python, "training", str(store), "-o", str(run), "--epochs", "1"])
         print(f"# {platform.node()}, {platform.processor() or platform.machine()}, "
               f"python -m training explain on {args.subjects} phantom subjects' run")  # fmt: skip
         print("| patch | predictions a slice | subjects | slices | seconds | predictions/s |")
@@ -50,7 +43,7 @@ def main() -> None:
         for patch in (8, 16):
             out = folder / f"explain-{patch}"
             explain = [*python, "training", "explain", str(run), "-o", str(out)]
-            seconds = _run([*explain, "--patch", str(patch)])
+            seconds = command_seconds([*explain, "--patch", str(patch)])
             with open(out / "subjects.csv", newline="") as handle:
                 rows = list(csv.DictReader(handle))
             slices = sum(int(row["slices"]) for row in rows)

@@ -19,19 +19,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from bench_preprocess import command_seconds
 from make_phantoms import GROUPS, head_phantom, save, write_bids
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def command_seconds(command: list[str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
-    return time.perf_counter() - started
 
 
 def write_sessions(folder: Path, count: int, flair: bool) -> None:
