@@ -126,9 +126,9 @@ def _read(path: Path) -> dict:
     """A run folder's facts: config, metrics (empty when unfinished), history, status."""
     try:
         config = json.loads((path / run_folder.CONFIG).read_text())
-        stores = config["store"] if isinstance(config["store"], list) else [config["store"]]
-        target = config["target"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        stores = run_folder.stores_read(config)
+        target, label_column = config["target"], stores[0].get("config", {}).get("label_column")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise TrainingError(f"{path / run_folder.CONFIG}: unreadable ({exc!r})") from exc
     metrics = {}
     if (path / run_folder.METRICS).is_file():
@@ -149,7 +149,7 @@ def _read(path: Path) -> dict:
         "history": read_history(path / run_folder.HISTORY),
         "status": status,
         "task": target.get("task"),
-        "target": target.get("name") or stores[0].get("config", {}).get("label_column") or "",
+        "target": target.get("name") or label_column or "",
         "store_uuid": "+".join(str(s.get("uuid")) for s in stores),
         "store_path": ";".join(str(s.get("path")) for s in stores),
     }

@@ -24,6 +24,7 @@ from loader import Store, files, open_store
 from loader.schema import SESSION, SUBJECT_ID
 from loader.sequence import model_input
 from loader.target import REGRESSION, SEGMENTATION
+from training import run_folder
 from training.data import choose_target
 from training.errors import TrainingError
 from training.explain_folder import FOLDERS, Explanation, Writer
@@ -86,7 +87,7 @@ def explain(
         )
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: exists; use --overwrite to replace it")
-    facts = config["store"] if isinstance(config["store"], list) else [config["store"]]
+    facts = run_folder.stores_read(config)
     settings = _run_settings(config)
     with _RunStores(facts) as stores:
         size = stores[0].slice_shape[0]

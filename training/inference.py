@@ -113,7 +113,7 @@ def predict(
     started = time.perf_counter()
     run_dir, output = Path(run_dir), Path(output)
     config = read_run(run_dir)
-    store = config["store"] if isinstance(config["store"], dict) else config["store"][0]
+    store = run_folder.stores_read(config)[0]
     settings = preprocess_settings(store["config"], labels)
     channels = config["settings"].get("channels", "last")
     if output.exists() and not overwrite:
@@ -137,7 +137,7 @@ def _predict_found(
     found, model, settings, config, output, labels, options, *, progress, report, probabilities
 ) -> Prediction:
     """Predict the scans found; write ``output``."""
-    store = config["store"] if isinstance(config["store"], dict) else config["store"][0]
+    store = run_folder.stores_read(config)[0]
     target = config["target"]
     channels = config["settings"].get("channels", "last")
     known, splits = _training_scans(store, report)
@@ -235,8 +235,7 @@ def read_run(run_dir: Path) -> dict:
         raise TrainingError(f"{run_dir}: no {run_folder.MODEL}: the run has no model to apply")
     try:
         config = json.loads(config_path.read_text())
-        stores = config["store"] if isinstance(config["store"], list) else [config["store"]]
-        store_config = stores[0]["config"]
+        store_config = run_folder.stores_read(config)[0]["config"]
         config["target"]["task"], store_config["size"]
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise TrainingError(

@@ -348,9 +348,7 @@ def _resumable(run_dir: Path, config: dict) -> bool:
                 f"{run_dir}: --resume needs the run's own settings; these differ: "
                 f"{', '.join(differ)} (see its config.json)"
             )
-    stores = [now["store"]] if isinstance(now["store"], dict) else now["store"]
-    before = saved.get("store")
-    before = [before] if isinstance(before, dict) else before or []
+    stores, before = run_folder.stores_read(now), run_folder.stores_read(saved)
     if [s["uuid"] for s in stores] != [s.get("uuid") for s in before]:
         raise TrainingError(
             f"{run_dir}: --resume needs the stores the run read; "

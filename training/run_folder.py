@@ -17,3 +17,14 @@ TENSORBOARD = "tensorboard"  # a folder: Keras' TensorBoard logs (--tensorboard)
 
 # What a run folder holds; --overwrite removes these and nothing else.
 RUN_FILES = (MODEL, CHECKPOINT, HISTORY, METRICS, CONFIG, *PICTURES, PREDICTIONS)
+
+
+def stores_read(config: dict) -> list[dict]:
+    """The stores a run read, from its ``config.json``: one store is kept as a dict,
+    several as a list of them; a config without any gives none.
+
+    >>> stores_read({"store": {"uuid": "a"}}), stores_read({"store": [{"uuid": "a"}, {}]})
+    ([{'uuid': 'a'}], [{'uuid': 'a'}, {}])
+    """
+    stores = config.get("store")
+    return [stores] if isinstance(stores, dict) else list(stores or [])
