@@ -13,7 +13,7 @@ import sys
 
 from loader.exits import resume_command, run_main
 from loader.options import add_options, settings_from_args
-from preprocess.pipeline import RunOptions, Settings, Summary, run
+from preprocess.pipeline import RunOptions, Settings, Summary, keep_freed_memory, run
 from preprocess.writer import partial_path
 
 
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser, flags = _parser()
 
     def body(args: argparse.Namespace) -> int:
+        keep_freed_memory()
         summary = run(
             args.inputs,
             args.output,

@@ -109,7 +109,9 @@ class Partial:
 
     The run holds an exclusive ``flock`` on the folder from before it changes anything
     until it is closed (the kernel drops it when the process dies, even by ``kill -9``),
-    so a second run on the same store stops with a line naming the live one.
+    so a second run on the same store stops with a line naming the live one. A process
+    forked from the run (a worker) closes its copy of the lock's descriptor at once, so
+    the lock never outlives the run in one.
 
     Args:
         target: the store to make.
@@ -176,6 +178,7 @@ class Partial:
     def close(self) -> None:
         """Release the lock (the folder stays for --resume unless :meth:`remove` ran)."""
         if self._lock is not None:
+            _HELD.discard(self._lock)
             os.close(self._lock)
             self._lock = None
 
@@ -499,4 +502,20 @@ def _lock(folder: Path) -> int:
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     files.write_text(folder / OWNER, json.dumps(owner))
+    _HELD.add(fd)
     return fd
+
+
+_HELD: set[int] = set()  # the descriptors of this process's locks
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the copies of the parent's lock descriptors. The ``flock``
+    stays the parent's (it lives while any copy is open), and dies with the parent only
+    when no child keeps a copy."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)

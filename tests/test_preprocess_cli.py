@@ -20,10 +20,11 @@ from make_phantoms import write_bids
 
 from loader import schema
 from loader.store import open_store
+from preprocess import pipeline
 from preprocess.cli import main
 from preprocess.discover import Scan
 from preprocess.pipeline import Settings, _start_pool
-from preprocess.writer import partial_path
+from preprocess.writer import Partial, partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,10 +234,12 @@ def slow_bids(tmp_path_factory) -> Path:
     return out
 
 
-def test_kill_9_leaves_no_store_and_resume_finishes_identically(slow_bids, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_9_leaves_no_store_and_resume_finishes_identically(slow_bids, tmp_path, workers):
+    """With workers, they are forked from the run: they die with it and keep no lock."""
     target = tmp_path / "killed.h5"
     command = [sys.executable, "-m", "preprocess", str(slow_bids), "-o", str(target)]
-    command += ["--label-column", "group", "--workers", "1"]
+    command += ["--label-column", "group", "--workers", str(workers)]
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -244,8 +247,14 @@ def test_kill_9_leaves_no_store_and_resume_finishes_identically(slow_bids, tmp_p
     while len(list(partial_path(target).glob("*.json"))) < 4 and time.monotonic() < deadline:
         assert process.poll() is None, "the run ended before it could be killed"
         time.sleep(0.005)
+    children = _children(process.pid)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert len(children) == (0 if workers == 1 else workers)
+    deadline = time.monotonic() + 30
+    while (alive := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive, "workers outlived the killed run"
     assert not target.exists()
     written = len(list(partial_path(target).glob("*.json"))) - 1  # less the manifest
     assert 3 <= written < 28
@@ -257,6 +266,77 @@ def test_kill_9_leaves_no_store_and_resume_finishes_identically(slow_bids, tmp_p
     assert_same_store_content(target, tmp_path / "clean.h5")
     with open_store(target) as store:
         assert len(store.subjects_table()[schema.SOURCE_PATH]) == 32
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _stat(entry.name)[1] == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _stat(pid) -> tuple[str, int]:
+    """State letter and parent pid of a process ("X", 0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return "X", 0
+    return fields[0], int(fields[1])
+
+
+def _alive(pid: int) -> bool:
+    return _stat(pid)[0] not in "XZ"  # gone, or dead and not yet reaped
+
+
+def test_a_forked_child_keeps_no_copy_of_the_runs_lock(tmp_path):
+    partial = Partial(tmp_path / "s.h5", {"size": 64})
+    started, ready = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker that lives on
+        os.write(ready, b"!")
+        time.sleep(5)
+        os._exit(0)
+    try:
+        assert os.read(started, 1) == b"!"  # the child runs
+        partial.close()
+        again = Partial(tmp_path / "s.h5", {"size": 64}, resume=True)  # the lock is free
+        again.close()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(started)
+        os.close(ready)
+
+
+def test_workers_are_forked_unless_a_library_that_forbids_it_is_loaded(monkeypatch):
+    for name in pipeline.NOT_FORK_SAFE:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert pipeline.start_method() == "fork"
+    monkeypatch.setitem(sys.modules, "tensorflow", sys)
+    assert pipeline.start_method() == "forkserver"
+
+
+def test_forked_and_served_workers_write_the_same_store(tmp_path, monkeypatch):
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    write_bids(bids, subjects=6, seed=3)
+    args = [str(bids), "-o", "served.h5", "--label-column", "group", "--workers", "2"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "start_method", lambda: "forkserver")
+    assert main(args) == 0
+    forked = [*args[:2], "forked.h5", *args[3:]]  # a new process: no TensorFlow, so fork
+    result = subprocess.run(
+        [sys.executable, "-m", "preprocess", *forked],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert_same_store_content(tmp_path / "served.h5", tmp_path / "forked.h5")
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 
 import nibabel as nib
 import numpy as np
@@ -156,6 +157,33 @@ def test_scans_of_other_sizes_read_one_after_another_load_exactly(tmp_path):
         volume = load_volume(path)
         intensities = np.asarray(volume.voxels, np.float64) * volume.slope + volume.inter
         np.testing.assert_allclose(intensities, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", ">i2", "uint16", "int32", "float32", ">f8"])
+@pytest.mark.parametrize("axcodes", ["RAS", "SAR", "PIL"])
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+def test_every_stored_type_and_order_loads_as_nibabel_reads_it_with_the_files_sha256(
+    tmp_path, dtype, axcodes, ending
+):
+    """A gzipped scan's voxels are a view of its un-gzipped bytes (no copy): the values,
+    the scaling, the byte order and the voxel order are nibabel's. SAR stored is a C-ordered
+    volume in RAS: the NaN then lands in the float copy, never in the read-only bytes."""
+    data = blob_volume(8) / 50  # fractional: integer types get a scale factor
+    if np.dtype(dtype).kind == "f":
+        data[3, 4, 5] = np.nan
+    moved, affine = reorder(data, np.diag([1.0, 1.2, 0.9, 1.0]), axcodes)
+    header = nib.Nifti1Header(endianness=np.dtype(dtype).byteorder.replace("=", "<"))
+    image = nib.Nifti1Image(moved, affine, header)
+    image.set_data_dtype(np.dtype(dtype))
+    path = tmp_path / f"scan{ending}"
+    nib.save(image, path)
+    expected = nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32)
+    expected[~np.isfinite(expected)] = 0
+
+    volume = load_volume(path, digest=True)
+    np.testing.assert_allclose(volume.data, expected, rtol=1e-6, atol=1e-6)
+    assert volume.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert load_volume(path).sha256 == ""
 
 
 def test_four_d_needs_a_volume_choice():
