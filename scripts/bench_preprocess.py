@@ -78,22 +78,23 @@ def command_seconds(command: list[str]) -> float:
 
 
 def fixed_costs(bids: Path, store: Path, settings: Settings) -> dict[str, float]:
-    """What the command pays whatever the number of scans: start-up and imports, the
-    worker pool's server, finalising the store (timed inside one more in-process run)."""
+    """What the command pays whatever the number of scans: start-up and imports, starting
+    two workers (forked, as the command does, and from a forkserver, as a process that
+    loaded TensorFlow does), finalising the store (timed inside one more in-process run)."""
     costs = {
         "python -m preprocess --help (start-up, imports)": command_seconds(
             [sys.executable, "-m", "preprocess", "--help"]
-        ),
-        "the workers' forkserver (a second start-up and import)": float(
-            subprocess.run(
-                [sys.executable, "-c", FORKSERVER_START],
-                check=True,
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-            ).stdout
-        ),
+        )
     }
+    for method in ("fork", "forkserver"):
+        seconds = subprocess.run(
+            [sys.executable, "-c", POOL_START, method],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        ).stdout
+        costs[f"two workers started and answering, {method}"] = float(seconds)
     finalize, spent = Partial.finalize, []
 
     def timed(*args, **kwargs):
@@ -113,15 +114,18 @@ def fixed_costs(bids: Path, store: Path, settings: Settings) -> dict[str, float]
     return costs
 
 
-FORKSERVER_START = """
-import multiprocessing, time
+# Seconds from a pool's creation until both workers have answered, in a process that has
+# imported preprocess.pipeline (as the command has when it starts its workers).
+POOL_START = """
+import concurrent.futures, multiprocessing, sys, time
+import preprocess.pipeline
+context = multiprocessing.get_context(sys.argv[1])
+if sys.argv[1] == "forkserver":
+    context.set_forkserver_preload(["preprocess.pipeline"])
 started = time.perf_counter()
-context = multiprocessing.get_context("forkserver")
-context.set_forkserver_preload(["preprocess.pipeline"])
-process = context.Process(target=int)
-process.start()
-process.join()
-print(time.perf_counter() - started)
+with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
+    list(pool.map(time.sleep, [0.01] * 2))
+print(time.perf_counter() - started - 0.01)
 """
 
 
@@ -139,16 +143,16 @@ def stages(paths, settings: Settings) -> dict[str, float]:
     """Seconds per stage of one worker over all scans."""
     spent = dict.fromkeys(
         (
-            "load + reorient + checks",
+            "read + sha256 + un-gzip + reorient + checks",
             "foreground + normalisation's percentiles",
             "slice, scale + resample",
-            "uint8 + sha256",
+            "uint8",
         ),
         0.0,
     )
     for path in paths:
         started = time.perf_counter()
-        volume = load_volume(path)
+        volume = load_volume(path, digest=True)
         loaded = time.perf_counter()
         mask = foreground(volume.voxels)
         scale = normalization(volume.voxels, mask, settings.normalize, volume.slope, volume.inter)
@@ -164,8 +168,6 @@ def stages(paths, settings: Settings) -> dict[str, float]:
         )
         sliced = time.perf_counter()
         np.rint(np.clip(slices, 0, 1) * 255).astype(np.uint8)
-        with open(path, "rb") as handle:
-            hashlib.file_digest(handle, "sha256")
         done = time.perf_counter()
         for name, seconds in zip(
             spent,
