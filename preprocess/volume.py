@@ -439,7 +439,9 @@ def percentiles(values: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     Integers of at most 16 bits are counted in a histogram instead of partitioned: the
     order statistics come from its running sum (a T1 scan's foreground, 1.75 M int16
     values: ~3 ms against ~10 ms), then numpy's own interpolation runs on them, in the
-    stored type as numpy does it. Other types go to ``np.percentile``.
+    stored type as numpy does it. The values are counted in the order they lie in memory
+    (a strided view of a Fortran-ordered volume copied in C order took 4.6 ms, in memory
+    order 0.4 ms). Other types go to ``np.percentile``.
 
     >>> data = np.array([7, 1, 3, 3, 100], dtype=np.int16)
     >>> percentiles(data, (0.5, 50, 99.5)).tolist() == np.percentile(data, (0.5, 50, 99.5)).tolist()
@@ -448,7 +450,7 @@ def percentiles(values: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     values = np.asarray(values)
     if values.dtype.kind not in "iu" or values.dtype.itemsize > 2 or values.size == 0:
         return np.percentile(values, q)
-    flat = values.reshape(-1)
+    flat = values.ravel(order="K")  # in memory order: a reoriented view's order is slow
     low = int(flat.min())
     counts = np.bincount(flat.astype(np.int32) - low)
     below = np.cumsum(counts)  # below[v] = how many values are at most low + v
