@@ -1035,8 +1035,9 @@ def keep_freed_memory() -> None:
 def _worker_start(parent: int) -> None:
     """A worker's first step. Workers already fill the cores: one BLAS thread each, or
     their multi-threaded BLAS would fight over them. Ctrl-C reaches the whole process
-    group: the run stops its workers itself. A forked worker dies with the run, even one
-    killed by ``kill -9`` (a worker left waiting for work would hold memory for ever)."""
+    group: the run stops its workers itself. A worker dies with the run, even one killed
+    by ``kill -9`` (a worker left waiting for work would hold memory for ever): a forked
+    one at once, one from a forkserver (whose parent is the server) within a second."""
     threadpoolctl.threadpool_limits(1, user_api="blas")
     keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -1044,6 +1045,18 @@ def _worker_start(parent: int) -> None:
     if os.getppid() == parent and sys.platform.startswith("linux"):  # forked by the run
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the run died before the line above
+            os._exit(1)
+    elif os.getppid() != parent:
+        threading.Thread(target=_exit_with, args=(parent,), name="watch-run", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this process once ``parent`` is gone (checked every second)."""
+    while True:
+        time.sleep(1)
+        try:
+            os.kill(parent, 0)
+        except (ProcessLookupError, PermissionError):  # gone (or its pid another user's)
             os._exit(1)
 
 

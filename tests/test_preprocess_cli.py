@@ -234,23 +234,41 @@ def slow_bids(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+# python -m preprocess as a process that starts its workers from a forkserver (as one
+# that has loaded TensorFlow does)
+SERVED = """
+import sys
+from preprocess import cli, pipeline
+pipeline.start_method = lambda: "forkserver"
+raise SystemExit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2 forked", "2 from a forkserver"])
 def test_kill_9_leaves_no_store_and_resume_finishes_identically(slow_bids, tmp_path, workers):
-    """With workers, they are forked from the run: they die with it and keep no lock."""
+    """Workers die with the run (a forked one at once) and keep no lock."""
     target = tmp_path / "killed.h5"
-    command = [sys.executable, "-m", "preprocess", str(slow_bids), "-o", str(target)]
-    command += ["--label-column", "group", "--workers", str(workers)]
+    command = [sys.executable, "-m", "preprocess"]
+    if workers.endswith("forkserver"):
+        command = [sys.executable, "-c", SERVED]
+    command += [str(slow_bids), "-o", str(target)]
+    command += ["--label-column", "group", "--workers", workers[0]]
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    expected = 0 if workers == "1" else 2
     deadline = time.monotonic() + 120
-    while len(list(partial_path(target).glob("*.json"))) < 4 and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
         assert process.poll() is None, "the run ended before it could be killed"
+        children = _children(process.pid)
+        if workers.endswith("forkserver"):  # the workers are the server's children
+            children = [pid for child in children for pid in _children(child)]
+        if len(list(partial_path(target).glob("*.json"))) >= 4 and len(children) == expected:
+            break
         time.sleep(0.005)
-    children = _children(process.pid)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert len(children) == (0 if workers == 1 else workers)
+    assert len(children) == expected
     deadline = time.monotonic() + 30
     while (alive := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.05)
