@@ -9,6 +9,7 @@ SIGTERM (which schedulers send before a kill, and which is taken as Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
@@ -88,12 +89,36 @@ def _error(line: str) -> None:
 
 
 def _terminate_as_interrupt() -> Callable[[], None]:
-    """Make SIGTERM (what schedulers send before a kill) raise KeyboardInterrupt, like Ctrl-C."""
+    """Make SIGTERM (what schedulers send before a kill) raise KeyboardInterrupt, like Ctrl-C.
+
+    A signal that lands while Python runs a garbage collector's callback (a logging
+    handler's, a weak reference's) has its exception dropped there ("Exception ignored
+    in ..."), and the command would go on as if never stopped: such a dropped interrupt
+    is sent again 10 ms later, and raised where the command is. Returns what undoes this.
+    """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    def send_again() -> None:
+        if signal.getsignal(signal.SIGTERM) is interrupt:  # the command still runs
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def dropped(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            again = threading.Timer(0.01, send_again)  # once this callback has returned
+            again.daemon = True
+            again.start()
+        else:
+            hook(unraisable)
+
+    previous, hook = signal.signal(signal.SIGTERM, interrupt), sys.unraisablehook
+    sys.unraisablehook = dropped
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = hook
+
+    return restore

@@ -147,6 +147,35 @@ def test_ctrl_c_ends_a_training_run_with_reader_processes_quickly(phantom_store,
     assert (run_dir / "model.keras").is_file(), err
 
 
+# A command whose SIGTERM lands inside a weak reference's callback, where Python drops the
+# exception it raises ("Exception ignored in ..."); the command then waits 2 s and says 0.
+DROPPED = """
+import argparse, os, signal, time, weakref
+from loader.exits import run_main
+
+class Thing:
+    pass
+
+def body(args):
+    thing = Thing()
+    ref = weakref.ref(thing, lambda ref: (os.kill(os.getpid(), signal.SIGTERM), sum(range(9))))
+    del thing  # the callback runs here, and the signal's handler inside it
+    for _ in range(200):
+        time.sleep(0.01)
+    return 0
+
+raise SystemExit(run_main(argparse.ArgumentParser(), [], body))
+"""
+
+
+def test_a_sigterm_dropped_in_a_garbage_collectors_callback_still_stops_the_command():
+    result = subprocess.run(
+        [sys.executable, "-c", DROPPED], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "interrupted\n"
+
+
 def test_sigterm_stops_preprocess_with_the_whole_command_to_resume(tmp_path):
     from make_phantoms import write_bids
 
