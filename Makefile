@@ -11,7 +11,7 @@ DEMO := demo
 # Python writes .pyc files as it imports (the venv is installed with --no-compile: pip's own
 # compiling of every file is slow). Where PYTHONDONTWRITEBYTECODE is set, as on some
 # machines, it never would, and every process would compile its imports again (importing
-# TensorFlow 10.4 s instead of 4.3 s: make test 6 min 17-53 s instead of ~5 min).
+# TensorFlow 10.4 s instead of 4.3 s: make test took 6 min 17-53 s).
 unexport PYTHONDONTWRITEBYTECODE
 
 $(INSTALLED): pyproject.toml
