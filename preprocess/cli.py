@@ -13,7 +13,9 @@ import sys
 
 from loader.exits import resume_command, run_main
 from loader.options import add_options, settings_from_args
-from preprocess.pipeline import RunOptions, Settings, Summary, keep_freed_memory, run
+from preprocess.pipeline import Summary, run
+from preprocess.settings import RunOptions, Settings
+from preprocess.workers import keep_freed_memory
 from preprocess.writer import partial_path
 
 

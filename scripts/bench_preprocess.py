@@ -115,13 +115,13 @@ def fixed_costs(bids: Path, store: Path, settings: Settings) -> dict[str, float]
 
 
 # Seconds from a pool's creation until both workers have answered, in a process that has
-# imported preprocess.pipeline (as the command has when it starts its workers).
+# imported preprocess.scan (as the command has when it starts its workers).
 POOL_START = """
 import concurrent.futures, multiprocessing, sys, time
-import preprocess.pipeline
+import preprocess.scan
 context = multiprocessing.get_context(sys.argv[1])
 if sys.argv[1] == "forkserver":
-    context.set_forkserver_preload(["preprocess.pipeline"])
+    context.set_forkserver_preload(["preprocess.scan"])
 started = time.perf_counter()
 with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
     list(pool.map(time.sleep, [0.01] * 2))

@@ -25,7 +25,8 @@ import nibabel as nib
 import numpy as np
 
 from preprocess.discover import Scan
-from preprocess.pipeline import Settings, _process_or_reason
+from preprocess.scan import process_or_reason
+from preprocess.settings import Settings
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 SOURCES = ("anatomical.nii", "standard.nii.gz", "example_nifti2.nii.gz", "functional.nii")
@@ -121,11 +122,11 @@ def _alarm(signum, frame):
 
 
 def run_case(path: Path, settings: Settings):
-    """``_process_or_reason`` of one file under the time bound; raises what escapes it."""
+    """``process_or_reason`` of one file under the time bound; raises what escapes it."""
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(SECONDS_PER_SCAN)
     try:
-        return _process_or_reason(Scan(path, path.name, "x", ""), settings)
+        return process_or_reason(Scan(path, path.name, "x", ""), settings)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

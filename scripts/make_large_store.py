@@ -22,7 +22,8 @@ from make_phantoms import GROUPS, head_phantom, save
 from loader.exits import run_main
 from loader.options import add_options, settings_from_args
 from preprocess.discover import Scan
-from preprocess.pipeline import RunOptions, Settings, process_scan
+from preprocess.scan import process_scan
+from preprocess.settings import RunOptions, Settings
 from preprocess.writer import Partial, scan_record
 
 SLICES_PER_SCAN = 256

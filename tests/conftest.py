@@ -31,8 +31,8 @@ from helpers import COARSE_VOXELS, MNI_SETTINGS, write_moved_heads
 from make_phantoms import write_bids
 
 from preprocess.cli import main as preprocess_main
-from preprocess.pipeline import RunOptions, Settings
 from preprocess.pipeline import run as preprocess_run
+from preprocess.settings import RunOptions, Settings
 
 
 @pytest.fixture(scope="session")

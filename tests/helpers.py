@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 from make_heads import moved_head, scanner_grid, write_head
 
-from preprocess.pipeline import Settings
+from preprocess.settings import Settings
 from preprocess.writer import Partial, scan_record
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"

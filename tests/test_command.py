@@ -19,7 +19,7 @@ import training
 from loader.cli import _parser as loader_parser
 from loader.options import SettingError, option_table
 from preprocess.cli import _parser as preprocess_parser
-from preprocess.pipeline import RunOptions, Settings
+from preprocess.settings import RunOptions, Settings
 from preprocess.writer import partial_path
 from training.cli import _compare_parser, _explain_parser
 from training.cli import _parser as training_parser

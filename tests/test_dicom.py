@@ -20,8 +20,8 @@ from make_heads import known_motion, moved_head, scanner_grid
 from loader import open_store
 from preprocess import dicom
 from preprocess.cli import main as preprocess_main
-from preprocess.pipeline import RunOptions, Settings
 from preprocess.pipeline import run as preprocess_run
+from preprocess.settings import RunOptions, Settings
 from preprocess.writer import Partial, partial_path
 
 SALT = "a long random secret"

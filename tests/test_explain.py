@@ -14,7 +14,7 @@ import pytest
 from helpers import read_rows
 
 from loader import open_store
-from preprocess.pipeline import Settings
+from preprocess.settings import Settings
 from preprocess.standard import load_template
 from preprocess.writer import Partial, scan_record
 from training import train

@@ -17,7 +17,7 @@ from helpers import NIBABEL_DATA, blob_volume, write_nifti
 
 from loader.store import open_store
 from preprocess.cli import main as preprocess_main
-from preprocess.pipeline import _time_bound, _TimeUp
+from preprocess.scan import _time_bound, _TimeUp
 from preprocess.volume import MAX_VOXELS, _gunzip
 
 

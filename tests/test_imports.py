@@ -61,3 +61,32 @@ def test_imports_follow_the_data_flow():
             "training": {"loader", "preprocess"},  # predicting new scans preprocesses them
         }[package]
         assert others <= allowed, f"{module} imports {sorted(others - allowed)}"
+
+
+# preprocess's rooms, lowest first: a module imports only from the layers before its own.
+PREPROCESS_LAYERS = (
+    ("errors", "splits"),  # the error kinds; splits as a pure function
+    ("volume", "slices", "shards", "discover"),  # one file, one cut, shard ids, finding files
+    ("standard", "dicom", "writer"),  # the template, DICOM series, the store's writer
+    ("settings",),  # Settings, RunOptions: every option
+    ("scan", "find"),  # one scan to slices; the run's scans and labels
+    ("workers",),  # the pool of processes that run `scan`
+    ("pipeline",),  # the run: calls the rooms above
+    ("cli",),  # python -m preprocess
+)
+
+
+def test_preprocess_modules_import_only_from_the_layers_below_their_own():
+    layer_of = {
+        f"preprocess.{name}": depth
+        for depth, names in enumerate(PREPROCESS_LAYERS)
+        for name in names
+    }
+    graph = _imports()
+    modules = {m for m in graph if m.startswith("preprocess.")}
+    modules -= {"preprocess.__init__", "preprocess.__main__"}
+    assert modules == set(layer_of), "every module of preprocess has a layer"
+    for module in sorted(modules):
+        for imported in graph[module]:
+            if imported.startswith("preprocess."):
+                assert layer_of[imported] < layer_of[module], f"{module} imports {imported}"

@@ -19,7 +19,7 @@ from make_phantoms import write_bids
 from loader import open_store, schema
 from preprocess.cli import main as preprocess_main
 from preprocess.dicom import keyed_hash
-from preprocess.pipeline import Settings as PreprocessSettings
+from preprocess.settings import Settings as PreprocessSettings
 from preprocess.slices import label_slices, unslice
 from training import predict, train
 from training.cli import main as training_main

@@ -20,10 +20,11 @@ from make_phantoms import write_bids
 
 from loader import schema
 from loader.store import open_store
-from preprocess import pipeline
+from preprocess import workers
 from preprocess.cli import main
 from preprocess.discover import Scan
-from preprocess.pipeline import Settings, _start_pool
+from preprocess.settings import Settings
+from preprocess.workers import _start_pool
 from preprocess.writer import Partial, partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,13 +240,13 @@ def slow_bids(tmp_path_factory) -> Path:
 # that the run is still young when its workers are there to be found)
 SERVED = """
 import itertools, sys
-from preprocess import cli, pipeline
+from preprocess import cli, scan, workers
 def submit_only(pool, queue, pending, count, settings, timeout):
-    for scan in itertools.islice(queue, count):
-        pending[pool.submit(pipeline._process_or_reason, scan, settings, timeout)] = scan
+    for one in itertools.islice(queue, count):
+        pending[pool.submit(scan.process_or_reason, one, settings, timeout)] = one
     return iter(())
-pipeline.start_method = lambda: "forkserver"
-pipeline._start_pool = submit_only
+workers.start_method = lambda: "forkserver"
+workers._start_pool = submit_only
 raise SystemExit(cli.main(sys.argv[1:]))
 """
 
@@ -335,11 +336,11 @@ def test_a_forked_child_keeps_no_copy_of_the_runs_lock(tmp_path):
 
 
 def test_workers_are_forked_unless_a_library_that_forbids_it_is_loaded(monkeypatch):
-    for name in pipeline.NOT_FORK_SAFE:
+    for name in workers.NOT_FORK_SAFE:
         monkeypatch.delitem(sys.modules, name, raising=False)
-    assert pipeline.start_method() == "fork"
+    assert workers.start_method() == "fork"
     monkeypatch.setitem(sys.modules, "tensorflow", sys)
-    assert pipeline.start_method() == "forkserver"
+    assert workers.start_method() == "forkserver"
 
 
 def test_forked_and_served_workers_write_the_same_store(tmp_path, monkeypatch):
@@ -348,7 +349,7 @@ def test_forked_and_served_workers_write_the_same_store(tmp_path, monkeypatch):
     write_bids(bids, subjects=6, seed=3)
     args = [str(bids), "-o", "served.h5", "--label-column", "group", "--workers", "2"]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pipeline, "start_method", lambda: "forkserver")
+    monkeypatch.setattr(workers, "start_method", lambda: "forkserver")
     assert main(args) == 0
     forked = [*args[:2], "forked.h5", *args[3:]]  # a new process: no TensorFlow, so fork
     result = subprocess.run(

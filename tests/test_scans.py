@@ -12,7 +12,8 @@ from helpers import NIBABEL_DATA, blob_volume, write_nifti
 from make_phantoms import reorder
 
 from preprocess.discover import Scan
-from preprocess.pipeline import Settings, process_scan
+from preprocess.scan import process_scan
+from preprocess.settings import Settings
 from preprocess.slices import cut_slices
 from preprocess.volume import ScanError, foreground, load_volume, normalization, percentiles
 

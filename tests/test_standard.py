@@ -28,9 +28,11 @@ from loader import open_store, schema
 from loader.cli import main as loader_main
 from loader.qc import chosen_scans
 from loader.stores import first_difference
-from preprocess import pipeline, standard
+from preprocess import standard
 from preprocess.cli import main
-from preprocess.pipeline import RunOptions, Settings, run
+from preprocess.pipeline import run
+from preprocess.scan import process_scan
+from preprocess.settings import RunOptions, Settings
 from preprocess.slices import label_slices
 from preprocess.standard import load_template
 
@@ -140,7 +142,7 @@ def test_a_second_run_with_one_worker_stopped_and_resumed_writes_the_same_store(
     root, _, store = study
     inputs = [str(root / "bids")]
     resumed = tmp_path / "resumed.h5"
-    real = pipeline.process_scan
+    real = process_scan
     calls = []
 
     def stop_second(scan, settings):
@@ -149,10 +151,10 @@ def test_a_second_run_with_one_worker_stopped_and_resumed_writes_the_same_store(
             raise KeyboardInterrupt
         return real(scan, settings)
 
-    monkeypatch.setattr(pipeline, "process_scan", stop_second)
+    monkeypatch.setattr("preprocess.scan.process_scan", stop_second)
     with pytest.raises(KeyboardInterrupt):
         run(inputs, resumed, Settings(**MNI_SETTINGS), RunOptions(workers=1), report=print)
-    monkeypatch.setattr(pipeline, "process_scan", real)
+    monkeypatch.setattr("preprocess.scan.process_scan", real)
     summary = run(
         inputs, resumed, Settings(**MNI_SETTINGS), RunOptions(workers=1, resume=True), report=print
     )

@@ -1,6 +1,6 @@
 """Apply a trained model to new scans, through the same preprocessing code it was trained on.
 
-Every scan goes through ``preprocess.pipeline.processed`` (the workers of
+Every scan goes through ``preprocess.workers.processed`` (the workers of
 ``python -m preprocess``) with the preprocessing settings of the store the run read, in
 memory, then through the run's best model; slice outputs are combined per subject as
 evaluation combines them. Segmentations are put back on each scan's own voxel grid: the
@@ -32,10 +32,12 @@ import training.segmentation  # noqa: F401
 from loader import files, open_store, schema
 from loader.sequence import model_input
 from loader.target import REGRESSION, SEGMENTATION
-from preprocess.pipeline import RunOptions, find_scans, processed
-from preprocess.pipeline import Settings as PreprocessSettings
+from preprocess.find import find_scans
+from preprocess.settings import RunOptions
+from preprocess.settings import Settings as PreprocessSettings
 from preprocess.slices import AXES, unslice
 from preprocess.standard import from_template, load_template
+from preprocess.workers import processed
 from training import run_folder
 from training.errors import TrainingError
 from training.metrics import (
