@@ -211,19 +211,7 @@ def discover(
         if not path.exists():
             raise InputError(f"{path}: no such file or folder")
         if path.is_file():
-            if is_dicom(path):
-                continue  # its folder's series: preprocess.dicom
-            if not is_image(path):
-                rejected.append(
-                    (str(path), "not an image: the name does not end in .nii, .nii.gz, .mgz, "
-                     ".mgh or .hdr, and it is not DICOM")
-                )  # fmt: skip
-                continue
-            problem = _unpaired(path)
-            if problem:
-                rejected.append((str(path), problem))
-                continue
-            found = [_plain_scan(path, path.name)]
+            found = _file_scans(path, rejected)
         else:
             found = _scan_folder(path, layout, suffix, rejected)
         if masks_suffix:
@@ -240,6 +228,24 @@ def discover(
                 )
             scans[scan.source] = scan
     return [scans[source] for source in sorted(scans)], rejected
+
+
+def _file_scans(path: Path, rejected: list) -> list[Scan]:
+    """The scan of a file given as an input (none for a DICOM file: its folder's series
+    are :mod:`preprocess.dicom`'s); a file that is no image goes into ``rejected``."""
+    if is_dicom(path):
+        return []
+    if not is_image(path):
+        rejected.append(
+            (str(path), "not an image: the name does not end in .nii, .nii.gz, .mgz, "
+             ".mgh or .hdr, and it is not DICOM")
+        )  # fmt: skip
+        return []
+    problem = _unpaired(path)
+    if problem:
+        rejected.append((str(path), problem))
+        return []
+    return [_plain_scan(path, path.name)]
 
 
 def _plain_scan(path: Path, source: str, label: str | None = None) -> Scan:

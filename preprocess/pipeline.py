@@ -90,30 +90,14 @@ def run(
         for path, reason in found.rejected:
             _reject(summary, report, path, reason)
         config = store_config(settings, inputs, shard)
-        template = None
-        if settings.space == "mni":  # the template and its slab, decided once for every scan
-            standard = load_template(settings.axis, settings.min_foreground)
-            template = (standard.facts(), standard.positions, standard.brain_slices(settings.size))
-            first, last = template[0]["slab"]
-            report(
-                f"standard space: {template[0]['name']}, {settings.axis} planes {first} to {last} "
-                f"({len(standard.positions)} slices a scan)"
-            )
+        template = _standard_template(settings, report)
         with Partial(output, config, resume=options.resume, overwrite=options.overwrite) as partial:
             done = partial.done()
             summary.resumed = sum(scan.source in done for scan in scans)
             todo = [scan for scan in scans if scan.source not in done]
             if todo:
                 _compute(todo, settings, options, partial, summary, report, progress)
-            if not partial.done():
-                partial.remove()
-                raise PreprocessError(
-                    f"no usable scans: all {len(summary.rejected)} were rejected; no store written"
-                )
-            for line in same_files(partial.done().values()):
-                summary.warnings.append(line)
-                report(f"warning: {line}")
-            summary.check_registration = poor_registrations(partial.done().values())
+            _check_written(partial, summary, report)
             summary.splits = partial.finalize(
                 found.class_names, options.buffer_mb << 20, found.participants, assignment, template
             )
@@ -124,6 +108,40 @@ def run(
     summary.size_bytes = output.stat().st_size
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _standard_template(settings: Settings, report) -> tuple | None:
+    """With ``--space mni``, the template's facts, planes and brain slices, decided once for
+    every scan (and reported); None in native space."""
+    if settings.space != "mni":
+        return None
+    standard = load_template(settings.axis, settings.min_foreground)
+    facts = standard.facts()
+    first, last = facts["slab"]
+    report(
+        f"standard space: {facts['name']}, {settings.axis} planes {first} to {last} "
+        f"({len(standard.positions)} slices a scan)"
+    )
+    return facts, standard.positions, standard.brain_slices(settings.size)
+
+
+def _check_written(partial: Partial, summary: Summary, report) -> None:
+    """Before finalising: refuse a run that wrote nothing (its partial folder removed), and
+    list files stored under two subjects and registrations to check.
+
+    Raises:
+        PreprocessError: every scan was rejected.
+    """
+    records = partial.done().values()
+    if not records:
+        partial.remove()
+        raise PreprocessError(
+            f"no usable scans: all {len(summary.rejected)} were rejected; no store written"
+        )
+    for line in same_files(records):
+        summary.warnings.append(line)
+        report(f"warning: {line}")
+    summary.check_registration = poor_registrations(records)
 
 
 def _check_output(output: Path, options: RunOptions) -> None:

@@ -179,7 +179,42 @@ def _file_sha256(path: str) -> str:
 
 def _load(path, volume: int | None, allow_constant: bool, max_voxels: int, digest: bool) -> Volume:
     read = _read(path, max_voxels, digest)
-    image = read.image
+    notes = _check_header(read.image, max_voxels)
+    image = _pick_volume(read.image, volume)
+    if 0 in image.shape:
+        raise ScanError(f"empty: shape {image.shape}")
+    affine = image.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ScanError(
+            "bad header: the voxel-to-world affine is singular or not finite: "
+            f"{np.round(affine, 4).tolist()}"
+        )
+    try:
+        stored, slope, inter = _stored_voxels(image, read.raw)
+    except Exception as exc:
+        raise ScanError(f"truncated or unreadable data ({_reason(exc)})") from exc
+    ornt = orientations.io_orientation(affine)
+    voxels = orientations.apply_orientation(stored, ornt)  # a view
+    del stored
+    affine = affine @ orientations.inv_ornt_aff(ornt, image.shape)
+    if voxels.dtype.kind == "b":
+        voxels = voxels.view(np.uint8)
+    if voxels.dtype.kind == "f" or slope <= 0:
+        voxels = _float_intensities(voxels, slope, inter, notes)
+        slope, inter = 1.0, 0.0
+    low, high = voxels.min(), voxels.max()
+    if low == high and not allow_constant:
+        raise ScanError(f"constant: every voxel is {float(low) * slope + inter:g}")
+    return Volume(voxels, affine, _voxel_size(affine), notes, slope, inter, read.sha256)
+
+
+def _check_header(image, max_voxels: int) -> list[str]:
+    """The notes about a header whose kind, voxel type and size can be read.
+
+    Raises:
+        ScanError: not NIfTI, MGH or Analyze; complex, RGB or structured voxels; more
+            voxels claimed than ``max_voxels``.
+    """
     if not isinstance(image, nib.AnalyzeImage | nib.MGHImage):  # NIfTI is an Analyze kind
         raise ScanError(f"not NIfTI, MGH or Analyze: nibabel reads it as {type(image).__name__}")
     notes = []
@@ -201,47 +236,38 @@ def _load(path, volume: int | None, allow_constant: bool, max_voxels: int, diges
             f"the header claims {image.shape[:3]} = {claimed} voxels, more than --max-voxels "
             f"{max_voxels}"
         )
-    image = _pick_volume(image, volume)
-    if 0 in image.shape:
-        raise ScanError(f"empty: shape {image.shape}")
-    affine = image.affine
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ScanError(
-            "bad header: the voxel-to-world affine is singular or not finite: "
-            f"{np.round(affine, 4).tolist()}"
-        )
-    try:
-        stored, slope, inter = _stored_voxels(image, read.raw)
-    except Exception as exc:
-        raise ScanError(f"truncated or unreadable data ({_reason(exc)})") from exc
-    ornt = orientations.io_orientation(affine)
-    voxels = orientations.apply_orientation(stored, ornt)  # a view
-    del stored
-    affine = affine @ orientations.inv_ornt_aff(ornt, image.shape)
-    if voxels.dtype.kind == "b":
-        voxels = voxels.view(np.uint8)
-    if voxels.dtype.kind == "f" or slope <= 0:  # intensities as float32, NaN set to 0
-        voxels = np.array(voxels, dtype=np.float32, order="C")  # a copy: the file's is read-only
-        if slope != 1:
-            voxels *= np.float32(slope)
-        if inter != 0:
-            voxels += np.float32(inter)
-        slope, inter = 1.0, 0.0
-        finite = np.isfinite(voxels)
-        if not finite.all():
-            count = voxels.size - int(np.count_nonzero(finite))
-            voxels[~finite] = 0
-            notes.append(f"{count} NaN or infinite voxels set to 0")
-    low, high = voxels.min(), voxels.max()
-    if low == high and not allow_constant:
-        raise ScanError(f"constant: every voxel is {float(low) * slope + inter:g}")
+    return notes
+
+
+def _float_intensities(voxels, slope: float, inter: float, notes: list[str]) -> np.ndarray:
+    """The intensities as a float32 copy (the file's voxels are read-only), NaN and
+    infinities set to 0 with a note."""
+    voxels = np.array(voxels, dtype=np.float32, order="C")
+    if slope != 1:
+        voxels *= np.float32(slope)
+    if inter != 0:
+        voxels += np.float32(inter)
+    finite = np.isfinite(voxels)
+    if not finite.all():
+        count = voxels.size - int(np.count_nonzero(finite))
+        voxels[~finite] = 0
+        notes.append(f"{count} NaN or infinite voxels set to 0")
+    return voxels
+
+
+def _voxel_size(affine: np.ndarray) -> np.ndarray:
+    """The voxel sides (mm) of an affine.
+
+    Raises:
+        ScanError: a side outside ``MIN_VOXEL_MM`` to ``MAX_VOXEL_MM`` (a damaged header).
+    """
     voxel_size = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     if not np.all((voxel_size >= MIN_VOXEL_MM) & (voxel_size <= MAX_VOXEL_MM)):
         raise ScanError(
             f"bad header: voxel sizes {np.round(voxel_size, 6).tolist()} mm (each must be "
             f"{MIN_VOXEL_MM:g} to {MAX_VOXEL_MM:g} mm)"
         )
-    return Volume(voxels, affine, voxel_size, notes, slope, inter, read.sha256)
+    return voxel_size
 
 
 _REUSED = threading.local()  # per thread: a buffer for a scan's gzipped bytes, kept

@@ -27,7 +27,9 @@ from training.cli import _predict_parser as predict_parser
 from training.cli import main as training_main
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+GUIDES = "\n".join(
+    (ROOT / name / "README.md").read_text() for name in ("preprocess", "loader", "training")
+)
 
 
 @pytest.mark.parametrize(
@@ -43,7 +45,7 @@ README = (ROOT / "README.md").read_text()
 )
 def test_the_readme_option_tables_are_the_help(parser):
     table = option_table(parser()[0])
-    assert table in README, f"README's table differs from --help; it should be:\n{table}"
+    assert table in GUIDES, f"the guide's table differs from --help; it should be:\n{table}"
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from helpers import decode_ids, write_id_store
 from loader import H5Sequence, StoreError, open_store, schema
 
 DATA = Path(__file__).parent / "data"
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "loader" / "README.md"
 
 
 def test_a_store_written_by_schema_1_code_still_reads():
@@ -130,5 +130,5 @@ def test_intensities_round_trip_through_the_stored_type(tmp_path):
     assert sorted(decode_ids(x)) == list(range(40))
 
 
-def test_the_readme_schema_table_is_the_declared_schema():
-    assert schema.markdown_table() in README.read_text()
+def test_the_loader_guide_schema_table_is_the_declared_schema():
+    assert schema.markdown_table() in GUIDE.read_text()
