@@ -339,3 +339,38 @@ def test_evaluation_reads_labels_from_the_file_the_predictions_came_from(tmp_pat
 
         results, _, _ = evaluate(RowIds(), data, [store], [resolve(store)])
     assert results["val"]["slices"]["accuracy"] == 1.0
+
+
+# Trains with channels last and channels first in a process whose TensorFlow runs without
+# oneDNN (as it does on AMD CPUs, where a channels-first convolution's gradient stops with
+# "Conv2DCustomBackpropInputOp only supports NHWC"), and prints both runs' histories.
+CHANNELS_FIRST_RUN = """
+import json, sys
+import keras
+from training.run import train
+store, out = sys.argv[1:]
+for channels in ("last", "first"):
+    train(store, f"{out}/{channels}", epochs=1, batch_size=64, seed=1, progress=False,
+          channels=channels)
+shape = keras.models.load_model(f"{out}/first/model.keras").input_shape
+print(json.dumps(shape))
+"""
+
+
+def test_channels_first_trains_without_onednn_and_learns_as_channels_last(phantom_store, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", CHANNELS_FIRST_RUN, str(phantom_store), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == [None, 1, 64, 64]
+    histories = []
+    for channels in ("last", "first"):
+        with open(tmp_path / channels / "history.csv", newline="") as handle:
+            histories.append(list(csv.DictReader(handle)))
+    last, first = histories
+    for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert float(first[0][name]) == pytest.approx(float(last[0][name]), abs=1e-5), name

@@ -41,6 +41,15 @@ def best_epoch(history: dict[str, list[float]], monitor: tuple[str, str]) -> int
     return int(pick(values)) + 1
 
 
+# --channels first: the model takes (C, h, w) slices but computes channels last behind a
+# Permute layer. TensorFlow's CPU convolutions take channels last alone where its oneDNN
+# kernels are off (the default on AMD and older Intel CPUs): the gradient of a
+# channels-first convolution stops with "Conv2DCustomBackpropInputOp only supports NHWC".
+# A model built this way trains and predicts on any CPU or GPU, and a saved model reads
+# the layout it was trained on wherever it is loaded.
+CHANNELS_FIRST = "channels_first_to_last"
+
+
 def build_model(
     model_fn, stores: list[Store], settings: Settings, targets: list[Target]
 ) -> keras.Model:
@@ -61,20 +70,23 @@ def build_model(
     target = targets[0]
     height, width = stores[0].slice_shape
     count = stores[0].num_channels
-    shape = (height, width, count) if settings.channels == "last" else (count, height, width)
-    data_format = f"channels_{settings.channels}"
+    shape = (height, width, count)
     if target.task == SEGMENTATION:
+        data_format = f"channels_{settings.channels}"  # channels first is refused there
         return _segmentation_model(model_fn, shape, data_format, settings, target)
     regression = target.task == REGRESSION
     num_classes = 0 if regression else len(target.class_names)
-    base = model_fn(num_classes, shape, data_format)
+    base = model_fn(num_classes, shape, "channels_last")
     loss, metrics = _loss_and_metrics(base.output_shape, target, num_classes)
     model = base
-    if settings.augment != "none" or regression:
-        inputs = keras.Input(shape)
+    first = settings.channels == "first"
+    if settings.augment != "none" or regression or first:
+        inputs = keras.Input((count, height, width) if first else shape)
         x = inputs
+        if first:  # the batches' layout outside, channels last inside (see CHANNELS_FIRST)
+            x = keras.layers.Permute((2, 3, 1), name=CHANNELS_FIRST)(x)
         if settings.augment != "none":
-            x = augmentation(data_format, flip=settings.augment == "flip")(x)
+            x = augmentation("channels_last", flip=settings.augment == "flip")(x)
         outputs = base(x)
         if regression:
             values = training_values(stores, settings, targets)
