@@ -210,21 +210,9 @@ def fit(
     if resume:
         state.set_model(model)
         state.restore(data["val"][0])
-    history_log = _History(run_dir / run_folder.HISTORY)
-    own = [history_log]
-    if settings.tensorboard:
-        log_dir = run_dir / run_folder.TENSORBOARD
-        if resume:
-            tensorboard.prune(log_dir, state.epoch)
-        own.append(tensorboard.EpochLog(log_dir))
-    own.append(state)  # the epoch is in history.csv (and the logs) before its checkpoint
-    if show:
-        from tqdm.keras import TqdmCallback
-
-        own.append(TqdmCallback(verbose=1))
     common = {
         "validation_data": data["val"],
-        "callbacks": [*own, *callbacks],
+        "callbacks": [*_own_callbacks(state, settings, run_dir, resume, show), *callbacks],
         "shuffle": False,  # H5Sequence shuffles, by (seed, epoch)
         "verbose": 0 if show else 2,
         "class_weight": class_weight,
@@ -247,6 +235,24 @@ def fit(
     if state.best_weights is not None:
         model.set_weights(state.best_weights)
     return interrupted
+
+
+def _own_callbacks(state: RunState, settings: Settings, run_dir: Path, resume: bool, show: bool):
+    """The run's callbacks in their order: ``history.csv``, TensorBoard's logs (pruned to
+    the checkpoint's epoch on resume), the checkpoints (an epoch is logged before its
+    checkpoint), and a progress bar on a terminal."""
+    own = [_History(run_dir / run_folder.HISTORY)]
+    if settings.tensorboard:
+        log_dir = run_dir / run_folder.TENSORBOARD
+        if resume:
+            tensorboard.prune(log_dir, state.epoch)
+        own.append(tensorboard.EpochLog(log_dir))
+    own.append(state)
+    if show:
+        from tqdm.keras import TqdmCallback
+
+        own.append(TqdmCallback(verbose=1))
+    return own
 
 
 def _finished(state: RunState, settings: Settings) -> bool:

@@ -87,8 +87,9 @@ def train(
             output is class probabilities: one sigmoid unit for two classes, or one unit
             per class (softmax); one linear unit for regression (``num_classes`` 0); a
             softmax per pixel for segmentation. It is always asked for a channels-last
-            model; with ``channels="first"`` the run puts a transpose in front of it. Defaults to :func:`training.model.build`,
-            and :func:`training.model.unet` for ``target="mask"``.
+            model; with ``channels="first"`` the run puts a transpose in front of it.
+            Defaults to :func:`training.model.build`, and :func:`training.model.unet` for
+            ``target="mask"``.
         progress: a tqdm bar per epoch; None shows one on a terminal, else one line per epoch.
         callbacks: more Keras callbacks, run after the run's own.
         report: called with each warning line (e.g. a validation split with few subjects
