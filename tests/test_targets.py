@@ -67,8 +67,9 @@ def test_the_store_keeps_every_column_of_the_participants_table(aged_store):
 def test_a_regression_on_age_beats_predicting_the_training_mean(aged_store, tmp_path):
     before = _sha256(aged_store)
     run_dir = tmp_path / "age"
-    args = [str(aged_store), "-o", str(run_dir), "--target", "age", "--epochs", "12"]
-    assert training_main([*args, "--batch-size", "32", "--patience", "12"]) == 0
+    args = [str(aged_store), "-o", str(run_dir), "--target", "age", "--epochs", "6"]
+    args += ["--learning-rate", "0.002"]  # MAE 0.64 of the baseline's here, r 0.75
+    assert training_main([*args, "--batch-size", "32", "--patience", "6"]) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["task"] == REGRESSION
     val = metrics["splits"]["val"]
