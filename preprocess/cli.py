@@ -1,7 +1,10 @@
-"""Turn NIfTI scans into a chunked HDF5 store of square 2-D slices for training.
+"""Turn MRI scans into a chunked HDF5 store of square 2-D slices for training.
 
-INPUT is any mix of .nii/.nii.gz files and folders: a BIDS tree (with participants.tsv),
-a folder of class sub-folders (the folder names are the labels), or any folder of scans.
+INPUT is any mix of files and folders of NIfTI (.nii, .nii.gz, .hdr/.img pairs), FreeSurfer
+(.mgz, .mgh), Analyze 7.5 (.hdr/.img) and DICOM series (any folder of DICOM files, converted
+by dcm2niix, subjects stored as keyed hashes: give --id-salt). A folder is a BIDS tree (with
+participants.tsv), a folder of class sub-folders (the folder names are the labels), or any
+folder of scans.
 Exit status: 0 when every scan was written, 1 when some were rejected (the store holds
 the rest), 2 for usage errors or when nothing usable was found (no store written).
 """
@@ -26,7 +29,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files or folders")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="scan files (NIfTI, MGZ, Analyze, DICOM) or folders of them",
+    )
     parser.add_argument(
         "-o", "--output", required=True, metavar="STORE.h5", help="the store to write"
     )

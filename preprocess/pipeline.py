@@ -61,7 +61,7 @@ def run(
     """Make a store from scans.
 
     Args:
-        inputs: NIfTI files or folders.
+        inputs: scan files (NIfTI, MGZ, Analyze, DICOM) or folders of them.
         output: the store to write.
         settings: what to make.
         options: workers, overwrite, resume, buffer. Defaults to ``RunOptions()``.

@@ -280,7 +280,7 @@ def table(title: str, rows: list[tuple], header: tuple) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -296,7 +296,92 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", type=Path, help="where to write the data (default: a temporary folder)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _variants(out: Path, gb: float) -> dict[tuple[str, str], Path]:
+    """The same slices as stores of other dtypes and compressions."""
+    variants = {}
+    for dtype, compression in (
+        ("uint8", "lzf"),
+        ("uint8", "gzip"),
+        ("float16", "none"),
+        ("float32", "none"),
+    ):
+        path = out / f"store-{dtype}-{compression}.h5"
+        write_large_store(path, gb * np.dtype(dtype).itemsize, dtype, compression)
+        variants[(dtype, compression)] = path
+    return variants
+
+
+def _reader_rows(readers, images_path: Path, repeats: int) -> list[tuple]:
+    """Warm and cold slices/s of each reader against the first (the limit), and the disk."""
+    rows = []
+    limit = {}
+    for name, reader, files in readers:
+        measured = {cold: rate(reader, files, cold, repeats) for cold in (False, True)}
+        limit = limit or measured
+        rows.append(
+            (
+                name,
+                f"{measured[False]:,.0f}",
+                f"{measured[False] / limit[False]:.2f}x",
+                f"{measured[True]:,.0f}",
+                f"{measured[True] / limit[True]:.2f}x",
+            )
+        )
+        print(f"  {name}: warm {measured[False]:,.0f}/s, cold {measured[True]:,.0f}/s", flush=True)
+    disk = max(disk_read_rate(images_path) for _ in range(repeats))
+    name = "disk, sequential read of the .npy (cold)"
+    rows.append((name, "", "", f"{disk:,.0f}", f"{disk / limit[True]:.2f}x"))
+    return rows
+
+
+def _dtype_rows(stores: list[tuple[tuple[str, str], Path]], repeats: int) -> list[tuple]:
+    """Shuffled H5Sequence warm and cold, per stored dtype and compression."""
+    rows = []
+    base = None
+    for (dtype, compression), path in stores:
+        sequence = H5Sequence(path, batch_size=BATCH, shuffle=True)
+        warm_rate = rate(sequence_reader(sequence), [path], False, repeats)
+        cold_rate = rate(sequence_reader(sequence), [path], True, repeats)
+        base = base or warm_rate
+        size = path.stat().st_size / 2**20
+        rows.append(
+            (
+                dtype,
+                compression,
+                f"{size:,.0f}",
+                f"{warm_rate:,.0f}",
+                f"{warm_rate / base:.2f}x",
+                f"{cold_rate:,.0f}",
+            )
+        )
+    return rows
+
+
+def _fit_rows(out: Path, store: Path, images_path: Path, labels_path: Path, repeats: int):
+    """model.fit's samples/s from each input, for a tiny model and the project's CNN."""
+    rows = []
+    small = out / "small.h5"  # the CNN is ~1000x slower: 8192 slices are plenty
+    write_large_store(small, 8192 * 4096 / 2**30)
+    (out / "small").mkdir()
+    small_images, small_labels = export_npy(small, out / "small")
+    for model_name, model_fn, fit_store, fit_images, fit_labels in (
+        ("Flatten + Dense", tiny_model, store, images_path, labels_path),
+        ("the project's CNN", project_cnn, small, small_images, small_labels),
+    ):
+        fit = fit_rates(fit_store, fit_images, fit_labels, repeats, model_fn)
+        baseline = fit["model.fit(x, y), x in memory"]
+        rows += [
+            (model_name, name, f"{value:,.0f}", f"{value / baseline:.2f}x")
+            for name, value in fit.items()
+        ]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
         out = Path(folder)
         print(f"writing {args.gb} GiB of slices in each format to {out} ...", flush=True)
@@ -307,18 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "tfrecords").mkdir()
         records = export_tfrecords(images, labels, out / "tfrecords")
         png = export_png(images, labels, out / "png", min(args.png_slices, num_slices))
-        variants = {}
-        for dtype, compression in (
-            ("uint8", "lzf"),
-            ("uint8", "gzip"),
-            ("float16", "none"),
-            ("float32", "none"),
-        ):
-            path = out / f"store-{dtype}-{compression}.h5"
-            itemsize = np.dtype(dtype).itemsize
-            write_large_store(path, args.gb * itemsize, dtype, compression)
-            variants[(dtype, compression)] = path
-
+        variants = _variants(out, args.gb)
         readers = [
             (
                 "1. np.memmap .npy, contiguous (the limit)",
@@ -347,77 +421,20 @@ def main(argv: list[str] | None = None) -> int:
                 [png],
             ),
         ]
-        rows = []
-        limit = {}
-        for name, reader, files in readers:
-            measured = {}
-            for cold in (False, True):
-                measured[cold] = rate(reader, files, cold, args.repeats)
-            limit = limit or measured
-            rows.append(
-                (
-                    name,
-                    f"{measured[False]:,.0f}",
-                    f"{measured[False] / limit[False]:.2f}x",
-                    f"{measured[True]:,.0f}",
-                    f"{measured[True] / limit[True]:.2f}x",
-                )
-            )
-            print(
-                f"  {name}: warm {measured[False]:,.0f}/s, cold {measured[True]:,.0f}/s", flush=True
-            )
-        disk = max(disk_read_rate(images_path) for _ in range(args.repeats))
-        rows.append(
-            (
-                "disk, sequential read of the .npy (cold)",
-                "",
-                "",
-                f"{disk:,.0f}",
-                f"{disk / limit[True]:.2f}x",
-            )
-        )
+        rows = _reader_rows(readers, images_path, args.repeats)
+        dtype_rows = _dtype_rows([(("uint8", "none"), store), *variants.items()], args.repeats)
+        fit_rows = _fit_rows(out, store, images_path, labels_path, args.repeats)
+    _print_tables(num_slices, args.repeats, rows, dtype_rows, fit_rows)
+    return 0
 
-        dtype_rows = []
-        base = None
-        for (dtype, compression), path in [(("uint8", "none"), store), *variants.items()]:
-            sequence = H5Sequence(path, batch_size=BATCH, shuffle=True)
-            warm_rate = rate(sequence_reader(sequence), [path], False, args.repeats)
-            cold_rate = rate(sequence_reader(sequence), [path], True, args.repeats)
-            base = base or warm_rate
-            size = path.stat().st_size / 2**20
-            dtype_rows.append(
-                (
-                    dtype,
-                    compression,
-                    f"{size:,.0f}",
-                    f"{warm_rate:,.0f}",
-                    f"{warm_rate / base:.2f}x",
-                    f"{cold_rate:,.0f}",
-                )
-            )
 
-        fit_rows = []
-        small = out / "small.h5"  # the CNN is ~1000x slower: 8192 slices are plenty
-        write_large_store(small, 8192 * 4096 / 2**30)
-        (out / "small").mkdir()
-        small_images, small_labels = export_npy(small, out / "small")
-        for model_name, model_fn, fit_store, fit_images, fit_labels in (
-            ("Flatten + Dense", tiny_model, store, images_path, labels_path),
-            ("the project's CNN", project_cnn, small, small_images, small_labels),
-        ):
-            fit = fit_rates(fit_store, fit_images, fit_labels, args.repeats, model_fn)
-            baseline = fit["model.fit(x, y), x in memory"]
-            fit_rows += [
-                (model_name, name, f"{value:,.0f}", f"{value / baseline:.2f}x")
-                for name, value in fit.items()
-            ]
-
+def _print_tables(num_slices: int, repeats: int, rows, dtype_rows, fit_rows) -> None:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, "
         f"Python {platform.python_version()}, keras {keras.__version__} "
         f"({keras.backend.backend()}); {num_slices:,} slices 64x64, batches of {BATCH}, "
-        f"best of {args.repeats}"
+        f"best of {repeats}"
     )
     print()
     print(
@@ -443,7 +460,6 @@ def main(argv: list[str] | None = None) -> int:
             ("model", "input", "samples/s", "vs in memory"),
         )
     )
-    return 0
 
 
 if __name__ == "__main__":
