@@ -35,6 +35,7 @@ from pathlib import Path
 
 import nibabel as nib
 
+from preprocess import series
 from preprocess.discover import BIDS_SKIP, Scan, find_layout, is_dicom, is_image, walk_files
 
 SUFFIX = ".dcm"
@@ -47,7 +48,6 @@ REJECTING = {
     "Interslice distance varies": "the slice spacing varies",
     "Slices not stacked": "its slices disagree in size or orientation",
 }
-LOCALIZER = re.compile(r"locali[sz]er|scout|survey|3-?plane", re.IGNORECASE)
 FILE_PROBLEM = re.compile(r"(?:Warning|Error): (.*?):? (/\S+|\S+/\S+)\s*$")
 
 
@@ -143,6 +143,7 @@ def convert(
     naming: Naming,
     series: str | None,
     class_inputs: frozenset[Path] = frozenset(),
+    kinds: tuple[str, ...] = ("T1w",),
 ) -> Converted:
     """Convert each folder's series with dcm2niix; the scans, rejections and skipped series.
 
@@ -150,9 +151,12 @@ def convert(
         folders: ``(input, folder)`` from :func:`find_folders`.
         naming: how subjects and sessions are named.
         series: a regular expression a series' description or protocol name must match
-            (case-insensitive); None takes every 3-D series but localizers and derived ones.
+            (case-insensitive); None takes the 3-D series whose kind
+            (:func:`preprocess.series.classify`) is one of ``kinds``.
         class_inputs: inputs laid out as class folders: the first folder below the input
             is a series' label (and ``--dicom-subject folder`` takes the one below it).
+        kinds: the kinds of series stored (``--suffix``); every other series is a note.
+            Defaults to T1w.
     """
     result = Converted()
     binary = dcm2niix_path()
@@ -177,7 +181,7 @@ def convert(
                 by_series.setdefault(uid, []).append((name, lines, facts))
             for written in by_series.values():
                 place = (item, folder, item in class_inputs)
-                _add_series(result, place, out, written, naming, pattern)
+                _add_series(result, place, out, written, naming, pattern or kinds)
     return result
 
 
@@ -227,14 +231,20 @@ def _sidecar(path: Path) -> dict:
         return {}
 
 
-def _add_series(result: Converted, place, out: Path, written, naming, pattern) -> None:
-    """The images dcm2niix wrote for one series: skipped when ``--series`` does not choose
-    it, all rejected when one of them is (a series split because its slices disagree),
-    else each added as :func:`_add` says."""
+def _add_series(result: Converted, place, out: Path, written, naming, chosen) -> None:
+    """The images dcm2niix wrote for one series: skipped when ``--series`` (a pattern) does
+    not choose it or its kind is not one of those asked for (a tuple), all rejected when one
+    of them is (a series split because its slices disagree), else each added as
+    :func:`_add` says."""
     folder = place[1]
-    facts = written[0][2]
-    if pattern is not None and not any(
-        pattern.search(str(facts.get(key) or "")) for key in ("SeriesDescription", "ProtocolName")
+    name, _, facts = written[0]
+    if isinstance(chosen, tuple):
+        skipped = _unasked(name, out, facts, chosen)
+        if skipped:
+            result.skipped.append(f"{_series_name(folder, facts)}: skipped: {skipped}")
+            return
+    elif not any(
+        chosen.search(str(facts.get(key) or "")) for key in ("SeriesDescription", "ProtocolName")
     ):
         result.skipped.append(f"{_series_name(folder, facts)}: skipped: --series does not match it")
         return
@@ -245,7 +255,38 @@ def _add_series(result: Converted, place, out: Path, written, naming, pattern) -
                 result.rejected.append((what, f"{meaning} (dcm2niix: {_first(lines, text)})"))
                 return
     for name, lines, facts in written:
-        _add(result, place, out, name, lines, facts, naming, pattern)
+        _add(result, place, out, name, lines, facts, naming)
+
+
+def _unasked(name: str, out: Path, facts: dict, kinds: tuple[str, ...]) -> str:
+    """Why a series whose kind is not one of ``kinds`` is left out ("" when it is one)."""
+    images = [out / f"{name}{end}" for end in ("_Tilt_1.nii", ".nii")]
+    shape = next((_shape(path) for path in images if path.is_file()), ())
+    volumes = shape[3] if len(shape) > 3 else 1
+    bvalues = _bvalues(out / f"{name}.bval")
+    kind, _ = series.classify(series.series_facts(facts, volumes, bvalues))
+    if kind in kinds:
+        return ""
+    if kind == "localizer":
+        return "a localizer"
+    if kind == "derived":
+        image_type = [str(value).upper() for value in facts.get("ImageType", [])]
+        return f"derived ({'/'.join(image_type)})"
+    asked = " ".join(kinds)
+    if kind == "unknown":
+        return (
+            f"its names and timing match no kind of series (--suffix {asked} is stored; "
+            "--series REGEX takes a series by name)"
+        )
+    return f"{kind} ({series.MEANING[kind]}); --suffix {asked} is stored"
+
+
+def _bvalues(path: Path) -> list[float]:
+    """The b-values dcm2niix wrote beside a diffusion series (none for other series)."""
+    try:
+        return [float(value) for value in path.read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def _series_name(folder: Path, facts: dict) -> str:
@@ -254,7 +295,7 @@ def _series_name(folder: Path, facts: dict) -> str:
     return f"{folder}: series {facts.get('SeriesNumber', '?')} {description!r}"
 
 
-def _add(result: Converted, place, out, name, lines, facts, naming, pattern) -> None:
+def _add(result: Converted, place, out, name, lines, facts, naming) -> None:
     """One written image of a series: a scan, a rejection or a skipped note.
 
     ``place`` is ``(input, folder, classes)``: where the series was found, and whether the
@@ -271,15 +312,8 @@ def _add(result: Converted, place, out, name, lines, facts, naming, pattern) -> 
     if image is None:
         result.rejected.append((what, "dcm2niix wrote no image for it"))
         return
-    kinds = [str(kind).upper() for kind in facts.get("ImageType", [])]
-    if pattern is None and ("LOCALIZER" in kinds or LOCALIZER.search(description)):
-        result.skipped.append(f"{what}: skipped: a localizer")
-        return
-    if pattern is None and "DERIVED" in kinds:
-        result.skipped.append(f"{what}: skipped: derived ({'/'.join(kinds)})")
-        return
-    planes = _planes(image)
-    if planes is not None and planes < 2:
+    shape = _shape(image)
+    if shape and (shape[2] if len(shape) > 2 else 1) < 2:
         result.skipped.append(f"{what}: skipped: a 2-D image")
         return
     if naming.subject == "folder":
@@ -323,11 +357,10 @@ def _first(lines: list[str], text: str) -> str:
     return next(line for line in lines if text in line).removeprefix("Warning: ").strip()
 
 
-def _planes(image: Path) -> int | None:
-    """The number of planes along the third axis of a NIfTI file (1 for a 2-D image);
-    None when its header cannot be read (the scan's load then says why)."""
+def _shape(image: Path) -> tuple[int, ...]:
+    """The shape in a NIfTI file's header; () when it cannot be read (the scan's load then
+    says why)."""
     try:
-        shape = nib.load(image).shape
+        return tuple(nib.load(image).shape)
     except Exception:
-        return None
-    return shape[2] if len(shape) > 2 else 1
+        return ()

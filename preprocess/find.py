@@ -85,7 +85,7 @@ def find_scans(
             and (settings.layout if settings.layout != "auto" else find_layout(Path(item)))
             == "classes"
         )
-        converted = dicom.convert(folders, naming, settings.series, classes)
+        converted = dicom.convert(folders, naming, settings.series, classes, settings.suffix)
         scans = sorted(scans + converted.scans, key=lambda scan: scan.source)
         rejected += converted.rejected
         for line in converted.skipped:

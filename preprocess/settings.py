@@ -42,8 +42,9 @@ class Settings:
     layout: str = option("auto", "how input folders are laid out", choices=LAYOUTS, group=FINDING)
     suffix: tuple[str, ...] = option(
         ("T1w",),
-        "BIDS suffixes (modalities) taken from BIDS trees; several become the "
-        "channels of each slice, resampled onto the first's grid",
+        "BIDS suffixes (modalities) taken from BIDS trees, and the kinds of DICOM series "
+        "stored (T1w, T2w, FLAIR, PDw, T2starw, dwi, bold, asl, m0scan, fmap); several "
+        "become the channels of each slice, resampled onto the first's grid",
         metavar="SUFFIX",
         group=FINDING,
     )
@@ -102,7 +103,7 @@ class Settings:
         "expression (case-insensitive), e.g. mprage",
         metavar="REGEX",
         kind=str,
-        default_text="every 3-D series but localizers and derived ones",
+        default_text="the 3-D series of the --suffix kinds",
         group=DICOM,
     )
     dicom_subject: str = option(

@@ -65,7 +65,7 @@ def test_imports_follow_the_data_flow():
 
 # preprocess's rooms, lowest first: a module imports only from the layers before its own.
 PREPROCESS_LAYERS = (
-    ("errors", "splits"),  # the error kinds; splits as a pure function
+    ("errors", "splits", "series"),  # error kinds; splits; the DICOM series rule table (pure)
     ("volume", "slices", "shards", "discover"),  # one file, one cut, shard ids, finding files
     ("standard", "dicom", "writer"),  # the template, DICOM series, the store's writer
     ("settings",),  # Settings, RunOptions: every option

@@ -1,0 +1,119 @@
+"""The DICOM series rule table: a series per rule, each vendor's naming, and the real
+Philips exam in ../shared/real (its MPRAGE stored, its perfusion and field map notes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loader import open_store
+from preprocess import series
+from preprocess.cli import main as preprocess_main
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
+EXAM = REAL / "dicom" / "philips-exam"
+
+
+def _facts(volumes: int = 1, bvalues=(), **sidecar) -> dict:
+    return series.series_facts(sidecar, volumes, bvalues)
+
+
+# One series per row of series.RULES, in the table's order: the rule it must meet first.
+ONE_PER_RULE = [
+    _facts(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"], SeriesDescription="t1"),
+    _facts(SeriesDescription="AAHead_Scout_64ch-head-coil"),
+    _facts(ImageType=["DERIVED", "SECONDARY", "MPR"], SeriesDescription="t1_mprage_tra"),
+    _facts(ImageType=["ORIGINAL", "PRIMARY", "B0", "FIELDMAP"], SeriesDescription="x"),
+    _facts(SeriesDescription="fcMRI Field Mapping", ImageType=["ORIGINAL", "PRIMARY", "P"]),
+    _facts(volumes=13, bvalues=(0, 1000, 1000), SeriesDescription="series 7"),
+    _facts(SeriesDescription="ep2d_diff_mddw_30"),
+    _facts(SeriesDescription="M0_pcasl"),
+    _facts(SeriesDescription="3DpCASL"),
+    _facts(SeriesDescription="rs_fMRI_200"),
+    _facts(volumes=120, ScanningSequence="EP", SeriesDescription="run 1"),
+    _facts(SeriesDescription="Sag CUBE FLAIR"),
+    _facts(InversionTime=2.5, EchoTime=0.1, RepetitionTime=9.0, SeriesDescription="ax 5"),
+    _facts(SeriesDescription="t2_swi_tra_p2"),
+    _facts(SeriesDescription="ADNI_Sag3D MPRAGE"),
+    _facts(SeriesDescription="PD_tse_cor"),
+    _facts(SeriesDescription="t2_tse_tra"),
+    _facts(InversionTime=0.9, EchoTime=0.003, RepetitionTime=2.3, SeriesDescription="sag 3d"),
+    _facts(EchoTime=0.0023, RepetitionTime=2.3, FlipAngle=9, SeriesDescription="head"),
+    _facts(ScanningSequence="SE", EchoTime=0.015, RepetitionTime=0.5, FlipAngle=90),
+    _facts(ScanningSequence="SE", EchoTime=0.012, RepetitionTime=3.0, FlipAngle=90),
+    _facts(ScanningSequence="SE", EchoTime=0.09, RepetitionTime=4.0, FlipAngle=90),
+    _facts(ScanningSequence="GR", EchoTime=0.02, RepetitionTime=0.6, FlipAngle=40),
+]
+
+
+def test_the_examples_are_one_per_rule():
+    assert len(ONE_PER_RULE) == len(series.RULES)
+
+
+@pytest.mark.parametrize("index", range(len(series.RULES)))
+def test_each_rule_decides_its_series(index):
+    kind, rule = series.classify(ONE_PER_RULE[index])
+    assert rule is series.RULES[index], (kind, rule)
+    assert kind == series.RULES[index].kind
+    assert kind in series.KINDS
+
+
+@pytest.mark.parametrize(
+    ("description", "kind"),
+    [
+        ("t1_mprage_sag_p2_iso", "T1w"),  # Siemens
+        ("t1_mp2rage_sag_UNI-DEN", "T1w"),
+        ("t2_space_sag_p2_iso", "T2w"),
+        ("t2_spc_da-fl_sag_p2_iso", "FLAIR"),  # Siemens' 3-D FLAIR: 'darkfluid' abbreviated
+        ("t2_flair_tra_p2", "FLAIR"),
+        ("ep2d_bold_moco", "bold"),
+        ("Sag IR-FSPGR BRAVO", "T1w"),  # GE
+        ("Ax T2 FSE", "T2w"),
+        ("Ax T2 FLAIR", "FLAIR"),
+        ("Ax DWI 1000", "dwi"),
+        ("3D ASL (non-contrast)", "asl"),
+        ("Ax SWAN", "T2starw"),
+        ("3-Plane Loc", "localizer"),
+        ("sT1W_3D_TFE", "T1w"),  # Philips
+        ("T2W_TSE", "T2w"),
+        ("3D_Brain_VIEW_FLAIR_SAG", "FLAIR"),
+        ("DTI_high_iso", "dwi"),
+        ("Survey_32ch_HeadCoil", "localizer"),
+        ("3D MPRAGE", "T1w"),  # Canon
+        ("FFE T2* Hemo", "T2starw"),
+        ("Head Scan", "unknown"),  # a name and no timing: nothing to go by
+    ],
+)
+def test_every_vendors_naming(description, kind):
+    assert series.classify(_facts(SeriesDescription=description))[0] == kind
+
+
+def test_the_rule_table_lists_every_rule_in_order():
+    table = series.rules_table().splitlines()
+    assert len(table) == 2 + len(series.RULES)
+    assert table[2].startswith("| 1 | `localizer` | ImageType has LOCALIZER")
+
+
+def _real_exam():
+    if not EXAM.is_dir():
+        pytest.skip(f"needs the real Philips exam in {EXAM} (present on developer machines and CI)")
+    return EXAM
+
+
+def test_the_real_philips_exam_stores_its_mprage_alone_with_a_note_per_other_series(
+    tmp_path, capsys
+):
+    exam = _real_exam()
+    store = tmp_path / "exam.h5"
+    assert preprocess_main([str(exam), "-o", str(store), "--id-salt", "K", "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "rejected" not in err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert any("series 1901 '3DpCASL': skipped: asl" in line for line in notes), err
+    assert any("series 2001 'fcMRI Field Mapping': skipped: fmap" in line for line in notes), err
+    assert len(notes) == 2, notes
+    with open_store(store) as opened:
+        paths = list(opened.subjects_table()["path"])
+    assert len(paths) == 1
+    assert paths[0].endswith("/1301-ADNI-Sag3D-MPRAGE")
