@@ -275,10 +275,10 @@ def _unasked(name: str, out: Path, facts: dict, kinds: tuple[str, ...]) -> str:
     asked = " ".join(kinds)
     if kind == "unknown":
         return (
-            f"its names and timing match no kind of series (--suffix {asked} is stored; "
-            "--series REGEX takes a series by name)"
+            f"unknown, its names and timing match no rule; only --suffix {asked} is stored "
+            "(--series REGEX takes a series by name)"
         )
-    return f"{kind} ({series.MEANING[kind]}); --suffix {asked} is stored"
+    return f"{kind}, {series.MEANING[kind]}; only --suffix {asked} is stored"
 
 
 def _bvalues(path: Path) -> list[float]:

@@ -35,7 +35,7 @@ MEANING = {
     "T2starw": "T2*-weighted / susceptibility",
     "dwi": "diffusion",
     "bold": "functional (BOLD)",
-    "asl": "perfusion (arterial spin labelling)",
+    "asl": "perfusion, arterial spin labelling",
     "m0scan": "ASL M0 reference",
     "fmap": "field map",
     "localizer": "localizer",
@@ -97,9 +97,12 @@ class Rule:
         if self.image_type:
             parts.append(f"ImageType has {' or '.join(self.image_type)}")
         if self.name:
-            parts.append(f"a name matches `{self.name}`")
+            words = re.sub(r"\(\?<?!\[a-z0-9\]\)|\(\?<?!\[a-z\]\)", "", self.name)
+            parts.append("a name has " + " or ".join(f"`{w}`" for w in words.split("|")))
         for bounds, label in ((self.te_ms, "TE"), (self.ti_ms, "TI"), (self.tr_ms, "TR")):
-            if bounds:
+            if bounds and bounds[0] == 0:
+                parts.append(f"{label} < {bounds[1]:g} ms")
+            elif bounds:
                 high = "" if bounds[1] == INF else f" and < {bounds[1]:g}"
                 parts.append(f"{label} >= {bounds[0]:g}{high} ms")
         if self.flip_below is not None:

@@ -117,3 +117,8 @@ def test_the_real_philips_exam_stores_its_mprage_alone_with_a_note_per_other_ser
         paths = list(opened.subjects_table()["path"])
     assert len(paths) == 1
     assert paths[0].endswith("/1301-ADNI-Sag3D-MPRAGE")
+
+
+def test_the_preprocess_guide_has_the_rule_table():
+    guide = Path(__file__).resolve().parents[1] / "preprocess" / "README.md"
+    assert series.rules_table() in guide.read_text()
