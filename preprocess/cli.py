@@ -12,10 +12,15 @@ the rest), 2 for usage errors or when nothing usable was found (no store written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
+from loader import files
 from loader.exits import resume_command, run_main
 from loader.options import add_options, settings_from_args
+from preprocess.dicom import LISTING_COLUMNS
+from preprocess.errors import PreprocessError
+from preprocess.find import find_scans
 from preprocess.pipeline import Summary, run
 from preprocess.settings import RunOptions, Settings
 from preprocess.workers import keep_freed_memory
@@ -36,7 +41,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
         help="scan files (NIfTI, MGZ, Analyze, DICOM) or folders of them",
     )
     parser.add_argument(
-        "-o", "--output", required=True, metavar="STORE.h5", help="the store to write"
+        "-o", "--output", metavar="STORE.h5", help="the store to write (required unless listing)"
+    )
+    parser.add_argument(
+        "--list-series",
+        nargs="?",
+        const="-",
+        metavar="FILE.csv",
+        help="list every DICOM series found (kind, size, whether it would be stored and why "
+        "not) and write nothing; with FILE.csv, also as CSV",
     )
     flags = add_options(parser, Settings)
     flags.update(add_options(parser, RunOptions))
@@ -49,18 +62,26 @@ def main(argv: list[str] | None = None) -> int:
     parser, flags = _parser()
 
     def body(args: argparse.Namespace) -> int:
+        settings = settings_from_args(Settings, args)
+        options = settings_from_args(RunOptions, args)
+        if args.list_series is not None:
+            return _list_series(args.inputs, settings, options, args.list_series)
+        if args.output is None:
+            raise PreprocessError("-o/--output STORE.h5 is required (unless --list-series)")
         keep_freed_memory()
         summary = run(
             args.inputs,
             args.output,
-            settings_from_args(Settings, args),
-            settings_from_args(RunOptions, args),
+            settings,
+            options,
             report=lambda line: print(line, file=sys.stderr),
         )
         print(_format(summary))
         return 1 if summary.rejected else 0
 
     def hint(args: argparse.Namespace) -> str:
+        if args.output is None:
+            return ""
         kept = partial_path(args.output)
         if not kept.is_dir():
             return ""
@@ -68,6 +89,32 @@ def main(argv: list[str] | None = None) -> int:
         return f"; finished scans are kept in {kept}; continue with: {command}"
 
     return run_main(parser, argv, body, flags, hint)
+
+
+def _list_series(inputs: list[str], settings: Settings, options: RunOptions, csv: str) -> int:
+    """Print the table of every DICOM series of the inputs (and write it as CSV unless
+    ``csv`` is ``-``); nothing else is written. Returns 0."""
+    found = find_scans(inputs, settings, lambda line: None, options.id_salt)
+    with contextlib.closing(found):
+        rows = found.converted.listing if found.converted is not None else []
+    rows = sorted(rows, key=lambda row: (row["folder"], str(row["series"]).zfill(8)))
+    if csv != "-":
+        files.write_rows(csv, rows)
+    print(_table(rows, LISTING_COLUMNS))
+    stored = sum(row["stored"] == "yes" for row in rows)
+    others = len(found.scans) - stored
+    print(f"{len(rows)} DICOM series, {stored} would be stored; {others} other scans")
+    return 0
+
+
+def _table(rows: list[dict], columns) -> str:
+    """Rows as a plain text table with a header."""
+    cells = [list(columns)] + [[str(row[column]) for column in columns] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
 
 
 def _format(summary: Summary) -> str:

@@ -131,6 +131,7 @@ class Converted:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # note lines: series left out by choice
     folder: Path | None = None
+    listing: list[dict] = field(default_factory=list)  # one row per series: --list-series
 
     def close(self) -> None:
         if self.folder is not None:
@@ -181,7 +182,9 @@ def convert(
                 by_series.setdefault(uid, []).append((name, lines, facts))
             for written in by_series.values():
                 place = (item, folder, item in class_inputs)
+                counts = len(result.scans), len(result.rejected), len(result.skipped)
                 _add_series(result, place, out, written, naming, pattern or kinds)
+                result.listing.append(_listing_row(result, counts, place, out, written, naming))
     return result
 
 
@@ -258,6 +261,71 @@ def _add_series(result: Converted, place, out: Path, written, naming, chosen) ->
         _add(result, place, out, name, lines, facts, naming)
 
 
+# The columns of --list-series, in order.
+LISTING_COLUMNS = (
+    "folder",
+    "series",
+    "description",
+    "kind",
+    "dimensions",
+    "voxel_mm",
+    "subject",
+    "session",
+    "stored",
+    "why_not",
+)
+
+
+def _listing_row(result: Converted, counts, place, out: Path, written, naming) -> dict:
+    """One series' row of ``--list-series``: what it is, and what the run did with it
+    (``counts``: the scans, rejections and notes before it)."""
+    folder = place[1]
+    name, _, facts = written[0]
+    images = [out / f"{name}{end}" for end in ("_Tilt_1.nii", ".nii")]
+    header = next((_header(path) for path in images if path.is_file()), None)
+    bvalues = _bvalues(out / f"{name}.bval")
+    shape = tuple(header.get_data_shape()) if header is not None else ()
+    volumes = shape[3] if len(shape) > 3 else 1
+    kind, _ = series.classify(series.series_facts(facts, volumes, bvalues))
+    added = result.scans[counts[0] :]
+    given = _given_subject(place, facts, naming)
+    why = [reason for _, reason in result.rejected[counts[1] :]]
+    why += [line.split(": skipped: ", 1)[-1] for line in result.skipped[counts[2] :]]
+    study = str(facts.get("StudyInstanceUID") or "")
+    return {
+        "folder": str(folder),
+        "series": facts.get("SeriesNumber", ""),
+        "description": str(facts.get("SeriesDescription") or facts.get("ProtocolName") or ""),
+        "kind": kind,
+        "dimensions": "x".join(map(str, shape)),
+        "voxel_mm": "x".join(f"{z:.3g}" for z in header.get_zooms()[:3]) if header else "",
+        "subject": added[0].subject_id if added else (naming.subject_id(given) if given else ""),
+        "session": added[0].session if added else (naming.session(study) if study else ""),
+        "stored": "yes" if added else "no",
+        "why_not": "; ".join(why),
+    }
+
+
+def _header(image: Path):
+    """A NIfTI file's header; None when it cannot be read."""
+    try:
+        return nib.load(image).header
+    except Exception:
+        return None
+
+
+def _given_subject(place, facts: dict, naming: Naming) -> str:
+    """A series' subject as the archive names it (PatientID, or the folder with
+    ``--dicom-subject folder``); "" when its header has no PatientID."""
+    item, folder, classes = place
+    parts = folder.relative_to(item).parts
+    label = parts[0] if classes and parts else None
+    parts = parts[1:] if classes else parts
+    if naming.subject == "folder":
+        return parts[0] if parts else (label or item.name)
+    return str(facts.get("PatientID") or "").strip()
+
+
 def _unasked(name: str, out: Path, facts: dict, kinds: tuple[str, ...]) -> str:
     """Why a series whose kind is not one of ``kinds`` is left out ("" when it is one)."""
     images = [out / f"{name}{end}" for end in ("_Tilt_1.nii", ".nii")]
@@ -303,7 +371,6 @@ def _add(result: Converted, place, out, name, lines, facts, naming) -> None:
     item, folder, classes = place
     parts = folder.relative_to(item).parts
     label = parts[0] if classes and parts else None
-    parts = parts[1:] if classes else parts
     number = facts.get("SeriesNumber", "")
     description = str(facts.get("SeriesDescription") or facts.get("ProtocolName") or "")
     what = _series_name(folder, facts)
@@ -316,14 +383,11 @@ def _add(result: Converted, place, out, name, lines, facts, naming) -> None:
     if shape and (shape[2] if len(shape) > 2 else 1) < 2:
         result.skipped.append(f"{what}: skipped: a 2-D image")
         return
-    if naming.subject == "folder":
-        given = parts[0] if parts else (label or item.name)
-    else:
-        given = str(facts.get("PatientID") or "").strip()
-        if not given:
-            reason = "no PatientID in its header: name subjects by folder (--dicom-subject folder)"
-            result.rejected.append((what, reason))
-            return
+    given = _given_subject(place, facts, naming)
+    if not given:
+        reason = "no PatientID in its header: name subjects by folder (--dicom-subject folder)"
+        result.rejected.append((what, reason))
+        return
     subject = naming.subject_id(given)
     study = str(facts.get("StudyInstanceUID") or "")
     session = naming.session(study) if study else ""

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from dicom_series import patient, write_series
+from helpers import blob_volume, read_rows
 
 from loader import open_store
 from preprocess import series
@@ -122,3 +125,55 @@ def test_the_real_philips_exam_stores_its_mprage_alone_with_a_note_per_other_ser
 def test_the_preprocess_guide_has_the_rule_table():
     guide = Path(__file__).resolve().parents[1] / "preprocess" / "README.md"
     assert series.rules_table() in guide.read_text()
+
+
+def test_list_series_classifies_the_real_exam_and_writes_nothing_but_its_csv(tmp_path, capsys):
+    exam = _real_exam()
+    listing = tmp_path / "series.csv"
+    args = [str(exam), "--list-series", str(listing), "--id-salt", "K"]
+    assert preprocess_main(args) == 0
+    out = capsys.readouterr().out
+    assert "3 DICOM series, 1 would be stored" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["series.csv"]
+    rows = {row["series"]: row for row in read_rows(listing)}
+    assert {number: row["kind"] for number, row in rows.items()} == {
+        "1301": "T1w",
+        "1901": "asl",
+        "2001": "fmap",
+    }
+    assert rows["1301"]["stored"] == "yes"
+    assert rows["1301"]["dimensions"] == "170x256x256"
+    assert rows["1901"]["stored"] == "no"
+    assert "only --suffix T1w is stored" in rows["1901"]["why_not"]
+    assert "d2n_Philips" not in listing.read_text()  # the patient's id, hashed
+    assert len({row["subject"] for row in rows.values()}) == 1
+
+
+def test_a_synthetic_exam_stores_the_asked_kind_and_lists_the_rest(tmp_path, capsys):
+    data, affine = blob_volume(1), np.diag([2.0, 2.0, 2.0, 1.0])
+    exam, who = tmp_path / "exam", patient(30)
+    study = write_series(exam / "t1", data, affine, who, number=3, description="Sag IR-FSPGR BRAVO")
+    write_series(exam / "flair", data, affine, who, study, 4, "Ax T2 FLAIR")
+    write_series(exam / "loc", data[:, :, :4], affine, who, study, 1, "3-Plane Loc")
+    write_series(exam / "what", data, affine, who, study, 9, "cor", image_type=("ORIGINAL",))
+    listing = tmp_path / "l.csv"
+    assert preprocess_main([str(exam), "--list-series", str(listing), "--id-salt", "K"]) == 0
+    kinds = {row["series"]: (row["kind"], row["stored"]) for row in read_rows(listing)}
+    assert kinds == {
+        "1": ("localizer", "no"),
+        "3": ("T1w", "yes"),
+        "4": ("FLAIR", "no"),
+        "9": ("T1w", "yes"),  # no name to go by: its timing (TE 2.3 ms, flip 9°) is a T1w's
+    }
+    capsys.readouterr()
+    assert preprocess_main([str(exam), "--id-salt", "K"]) == 2  # no store named, no listing
+    assert "error: -o/--output STORE.h5 is required" in capsys.readouterr().err
+    store = tmp_path / "s.h5"
+    args = [str(exam), "-o", str(store), "--id-salt", "K", "--suffix", "FLAIR", "--workers", "1"]
+    assert preprocess_main(args) == 0
+    err = capsys.readouterr().err
+    assert "series 3 'Sag IR-FSPGR BRAVO': skipped: T1w" in err
+    with open_store(store) as opened:
+        paths = list(opened.subjects_table()["path"])
+    assert len(paths) == 1
+    assert paths[0].endswith("004-Ax-T2-FLAIR")
