@@ -30,7 +30,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -132,6 +132,7 @@ class Converted:
     skipped: list[str] = field(default_factory=list)  # note lines: series left out by choice
     folder: Path | None = None
     listing: list[dict] = field(default_factory=list)  # one row per series: --list-series
+    kinds: dict[str, tuple[str, int]] = field(default_factory=dict)  # source -> kind, number
 
     def close(self) -> None:
         if self.folder is not None:
@@ -185,7 +186,53 @@ def convert(
                 counts = len(result.scans), len(result.rejected), len(result.skipped)
                 _add_series(result, place, out, written, naming, pattern or kinds)
                 result.listing.append(_listing_row(result, counts, place, out, written, naming))
+    if len(kinds) > 1:
+        _pair_kinds(result, kinds)
     return result
+
+
+def _pair_kinds(result: Converted, kinds: tuple[str, ...]) -> None:
+    """One scan per session with the series of every kind as its channels, in ``kinds``
+    order: of several series of one kind in a session (a repeat, MP2RAGE's images, echoes)
+    the last acquired is taken (the highest series number), with a note naming the others;
+    a session without a series of a kind is rejected with a line naming the kind."""
+    sessions: dict[tuple, list[Scan]] = {}
+    for scan in result.scans:
+        sessions.setdefault((scan.subject_id, scan.session, scan.label), []).append(scan)
+    paired = []
+    for (subject, session, _), scans in sessions.items():
+        chosen, missing = [], []
+        for kind in kinds:
+            candidates = sorted(
+                (s for s in scans if result.kinds[s.source][0] == kind),
+                key=lambda s: (result.kinds[s.source][1], s.source),
+            )
+            if not candidates:
+                missing.append(kind)
+                continue
+            if len(candidates) > 1:
+                others = ", ".join(c.origin.rsplit(": ", 1)[-1] for c in candidates[:-1])
+                result.skipped.append(
+                    f"{candidates[-1].origin}: taken as the session's {kind} (the last "
+                    f"acquired); also {kind}, left out: {others}"
+                )
+            chosen.append(candidates[-1])
+        if missing:
+            where = scans[0].origin.rsplit(": series", 1)[0]
+            result.rejected.append(
+                (
+                    f"{where}: sub-{subject} ses-{session or 'none'}",
+                    f"no {' or '.join(missing)} series in this session "
+                    f"(--suffix {' '.join(kinds)} stores one of each as channels)",
+                )
+            )
+            continue
+        first = chosen[0]
+        notes = [*first.notes]
+        for other in chosen[1:]:
+            notes += [f"{other.origin.rsplit(': ', 1)[-1]}: {note}" for note in other.notes]
+        paired.append(replace(first, others=tuple(s.path for s in chosen[1:]), notes=tuple(notes)))
+    result.scans = paired
 
 
 def _run(binary: str, folder: Path, out: Path) -> tuple[list, list[tuple[str, str]]]:
@@ -241,8 +288,9 @@ def _add_series(result: Converted, place, out: Path, written, naming, chosen) ->
     :func:`_add` says."""
     folder = place[1]
     name, _, facts = written[0]
+    kind = _kind(name, out, facts)
     if isinstance(chosen, tuple):
-        skipped = _unasked(name, out, facts, chosen)
+        skipped = _unasked(kind, facts, chosen)
         if skipped:
             result.skipped.append(f"{_series_name(folder, facts)}: skipped: {skipped}")
             return
@@ -258,7 +306,7 @@ def _add_series(result: Converted, place, out: Path, written, naming, chosen) ->
                 result.rejected.append((what, f"{meaning} (dcm2niix: {_first(lines, text)})"))
                 return
     for name, lines, facts in written:
-        _add(result, place, out, name, lines, facts, naming)
+        _add(result, place, out, name, lines, facts, naming, kind)
 
 
 # The columns of --list-series, in order.
@@ -286,7 +334,7 @@ def _listing_row(result: Converted, counts, place, out: Path, written, naming) -
     bvalues = _bvalues(out / f"{name}.bval")
     shape = tuple(header.get_data_shape()) if header is not None else ()
     volumes = shape[3] if len(shape) > 3 else 1
-    kind, _ = series.classify(series.series_facts(facts, volumes, bvalues))
+    kind = series.classify(series.series_facts(facts, volumes, bvalues))[0]
     added = result.scans[counts[0] :]
     given = _given_subject(place, facts, naming)
     why = [reason for _, reason in result.rejected[counts[1] :]]
@@ -326,13 +374,17 @@ def _given_subject(place, facts: dict, naming: Naming) -> str:
     return str(facts.get("PatientID") or "").strip()
 
 
-def _unasked(name: str, out: Path, facts: dict, kinds: tuple[str, ...]) -> str:
-    """Why a series whose kind is not one of ``kinds`` is left out ("" when it is one)."""
+def _kind(name: str, out: Path, facts: dict) -> str:
+    """The kind of the series dcm2niix wrote as ``name`` (:mod:`preprocess.series`)."""
     images = [out / f"{name}{end}" for end in ("_Tilt_1.nii", ".nii")]
     shape = next((_shape(path) for path in images if path.is_file()), ())
     volumes = shape[3] if len(shape) > 3 else 1
     bvalues = _bvalues(out / f"{name}.bval")
-    kind, _ = series.classify(series.series_facts(facts, volumes, bvalues))
+    return series.classify(series.series_facts(facts, volumes, bvalues))[0]
+
+
+def _unasked(kind: str, facts: dict, kinds: tuple[str, ...]) -> str:
+    """Why a series whose kind is not one of ``kinds`` is left out ("" when it is one)."""
     if kind in kinds:
         return ""
     if kind == "localizer":
@@ -363,7 +415,7 @@ def _series_name(folder: Path, facts: dict) -> str:
     return f"{folder}: series {facts.get('SeriesNumber', '?')} {description!r}"
 
 
-def _add(result: Converted, place, out, name, lines, facts, naming) -> None:
+def _add(result: Converted, place, out, name, lines, facts, naming, kind: str) -> None:
     """One written image of a series: a scan, a rejection or a skipped note.
 
     ``place`` is ``(input, folder, classes)``: where the series was found, and whether the
@@ -404,6 +456,7 @@ def _add(result: Converted, place, out, name, lines, facts, naming) -> None:
         return
     scan = Scan(image, source, subject, session, label, notes=tuple(notes), origin=what)
     result.scans.append(scan)
+    result.kinds[source] = (kind, int(number) if str(number).isdigit() else 0)
 
 
 def _note(line: str) -> str:

@@ -104,14 +104,13 @@ def _dicom_naming(folders, settings: Settings, salt: str | None) -> dicom.Naming
     """How the DICOM series' subjects are named; refuses what DICOM cannot do.
 
     Raises:
-        PreprocessError: several modalities or masks (paired by NIfTI file names), or no
-            secret for the hash.
+        PreprocessError: masks (paired by NIfTI file names), or no secret for the hash.
     """
     where = folders[0][1]
-    if len(settings.suffix) > 1 or settings.masks or settings.masks_suffix:
+    if settings.masks or settings.masks_suffix:
         raise PreprocessError(
-            f"{where}: DICOM series are chosen with --series; --suffix (several), --masks and "
-            "--masks-suffix pair NIfTI files by name: convert the DICOM series first"
+            f"{where}: DICOM series: --masks and --masks-suffix pair NIfTI files by name: "
+            "convert the DICOM series first"
         )
     salt = salt if salt is not None else os.environ.get(dicom.SALT_VARIABLE) or None
     if not settings.keep_patient_ids and not salt:
@@ -129,7 +128,9 @@ def _labelled(scans, rejected, inputs, settings: Settings, report, naming) -> Fo
     if not scans:
         raise PreprocessError(f"no scans found in {', '.join(map(str, inputs))}")
     if len(settings.suffix) > 1 or settings.masks or settings.masks_suffix:
-        scans, unpaired = pair_files(scans, settings.suffix, settings.masks, settings.masks_suffix)
+        files = [scan for scan in scans if not scan.origin]  # DICOM series come paired
+        paired, unpaired = pair_files(files, settings.suffix, settings.masks, settings.masks_suffix)
+        scans = sorted([*paired, *(s for s in scans if s.origin)], key=lambda scan: scan.source)
         rejected += unpaired
         if not scans:
             raise PreprocessError(f"no scan has all its files: {unpaired[0][0]}: {unpaired[0][1]}")

@@ -372,10 +372,10 @@ def test_a_dicomdir_export_converts_each_series_once(tmp_path):
 
 def test_what_dicom_cannot_do_is_one_line(archive, tmp_path, capsys):
     out = tmp_path / "s.h5"
-    two = ["--suffix", "T1w", "FLAIR", "--id-salt", SALT]
-    assert preprocess_main([str(archive / "dicom"), "-o", str(out), *two]) == 2
+    masks = ["--masks", "lesion", "--id-salt", SALT]  # several kinds are paired by kind
+    assert preprocess_main([str(archive / "dicom"), "-o", str(out), *masks]) == 2
     err = capsys.readouterr().err.strip()
-    assert "DICOM series are chosen with --series" in err
+    assert "--masks and --masks-suffix pair NIfTI files by name" in err
     assert len(err.splitlines()) == 1
     failing = tmp_path / "dcm2niix"  # a dcm2niix that fails on everything
     failing.write_text("#!/bin/sh\necho 'Error: Unable to open folder'\nexit 3\n")

@@ -177,3 +177,40 @@ def test_a_synthetic_exam_stores_the_asked_kind_and_lists_the_rest(tmp_path, cap
         paths = list(opened.subjects_table()["path"])
     assert len(paths) == 1
     assert paths[0].endswith("004-Ax-T2-FLAIR")
+
+
+def test_t1_and_flair_of_an_exam_become_channels_a_repeat_is_chosen_a_gap_rejected(
+    tmp_path, capsys
+):
+    """Two patients with a T1, a FLAIR and a localizer (the second's FLAIR repeated), and
+    a third without a FLAIR: a two-channel store of the first two."""
+    data, affine = blob_volume(2), np.diag([2.0, 2.0, 2.0, 1.0])
+    flair = np.where(data > 0, 150.0 - data, 0.0)  # another contrast of the same head
+    exam = tmp_path / "exams"
+    for number in (40, 41, 42):
+        who, folder = patient(number), exam / f"p{number}"
+        study = write_series(folder / "t1", data, affine, who, number=2, description="t1_mprage")
+        write_series(folder / "loc", data[:, :, :4], affine, who, study, 1, "localizer")
+        if number != 42:
+            write_series(folder / "flair", flair, affine, who, study, 5, "t2_flair_tra")
+        if number == 41:
+            write_series(folder / "again", flair, affine, who, study, 7, "t2_flair_tra_rpt")
+    store = tmp_path / "s.h5"
+    args = [str(exam), "-o", str(store), "--suffix", "T1w", "FLAIR", "--id-salt", "K"]
+    assert preprocess_main([*args, "--workers", "1", "--size", "32"]) == 1  # the third: rejected
+    err = capsys.readouterr().err
+    rejected = [line for line in err.splitlines() if line.startswith("rejected: ")]
+    assert len(rejected) == 1
+    assert "no FLAIR series in this session (--suffix T1w FLAIR" in rejected[0]
+    assert "p42" in rejected[0]
+    taken = [line for line in err.splitlines() if "taken as the session's FLAIR" in line]
+    assert len(taken) == 1
+    assert "series 7 't2_flair_tra_rpt'" in taken[0]
+    assert "also FLAIR, left out: series 5 't2_flair_tra'" in taken[0]
+    with open_store(store) as opened:
+        assert opened.num_channels == 2
+        assert len(opened.subjects_table()["path"]) == 2
+        images = opened.images[:64]  # the first chunk is plenty
+    t1, second = images[..., 0].astype(float), images[..., 1].astype(float)
+    inside = t1 > 0
+    assert np.corrcoef(t1[inside], second[inside])[0, 1] < 0  # FLAIR is the inverted blob
