@@ -183,9 +183,15 @@ def convert(
                 by_series.setdefault(uid, []).append((name, lines, facts))
             for written in by_series.values():
                 place = (item, folder, item in class_inputs)
+                name, _, facts = written[0]
+                image = _written_image(out, name)
+                header = _header(image) if image is not None else None
+                kind = _kind(facts, header, out / f"{name}.bval")
                 counts = len(result.scans), len(result.rejected), len(result.skipped)
-                _add_series(result, place, out, written, naming, pattern or kinds)
-                result.listing.append(_listing_row(result, counts, place, out, written, naming))
+                _add_series(result, place, out, written, naming, pattern or kinds, kind)
+                result.listing.append(
+                    _listing_row(result, counts, place, facts, naming, kind, header)
+                )
     if len(kinds) > 1:
         _pair_kinds(result, kinds)
     return result
@@ -281,14 +287,13 @@ def _sidecar(path: Path) -> dict:
         return {}
 
 
-def _add_series(result: Converted, place, out: Path, written, naming, chosen) -> None:
-    """The images dcm2niix wrote for one series: skipped when ``--series`` (a pattern) does
-    not choose it or its kind is not one of those asked for (a tuple), all rejected when one
-    of them is (a series split because its slices disagree), else each added as
-    :func:`_add` says."""
+def _add_series(result: Converted, place, out: Path, written, naming, chosen, kind: str) -> None:
+    """The images dcm2niix wrote for one series of ``kind``: skipped when ``--series`` (a
+    pattern) does not choose it or its kind is not one of those asked for (a tuple), all
+    rejected when one of them is (a series split because its slices disagree), else each
+    added as :func:`_add` says."""
     folder = place[1]
-    name, _, facts = written[0]
-    kind = _kind(name, out, facts)
+    facts = written[0][2]
     if isinstance(chosen, tuple):
         skipped = _unasked(kind, facts, chosen)
         if skipped:
@@ -324,17 +329,11 @@ LISTING_COLUMNS = (
 )
 
 
-def _listing_row(result: Converted, counts, place, out: Path, written, naming) -> dict:
-    """One series' row of ``--list-series``: what it is, and what the run did with it
-    (``counts``: the scans, rejections and notes before it)."""
+def _listing_row(result: Converted, counts, place, facts, naming, kind: str, header) -> dict:
+    """One series' row of ``--list-series``: what it is (its first image's ``header``), and
+    what the run did with it (``counts``: the scans, rejections and notes before it)."""
     folder = place[1]
-    name, _, facts = written[0]
-    images = [out / f"{name}{end}" for end in ("_Tilt_1.nii", ".nii")]
-    header = next((_header(path) for path in images if path.is_file()), None)
-    bvalues = _bvalues(out / f"{name}.bval")
     shape = tuple(header.get_data_shape()) if header is not None else ()
-    volumes = shape[3] if len(shape) > 3 else 1
-    kind = series.classify(series.series_facts(facts, volumes, bvalues))[0]
     added = result.scans[counts[0] :]
     given = _given_subject(place, facts, naming)
     why = [reason for _, reason in result.rejected[counts[1] :]]
@@ -354,8 +353,15 @@ def _listing_row(result: Converted, counts, place, out: Path, written, naming) -
     }
 
 
+def _written_image(out: Path, name: str) -> Path | None:
+    """The image dcm2niix wrote as ``name`` (its untilted one for a tilted gantry); None
+    when it wrote none."""
+    images = (out / f"{name}_Tilt_1.nii", out / f"{name}.nii")
+    return next((path for path in images if path.is_file()), None)
+
+
 def _header(image: Path):
-    """A NIfTI file's header; None when it cannot be read."""
+    """A NIfTI file's header; None when it cannot be read (the scan's load then says why)."""
     try:
         return nib.load(image).header
     except Exception:
@@ -374,13 +380,12 @@ def _given_subject(place, facts: dict, naming: Naming) -> str:
     return str(facts.get("PatientID") or "").strip()
 
 
-def _kind(name: str, out: Path, facts: dict) -> str:
-    """The kind of the series dcm2niix wrote as ``name`` (:mod:`preprocess.series`)."""
-    images = [out / f"{name}{end}" for end in ("_Tilt_1.nii", ".nii")]
-    shape = next((_shape(path) for path in images if path.is_file()), ())
+def _kind(facts: dict, header, bval: Path) -> str:
+    """The kind of a series (:mod:`preprocess.series`) from its sidecar's ``facts``, its
+    image's ``header`` (4-D: volumes) and the b-values file dcm2niix wrote beside it."""
+    shape = tuple(header.get_data_shape()) if header is not None else ()
     volumes = shape[3] if len(shape) > 3 else 1
-    bvalues = _bvalues(out / f"{name}.bval")
-    return series.classify(series.series_facts(facts, volumes, bvalues))[0]
+    return series.classify(series.series_facts(facts, volumes, _bvalues(bval)))[0]
 
 
 def _unasked(kind: str, facts: dict, kinds: tuple[str, ...]) -> str:
@@ -426,12 +431,12 @@ def _add(result: Converted, place, out, name, lines, facts, naming, kind: str) -
     number = facts.get("SeriesNumber", "")
     description = str(facts.get("SeriesDescription") or facts.get("ProtocolName") or "")
     what = _series_name(folder, facts)
-    images = [out / f"{name}{end}" for end in ("_Tilt_1.nii", ".nii")]
-    image = next((path for path in images if path.is_file()), None)
+    image = _written_image(out, name)
     if image is None:
         result.rejected.append((what, "dcm2niix wrote no image for it"))
         return
-    shape = _shape(image)
+    header = _header(image)
+    shape = tuple(header.get_data_shape()) if header is not None else ()
     if shape and (shape[2] if len(shape) > 2 else 1) < 2:
         result.skipped.append(f"{what}: skipped: a 2-D image")
         return
@@ -472,12 +477,3 @@ def _note(line: str) -> str:
 
 def _first(lines: list[str], text: str) -> str:
     return next(line for line in lines if text in line).removeprefix("Warning: ").strip()
-
-
-def _shape(image: Path) -> tuple[int, ...]:
-    """The shape in a NIfTI file's header; () when it cannot be read (the scan's load then
-    says why)."""
-    try:
-        return tuple(nib.load(image).shape)
-    except Exception:
-        return ()
