@@ -119,7 +119,7 @@ def _native(volume, others, labels, settings: Settings):
 def _standard(volume, others, labels, settings: Settings):
     """``(positions, channels, masks, facts)`` cut from the template's grid: the scan
     registered, its other modalities and mask moved with it."""
-    template = load_template(settings.axis, settings.min_foreground)
+    template = load_template(settings.axis, settings.min_foreground, settings.template)
     registration = register(volume, template, settings.context)
     if registration.similarity < settings.min_similarity:
         raise ScanError(

@@ -15,6 +15,7 @@ from loader.options import SettingError, check_settings, option
 from loader.schema import SPACES
 from preprocess import dicom
 from preprocess.discover import LAYOUTS
+from preprocess.standard import TEMPLATE_NAME, TEMPLATES
 from preprocess.volume import MAX_VOXELS, NORMALIZATIONS
 
 FINDING = "finding scans and labels"
@@ -142,6 +143,14 @@ class Settings:
         choices=SPACES,
         group=SPACE,
     )
+    template: str = option(
+        TEMPLATE_NAME,
+        "with --space mni, the template whose grid the slices are cut from: MNI152NLin6Asym "
+        "(FSL's, with skull) or MNI152NLin2009aSym (nilearn's, brain only; the stores of "
+        "slicestore before 2026-12); every scan is registered to MNI152NLin6Asym's head",
+        choices=tuple(TEMPLATES),
+        group=SPACE,
+    )
     min_similarity: float = option(
         0.0,
         "with --space mni, leave out a scan whose correlation with the template after "
@@ -221,6 +230,10 @@ class Settings:
                 raise SettingError(
                     f"{{series}} is not a regular expression ({exc})", series=self.series
                 ) from exc
+        if self.template != TEMPLATE_NAME and self.space != "mni":
+            raise SettingError(
+                "{template} applies to {space} mni only", template=self.template, space=self.space
+            )
         if self.min_similarity and self.space != "mni":
             raise SettingError(
                 "{min_similarity} applies to {space} mni only",

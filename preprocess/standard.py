@@ -1,17 +1,21 @@
-"""Standard space: a scan bias-corrected (N4) and affinely registered to the MNI152 template.
+"""Standard space: a scan bias-corrected (N4) and affinely registered to an MNI152 head.
 
-The template is the MNI152 2009a symmetric T1 at 1 mm that ships inside nilearn's wheel
-(skull-stripped; found without importing nilearn). SimpleITK does the work, with one
+Every scan is registered to a template **with skull**, FSL's MNI152 6th generation
+(``MNI152NLin6Asym``, 2 mm, from the files inside nimare's wheel, found without importing
+nimare): a head with skull, face and neck does not fit a brain-only template, and a
+registration onto one misplaced real heads by 15-38 mm. SimpleITK does the work, with one
 thread and a fixed sampling seed, so a scan gives the same numbers in any process:
 
 1. the scan, averaged over blocks to ~2 mm, is the *working image*;
 2. N4 estimates a smooth bias field on it, shrunk again to ~8 mm, and the working image
    is divided by it;
-3. a similarity transform (7 parameters), then an affine one (12), are fitted by Mattes
-   mutual information sampled **inside the template's brain** (dilated by 4 mm), at 8 and
-   4 mm then 4 and 2 mm: the skull, neck and field of view of the scan do not pull;
-4. the scan (and the bias field) are resampled once onto the template's 1 mm grid, only
-   the planes of the slab.
+3. the neck is cut off: only the top ``HEAD_MM`` of the head is registered (as FSL's
+   ``robustfov``), so a long neck or shoulders do not pull the start down;
+4. a similarity transform (7 parameters) from the centres of mass, then an affine one (12),
+   are fitted by Mattes mutual information sampled inside the template's head (dilated by
+   4 mm), at 8 and 4 mm then 4 and 2 mm;
+5. the scan (and the bias field) are resampled once onto the 1 mm grid of the store's
+   template (:data:`TEMPLATES`), only the planes of the slab.
 
 Nothing here writes; a scan that cannot be registered is a :class:`ScanError`.
 """
@@ -32,14 +36,68 @@ from preprocess.errors import InputError, ScanError
 from preprocess.slices import AXES, label_slices
 from preprocess.volume import foreground
 
-TEMPLATE_NAME = "MNI152NLin2009aSym"
-TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"  # in nilearn/datasets/data
-INSTALL = "pip install 'slicestore[mni]' (SimpleITK and nilearn's template)"
+INSTALL = (
+    "pip install 'slicestore[mni]' (SimpleITK, and the MNI152 templates of nimare and nilearn)"
+)
+
+
+@dataclass(frozen=True)
+class TemplateFiles:
+    """Where a template's files are: a folder inside an installed package's wheel."""
+
+    package: str
+    folder: str
+    image: str  # the 1 mm T1 whose grid the slices are cut from
+    brain: str | None  # its brain mask; None: the image is skull-stripped (brain = above 0)
+    licence: str
+
+    def path(self, name: str) -> Path:
+        """A file of the template, inside its package.
+
+        Raises:
+            InputError: the package (or SimpleITK) is not installed, or lacks the file.
+        """
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise InputError(f"--space mni needs {self.package}'s MNI152 template: {INSTALL}")
+        if importlib.util.find_spec("SimpleITK") is None:
+            raise InputError(f"--space mni needs SimpleITK: {INSTALL}")
+        path = Path(spec.submodule_search_locations[0], self.folder, name)
+        if not path.is_file():
+            raise InputError(f"{path}: {self.package}'s wheel lacks the template; {INSTALL}")
+        return path
+
+
+NIMARE = dict(package="nimare", folder="resources/templates", licence="FSL's MNI152 licence")
+# The templates a store's slices can be cut from, by the name the store keeps.
+TEMPLATES = {
+    # FSL's MNI152 6th generation (FSL, fMRIPrep), with skull: the default since 2026-12
+    "MNI152NLin6Asym": TemplateFiles(
+        image="tpl-MNI152NLin6Asym_res-01_T1w.nii.gz",
+        brain="tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz",
+        **NIMARE,
+    ),
+    # the 2009a symmetric template inside nilearn's wheel, brain only: stores written before
+    # (their runs still predict); its world agrees with MNI152NLin6Asym's to 1.3 mm (mean over
+    # the brain; 2.2 mm worst), so a scan registered to the head below is resampled onto it
+    # as it is
+    "MNI152NLin2009aSym": TemplateFiles(
+        "nilearn",
+        "datasets/data",
+        "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        None,
+        "the ICBM 2009a licence (copy with notice)",
+    ),
+}
+TEMPLATE_NAME = "MNI152NLin6Asym"  # of new stores
+OLD_TEMPLATE = "MNI152NLin2009aSym"  # of standard-space stores whose config names none
+HEAD = TEMPLATES["MNI152NLin6Asym"], "tpl-MNI152NLin6Asym_res-02_T1w.nii.gz"  # registered to
 
 WORKING_MM = 2.0  # the working image's voxels
 N4_SHRINK = 4  # N4 runs on the working image shrunk this much (~8 mm)
 N4_ITERATIONS = (50, 50)
-BRAIN_MARGIN_MM = 4  # the metric's mask: the template's brain dilated this much
+HEAD_MM = 170  # the top of a head that is registered (robustfov's 170 mm): no neck
+HEAD_MARGIN_MM = 4  # the metric's mask: the template's head dilated this much
 SAMPLING_SEED = 1  # the metric's random sampling (SimpleITK's 0 would mean the clock)
 SIMILARITY_STAGE = dict(shrink=(4, 2), sigma=(2.0, 1.0), sampling=(0.5, 0.25), iterations=100)
 AFFINE_STAGE = dict(shrink=(2, 1), sigma=(1.0, 0.0), sampling=(0.5, 0.1), iterations=200)
@@ -63,6 +121,7 @@ class Template:
     brain: np.ndarray
     positions: np.ndarray
     axis: str
+    name: str = TEMPLATE_NAME
 
     @property
     def voxel_size(self) -> np.ndarray:
@@ -90,9 +149,11 @@ class Template:
 
     def facts(self) -> dict:
         """What the store keeps about the template (its ``template`` attribute)."""
+        files = TEMPLATES[self.name]
         return {
-            "name": TEMPLATE_NAME,
-            "file": f"nilearn/datasets/data/{TEMPLATE_FILE}",
+            "name": self.name,
+            "file": f"{files.package}/{files.folder}/{files.image}",
+            "registered_to": f"{HEAD[0].package}/{HEAD[0].folder}/{HEAD[1]}",
             "shape": [int(n) for n in self.image.shape],
             "affine": self.affine.tolist(),
             "axis": self.axis,
@@ -100,33 +161,30 @@ class Template:
         }
 
 
-def template_path() -> Path:
-    """The template file inside nilearn's installed wheel.
+def template_path(name: str = TEMPLATE_NAME) -> Path:
+    """The 1 mm image of a template, inside its package's installed wheel.
 
     Raises:
-        InputError: nilearn (or SimpleITK) is not installed.
+        InputError: the package or SimpleITK is not installed.
     """
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"--space mni needs nilearn's MNI152 template: {INSTALL}")
-    if importlib.util.find_spec("SimpleITK") is None:
-        raise InputError(f"--space mni needs SimpleITK: {INSTALL}")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / TEMPLATE_FILE
-    if not path.is_file():
-        raise InputError(f"{path}: nilearn's wheel lacks the MNI152 template; {INSTALL}")
-    return path
+    return TEMPLATES[name].path(TEMPLATES[name].image)
 
 
 @functools.lru_cache(maxsize=4)
-def load_template(axis: str, min_foreground: float) -> Template:
-    """The template, its brain (the voxels above 0, holes filled) and the planes kept.
+def load_template(axis: str, min_foreground: float, name: str = TEMPLATE_NAME) -> Template:
+    """A template, its brain (its mask, else the voxels above 0, holes filled) and the
+    planes kept.
 
     Raises:
         InputError: the template or SimpleITK is missing, or no plane has enough brain.
     """
-    image = nib.load(template_path())
+    files = TEMPLATES[name]
+    image = nib.load(files.path(files.image))
     data = np.asarray(image.dataobj, dtype=np.float32)
-    brain = ndimage.binary_fill_holes(data > 0)
+    if files.brain is None:
+        brain = ndimage.binary_fill_holes(data > 0)
+    else:
+        brain = np.asarray(nib.load(files.path(files.brain)).dataobj) > 0
     along = AXES[axis]
     in_plane = tuple(a for a in range(3) if a != along)
     share = brain.sum(axis=in_plane) / (brain.shape[in_plane[0]] * brain.shape[in_plane[1]])
@@ -136,7 +194,7 @@ def load_template(axis: str, min_foreground: float) -> Template:
             f"--min-foreground {min_foreground}: no {axis} plane of the template has that much "
             f"brain (the most is {share.max():.1%})"
         )
-    return Template(data, image.affine, brain, positions, axis)
+    return Template(data, image.affine, brain, positions, axis, name)
 
 
 @dataclass
@@ -158,7 +216,8 @@ class Registration:
 
 
 def register(volume, template: Template, context: int = 0) -> Registration:
-    """Bias-correct a canonical volume and register it affinely to the template.
+    """Bias-correct a canonical volume, register it affinely to the MNI152 head (:data:`HEAD`)
+    and resample it onto the template's grid.
 
     Args:
         volume: a :class:`preprocess.volume.Volume`.
@@ -178,7 +237,7 @@ def register(volume, template: Template, context: int = 0) -> Registration:
     work, work_affine = working_image(volume)
     moving, log_bias = _corrected(sitk, work, work_affine)
     try:
-        to_scan = _fit(sitk, moving, template)
+        to_scan = _fit(sitk, moving, work_affine)
     except RuntimeError as exc:  # ITK's exceptions, e.g. no samples inside both images
         lines = str(exc).strip().splitlines()
         raise ScanError(f"registration failed ({lines[-1] if lines else 'ITK error'})") from exc
@@ -375,32 +434,55 @@ def _corrected(sitk, work: np.ndarray, work_affine: np.ndarray):
     return sitk.Cast(moving / sitk.Exp(log_bias), sitk.sitkFloat32), log_bias
 
 
-@functools.lru_cache(maxsize=4)
-def _fixed(template: Template):
-    """The template and its brain (dilated by ``BRAIN_MARGIN_MM``) as SimpleITK images on
-    a ~2 mm grid."""
+@functools.lru_cache(maxsize=1)
+def _head():
+    """The head every scan is registered to, and where the metric samples it (the head,
+    dilated by ``HEAD_MARGIN_MM``), as SimpleITK images on its 2 mm grid."""
     sitk = _simpleitk()
-    factors = np.maximum(1, np.round(WORKING_MM / template.voxel_size)).astype(int)
-    image = _block_mean(template.image, factors)
-    brain = _block_mean(template.brain, factors) > 0.5
-    margin = max(1, round(BRAIN_MARGIN_MM / WORKING_MM))
-    brain = ndimage.binary_dilation(brain, iterations=margin)
-    affine = _block_affine(template.affine, factors)
-    return _image(sitk, image, affine), _image(sitk, brain.astype(np.uint8), affine)
+    files, name = HEAD
+    image = nib.load(files.path(name))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    spacing = float(np.sqrt((image.affine[:3, :3] ** 2).sum(axis=0)).min())
+    head = ndimage.binary_fill_holes(foreground(data))
+    head = ndimage.binary_dilation(head, iterations=max(1, round(HEAD_MARGIN_MM / spacing)))
+    return _image(sitk, data, image.affine), _image(sitk, head.astype(np.uint8), image.affine)
 
 
-def _fit(sitk, moving, template: Template) -> np.ndarray:
-    """Template world -> scan world, 4 x 4: similarity, then affine, from the centres of mass."""
-    fixed, brain = _fixed(template)
+def top_of_head(work: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The working image's planes in the top ``HEAD_MM`` of its foreground along the
+    superior axis (a view), and their affine: the neck and shoulders cut off.
+
+    >>> head = np.zeros((4, 4, 100), np.float32); head[1:3, 1:3, :90] = 1
+    >>> top, affine = top_of_head(head, np.diag([2.0, 2.0, 2.0, 1.0]))
+    >>> top.shape, float(affine[2, 3])  # planes 5 to 99: the 85 planes of 2 mm up to the top
+    ((4, 4, 95), 10.0)
+    """
+    planes = np.flatnonzero(foreground(work).any(axis=(0, 1)))
+    if planes.size == 0:
+        return work, affine
+    keep = int(round(HEAD_MM / float(np.linalg.norm(affine[:3, 2]))))
+    first = max(0, int(planes[-1]) + 1 - keep)
+    result = affine.copy()
+    result[:3, 3] += affine[:3, 2] * first
+    return work[:, :, first:], result
+
+
+def _fit(sitk, moving, work_affine) -> np.ndarray:
+    """Template world -> scan world, 4 x 4: the top of the head registered to the template's
+    head, similarity then affine, from the centres of mass."""
+    fixed, head = _head()
+    work = sitk.GetArrayFromImage(moving).transpose(2, 1, 0)
+    top, top_affine = top_of_head(work, work_affine)
+    moving = _image(sitk, top, top_affine)
     similarity = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
-    _stage(sitk, fixed, brain, moving, similarity, **SIMILARITY_STAGE)
+    _stage(sitk, fixed, head, moving, similarity, **SIMILARITY_STAGE)
     affine = sitk.AffineTransform(3)
     affine.SetCenter(similarity.GetCenter())
     affine.SetMatrix(similarity.GetMatrix())
     affine.SetTranslation(similarity.GetTranslation())
-    _stage(sitk, fixed, brain, moving, affine, **AFFINE_STAGE)
+    _stage(sitk, fixed, head, moving, affine, **AFFINE_STAGE)
     matrix = np.array(affine.GetMatrix()).reshape(3, 3)
     centre = np.array(affine.GetCenter())
     result = np.eye(4)
@@ -411,12 +493,12 @@ def _fit(sitk, moving, template: Template) -> np.ndarray:
     return result
 
 
-def _stage(sitk, fixed, brain, moving, transform, shrink, sigma, sampling, iterations) -> None:
+def _stage(sitk, fixed, head, moving, transform, shrink, sigma, sampling, iterations) -> None:
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(32)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentagePerLevel(list(sampling), SAMPLING_SEED)
-    method.SetMetricFixedMask(brain)
+    method.SetMetricFixedMask(head)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, iterations, relaxationFactor=0.5)
     method.SetOptimizerScalesFromPhysicalShift()

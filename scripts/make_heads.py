@@ -1,7 +1,8 @@
 """Heads with a known place in MNI space: the test and benchmark data of ``--space mni``.
 
-One head image (nilearn's MNI152 2009a T1, skull-stripped, given a CSF rim, a skull, a scalp
-and a neck so that it looks like a scan straight from a scanner) is moved by a known affine
+One head image (FSL's MNI152 6th generation T1 with skull and face, the template
+``--space mni`` registers to, given a longer neck so that it looks like a scan straight from
+a scanner) is moved by a known affine
 map (rotations up to 15 degrees, scaling up to 10 %, shifts up to 20 mm, a little shear) and
 sampled on a scanner grid of any voxel order and size, with a smooth multiplicative bias
 field and noise, stored as int16 NIfTI. The true map is written beside each head
@@ -24,27 +25,18 @@ from scipy import ndimage
 
 from preprocess.standard import load_template
 
-PAD = ((20, 20), (20, 20), (60, 20))  # template voxels around the brain: skull, scalp, neck
+PAD = ((10, 10), (10, 10), (60, 10))  # template voxels around the head: a neck below
 
 
 @functools.lru_cache(maxsize=1)
 def template_head() -> tuple[np.ndarray, np.ndarray]:
-    """``(head, affine)``: the template's brain with a CSF rim (3 mm), skull (6 mm), scalp
-    (5 mm) and a neck below, on the template's grid padded by :data:`PAD`."""
+    """``(head, affine)``: the template's head (0 to 255) with a neck below, on the
+    template's grid padded by :data:`PAD`."""
     template = load_template("axial", 0.05)
-    brain_image = np.pad(template.image, PAD)
-    brain = np.pad(template.brain, PAD)
-    outside = ndimage.distance_transform_edt(~brain)
-    head = brain_image.copy()
-    head[(outside > 0) & (outside <= 3)] = 40  # CSF: dark in T1
-    head[(outside > 3) & (outside <= 9)] = 15  # bone: darker
-    head[(outside > 9) & (outside <= 14)] = 200  # scalp fat: bright
-    x, y, z = np.indices(brain.shape, sparse=True)
-    bottom = np.flatnonzero(brain.any(axis=(0, 1)))[0]
-    neck = (
-        (x - brain.shape[0] / 2) ** 2 / 35**2 + (y - brain.shape[1] * 0.45) ** 2 / 40**2 < 1
-    ) & (z < bottom + 30)
-    head[neck & (outside > 14)] = 110
+    head = np.pad(template.image * np.float32(255 / template.image.max()), PAD)
+    x, y, z = np.indices(head.shape, sparse=True)
+    neck = (x - head.shape[0] / 2) ** 2 / 35**2 + (y - head.shape[1] * 0.45) ** 2 / 40**2 < 1
+    head[neck & (z < PAD[2][0])] = 110
     affine = template.affine.copy()
     affine[:3, 3] -= affine[:3, :3] @ np.array([before for before, _ in PAD])
     return head, affine

@@ -36,7 +36,7 @@ from preprocess.find import find_scans
 from preprocess.settings import RunOptions
 from preprocess.settings import Settings as PreprocessSettings
 from preprocess.slices import AXES, unslice
-from preprocess.standard import from_template, load_template
+from preprocess.standard import OLD_TEMPLATE, from_template, load_template
 from preprocess.workers import processed
 from training import run_folder
 from training.errors import TrainingError
@@ -256,6 +256,10 @@ def preprocess_settings(store_config: dict, labels=None) -> PreprocessSettings:
     names = {f.name for f in dataclasses.fields(PreprocessSettings)}
     values = {k: v for k, v in store_config.items() if k in names and k not in NOT_FROM_STORE}
     values["suffix"] = tuple(values.get("suffix", ("T1w",)))
+    if values.get("template") is None:  # native space, or a standard-space store from before
+        values.pop("template", None)
+        if values.get("space") == "mni":
+            values["template"] = OLD_TEMPLATE
     values["labels"] = None if labels is None else os.fspath(labels)
     try:
         return PreprocessSettings(**values)
@@ -455,7 +459,7 @@ def on_scan_grid(answer: np.ndarray, record: dict, settings: PreprocessSettings)
         return unslice(
             answer, positions, shape, np.asarray(record["voxel_size"]), settings.axis, outside
         )
-    template = load_template(settings.axis, settings.min_foreground)
+    template = load_template(settings.axis, settings.min_foreground, settings.template)
     planes = template.planes()
     slab = list(template.image.shape)
     slab[AXES[settings.axis]] = planes[1] - planes[0]
