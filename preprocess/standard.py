@@ -460,7 +460,7 @@ def top_of_head(work: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.nd
     planes = np.flatnonzero(foreground(work).any(axis=(0, 1)))
     if planes.size == 0:
         return work, affine
-    keep = int(round(HEAD_MM / float(np.linalg.norm(affine[:3, 2]))))
+    keep = round(HEAD_MM / float(np.linalg.norm(affine[:3, 2])))
     first = max(0, int(planes[-1]) + 1 - keep)
     result = affine.copy()
     result[:3, 3] += affine[:3, 2] * first
