@@ -194,13 +194,13 @@ def mni_stages(paths, settings: Settings) -> dict[str, float]:
 
     template = standard.load_template(settings.axis, settings.min_foreground)
     sitk = standard._simpleitk()
-    standard._fixed(template)  # made once per worker
+    standard._head()  # made once per worker
     spent = dict.fromkeys(
         (
             "load + reorient + checks",
             "working image (~2 mm blocks)",
             "N4 bias field (~8 mm)",
-            "registration: similarity, then affine",
+            "registration: neck cut, similarity, then affine",
             "resampling onto the template (+ bias)",
             "normalisation + slices",
             "uint8 + sha256",
@@ -215,7 +215,7 @@ def mni_stages(paths, settings: Settings) -> dict[str, float]:
         times.append(time.perf_counter())
         moving, log_bias = standard._corrected(sitk, work, work_affine)
         times.append(time.perf_counter())
-        to_scan = standard._fit(sitk, moving, template)
+        to_scan = standard._fit(sitk, moving, work_affine)
         times.append(time.perf_counter())
         planes = template.planes()
         data = standard._on_template(volume, log_bias, work_affine, to_scan, template, planes)

@@ -162,7 +162,7 @@ def ants_schedule(volume, template) -> tuple[np.ndarray, float, float]:
 
     from preprocess import standard
 
-    fixed, brain = standard._fixed(template)  # the same ~2 mm template and brain, as arrays
+    fixed, head = standard._head()  # the same 2 mm head and metric mask, as arrays
     import SimpleITK as sitk
 
     def array_and_affine(image):
@@ -174,7 +174,7 @@ def ants_schedule(volume, template) -> tuple[np.ndarray, float, float]:
         return data, affine
 
     fixed_image = _ants_image(*array_and_affine(fixed))
-    fixed_mask = _ants_image(*array_and_affine(brain))
+    fixed_mask = _ants_image(*array_and_affine(head))
     work, work_affine = standard.working_image(volume)
     moving = _ants_image(work, work_affine)
     started = time.perf_counter()
@@ -186,6 +186,7 @@ def ants_schedule(volume, template) -> tuple[np.ndarray, float, float]:
         convergence={"iters": list(standard.N4_ITERATIONS), "tol": 1e-3},
     )
     n4 = time.perf_counter() - started
+    corrected = _ants_image(*standard.top_of_head(corrected.numpy(), work_affine))  # no neck
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         stages = []
@@ -223,13 +224,13 @@ def simpleitk_schedule(volume, template) -> tuple[np.ndarray, float, float]:
     from preprocess import standard
 
     sitk = standard._simpleitk()
-    standard._fixed(template)
+    standard._head()
     work, work_affine = standard.working_image(volume)
     started = time.perf_counter()
     moving, _ = standard._corrected(sitk, work, work_affine)
     n4 = time.perf_counter() - started
     started = time.perf_counter()
-    to_scan = standard._fit(sitk, moving, template)
+    to_scan = standard._fit(sitk, moving, work_affine)
     return to_scan, n4, time.perf_counter() - started
 
 
