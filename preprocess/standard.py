@@ -99,8 +99,9 @@ N4_ITERATIONS = (50, 50)
 HEAD_MM = 170  # the top of a head that is registered (robustfov's 170 mm): no neck
 HEAD_MARGIN_MM = 4  # the metric's mask: the template's head dilated this much
 SAMPLING_SEED = 1  # the metric's random sampling (SimpleITK's 0 would mean the clock)
-SIMILARITY_STAGE = dict(shrink=(4, 2), sigma=(2.0, 1.0), sampling=(0.5, 0.25), iterations=100)
-AFFINE_STAGE = dict(shrink=(2, 1), sigma=(1.0, 0.0), sampling=(0.5, 0.1), iterations=200)
+SIMILARITY_STAGE = dict(shrink=(4, 2), sigma=(2.0, 1.0), sampling=(0.5, 0.25), iterations=60)
+AFFINE_STAGE = dict(shrink=(2, 1), sigma=(1.0, 0.0), sampling=(0.2, 0.05), iterations=200)
+MIN_STEP_MM = 0.01  # a stage's level ends when the optimiser's step is this small
 MIN_EXTENT_MM = 40  # a scan thinner than this along any axis is not a head to register
 
 
@@ -291,7 +292,7 @@ def onto_template(
     start[along, 3] = planes[0]  # resampled voxel -> template voxel
     matrix = np.linalg.inv(affine) @ to_scan @ template.affine @ start
     return ndimage.affine_transform(
-        voxels,
+        np.ascontiguousarray(voxels),  # a NIfTI's Fortran order: 3.5x slower to resample
         matrix,
         output_shape=tuple(shape),
         order=order,
@@ -500,7 +501,9 @@ def _stage(sitk, fixed, head, moving, transform, shrink, sigma, sampling, iterat
     method.SetMetricSamplingPercentagePerLevel(list(sampling), SAMPLING_SEED)
     method.SetMetricFixedMask(head)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, iterations, relaxationFactor=0.5)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        1.0, MIN_STEP_MM, iterations, relaxationFactor=0.5
+    )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel(list(shrink))
     method.SetSmoothingSigmasPerLevel(list(sigma))

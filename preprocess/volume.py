@@ -412,7 +412,7 @@ def on_grid(
     if reference.shape == source.shape and np.allclose(to_source, np.eye(4), atol=1e-4):
         return data  # the same grid
     out = ndimage.affine_transform(
-        data,
+        np.ascontiguousarray(data),  # a NIfTI's Fortran order: 3.5x slower to resample
         to_source,
         output_shape=reference.shape,
         order=order,

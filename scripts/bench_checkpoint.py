@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
 import numpy as np
+from machine import machine_line
 from make_phantoms import write_bids
 
 from preprocess.cli import main as preprocess_main
@@ -84,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             runs.append((every, result.epochs_run, time.perf_counter() - started))
         writes = _time_writes(folder)
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.subjects} phantom "
-        f"subjects, batches of {args.batch_size}"
-    )
+    print(f"{machine_line()}\n{args.subjects} phantom subjects, batches of {args.batch_size}")
     print("| --checkpoint-every | epochs | seconds | vs epoch ends only |")
     print("|---|---|---|---|")
     for every, epochs, seconds in runs:

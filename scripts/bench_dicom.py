@@ -27,6 +27,7 @@ from make_phantoms import GROUPS, head_phantom, save
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from dicom_series import patient, write_series  # noqa: E402
+from machine import machine_line  # noqa: E402
 
 
 def main() -> None:
@@ -45,6 +46,7 @@ def main() -> None:
             values = np.clip(data, 0, 32767).astype(np.int16)
             save(folder / "nifti" / f"scan{index}.nii.gz", values, affine, "int16")
             write_series(folder / "dicom" / f"scan{index}", values, affine, patient(index))
+        print(machine_line())
         print(f"# {platform.node()}, python -m preprocess on {args.scans} T1-sized scans "
               "(176 x 256 x 256), start-up included")  # fmt: skip
         print("| workers | NIfTI (s) | DICOM (s) | DICOM / NIfTI |")

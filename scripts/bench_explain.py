@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench_preprocess import command_seconds
+from machine import machine_line
 from make_phantoms import write_bids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,7 @@ def main() -> None:
         labels = ["--label-column", "group"]
         command_seconds([*python, "preprocess", str(folder / "bids"), "-o", str(store), *labels])
         command_seconds([*python, "training", str(store), "-o", str(run), "--epochs", "1"])
+        print(machine_line())
         print(f"# {platform.node()}, {platform.processor() or platform.machine()}, "
               f"python -m training explain on {args.subjects} phantom subjects' run")  # fmt: skip
         print("| patch | predictions a slice | subjects | slices | seconds | predictions/s |")

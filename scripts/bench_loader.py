@@ -35,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import h5py
 import keras
 import numpy as np
+from machine import machine_line
 from make_large_store import write_large_store
 
 from loader import H5Sequence, open_store
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
 def _print_tables(num_slices: int, repeats: int, rows, dtype_rows, fit_rows) -> None:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, "
+        f"{machine_line()}\n{memory:.0f} GiB, "
         f"Python {platform.python_version()}, keras {keras.__version__} "
         f"({keras.backend.backend()}); {num_slices:,} slices 64x64, batches of {BATCH}, "
         f"best of {repeats}"

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_line
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 
@@ -233,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             cgroup.remove()
 
     limit_text = f"{args.limit_gb:g} GiB (page cache included)" if cgroup else "none"
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores; cgroup memory limit: {limit_text}"
-    )
+    print(f"{machine_line()}\ncgroup memory limit: {limit_text}")
     print()
     print(
         "| run | slices | outcome | slices/s | peak RSS MiB | peak anonymous MiB "

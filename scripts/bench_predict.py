@@ -13,8 +13,6 @@ The segmentation writes every scan's labels back on its own 1 mm grid.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_preprocess import command_seconds
+from machine import machine_line
 from make_phantoms import GROUPS, head_phantom, save, write_bids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             written = sorted(out.glob("*_pred.nii.gz"))
             rows.append((task, preprocessing, predicting, len(written)))
             shutil.rmtree(out, ignore_errors=True)
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
+    print(machine_line())
     print(
         f"{args.scans} sessions of 176 x 256 x 256 int16 (gzipped), --workers {args.workers}, "
         "warm cache, each command a new process\n"

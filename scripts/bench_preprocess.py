@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +32,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from machine import machine_line
 from make_phantoms import GROUPS, head_phantom, save, write_bids
 
 from preprocess import RunOptions, Settings, run
@@ -294,10 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         costs = fixed_costs(bids, store, settings)
         spent = mni_stages(paths, settings) if mni else stages(paths, settings)
 
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, nibabel {nib.__version__}"
-    )
+    print(machine_line("nibabel"))
     print(
         f"{len(paths)} scans, {megabytes:.0f} MB gzipped NIfTI, "
         f"{voxels / len(paths) / 1e6:.1f} M voxels a scan on average; "

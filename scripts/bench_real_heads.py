@@ -15,6 +15,7 @@ ANTsPy is a dependency of this script only (``pip install antspyx``).
 
     python scripts/bench_real_heads.py [--real ../shared/real] [--copies]
     python scripts/bench_real_heads.py --write-reference tests/data/real_heads_ants.json
+    python scripts/bench_real_heads.py --copies --reference tests/data/real_heads_ants.json
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", type=Path, default=REAL, help=f"default: {REAL}")
     parser.add_argument("--copies", action="store_true", help="also the moved copies")
     parser.add_argument(
+        "--reference", type=Path, metavar="FILE.json", help="ANTs' maps saved before: no ANTs run"
+    )
+    parser.add_argument(
         "--write-reference", type=Path, metavar="FILE.json", help="save ANTs' maps (the tests')"
     )
     args = parser.parse_args(argv)
@@ -166,9 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         "similarity | flagged |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    saved = json.loads(args.reference.read_text()) if args.reference else {}
     references, rows = {}, []
     for name, path in real_scans(args.real).items():
-        reference, ants_seconds = ants_reference(path)
+        if name in saved:
+            reference, ants_seconds = np.array(saved[name]), float("nan")
+        else:
+            reference, ants_seconds = ants_reference(path)
         references[name] = reference.tolist()
         volume = load_volume(path)
         copies = {"as is": (volume, reference)}
@@ -184,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             mean, worst = distance_mm(registration.to_template, truth, points)
             flagged = registration.similarity < CHECK_FLOOR
             rows.append((mean, worst, registration.similarity, flagged, seconds))
-            ants = f"{ants_seconds:.1f}" if copy == "as is" else ""
+            ants = f"{ants_seconds:.1f}" if copy == "as is" and ants_seconds == ants_seconds else ""
             print(
                 f"| {name} | {copy} | {seconds:.1f} | {ants} | {mean:.1f} / {worst:.1f} | "
                 f"{registration.similarity:.2f} | {'yes' if flagged else 'no'} |",

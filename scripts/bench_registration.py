@@ -31,13 +31,13 @@ os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")  # read once,
 os.environ.setdefault("ANTS_RANDOM_SEED", "1")
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_line
 from scipy import ndimage
 
 SHRINK, SIGMAS, ITERATIONS, N4_SHRINK = (4, 2), (2.0, 1.0), (200, 100), 4  # --schedule
@@ -264,7 +264,7 @@ def slicestore_schedule(heads: int) -> int:
                         "max mm": errors.max(),
                     }
                 )
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, one thread each")
+    print(f"{machine_line('SimpleITK', 'antspyx')}; one thread each")
     print(
         f"{heads} make_heads heads (176 x 256 x 256, 1 mm, skull and neck), slicestore's "
         "schedule in both libraries; medians over the heads\n"
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             result = register(fixed, moving, points)
             errors = np.linalg.norm(result.pop("mapped") - truth, axis=1)
             rows[name].append(result | {"mean mm": errors.mean(), "max mm": errors.max()})
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, one thread each")
+    print(f"{machine_line('SimpleITK', 'antspyx')}; one thread each")
     print(
         f"{args.heads} moving heads of {fixed.shape} voxels at 1 mm; medians over the heads; "
         f"affine: shrink {SHRINK}, sigmas {SIGMAS}, iterations {ITERATIONS}; "

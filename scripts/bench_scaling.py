@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from machine import machine_line
 from make_phantoms import write_bids
 
 from loader import open_store
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = len(opened.splits["train"])
         seconds = {n: _train(store, root / f"run{n}", args.epochs, n) for n in (1, 2)}
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores; {rows} training slices, "
+        f"{machine_line()}\n{rows} training slices, "
         f"{args.epochs} epochs, batches of 64 (32 per process with two)"
     )
     print("| run | processes | seconds (fit and scoring) | training slices/s | vs one |")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_loader import BATCH, export_npy, memmap_reader, sequence_reader, warm
+from machine import machine_line
 from make_large_store import write_large_store
 
 from loader import H5Sequence, schema
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gb", type=float, nargs="+", default=[1.0], help="GiB of slices")
     parser.add_argument("--repeats", type=int, default=5, help="passes; the median counts")
     args = parser.parse_args(argv)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; warm; batches of {BATCH}")
+    print(f"{machine_line()}\nwarm; batches of {BATCH}")
     print(f"median of {args.repeats} passes (lowest-highest)\n")
     print("| GiB | reader | slices/s | vs memmap |")
     print("|---|---|---|---|")
