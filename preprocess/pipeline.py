@@ -29,7 +29,7 @@ from preprocess.errors import PreprocessError
 from preprocess.find import find_scans, split_assignment
 from preprocess.settings import RunOptions, Settings
 from preprocess.shards import parse_shard, subjects_of_shard
-from preprocess.standard import load_template
+from preprocess.standard import CHECK_FLOOR, load_template
 from preprocess.workers import processed
 from preprocess.writer import Partial, partial_path
 
@@ -179,14 +179,6 @@ def store_config(settings: Settings, inputs: list[str], shard) -> dict:
     config["shard"] = shard and f"{shard[0]}/{shard[1]}"
     config["template"] = settings.template if settings.space == "mni" else None
     return config
-
-
-# A registration is listed for checking when its similarity (the correlation with the
-# template inside its brain) is below this. Measured on real heads (scripts/README.md,
-# "Standard space on real heads"): correct registrations 0.53-0.66, the same scans 6 mm off
-# 0.41-0.57, 9 mm off 0.32-0.45, failed ones 0.10-0.29. It is not relative to the run's other
-# scans: correct ones differ by as much as a failure's margin would.
-CHECK_FLOOR = 0.45
 
 
 def poor_registrations(records) -> list[tuple[str, float]]:

@@ -9,7 +9,8 @@ registrations put the template's brain (mean and worst over its voxels, mm), sli
 seconds and similarity, and whether the run would list it under ``check registration``.
 
 A moved copy is the scan under a known affine map written into its header (rotation, shift,
-scale), or its bottom planes cut off, or the scan reduced to its brain (outside ANTs' brain
+scale; a head turned 90 or 180 degrees, as a patient on a side or prone whose header does
+not say so), or its bottom planes cut off, or the scan reduced to its brain (outside ANTs' brain
 mask set to 0), or averaged into 5 mm slices: its reference is the scan's, moved the same way.
 ANTsPy is a dependency of this script only (``pip install antspyx``).
 
@@ -37,7 +38,7 @@ from machine import machine_line
 from scipy import ndimage
 
 from preprocess import dicom, standard
-from preprocess.pipeline import CHECK_FLOOR
+from preprocess.standard import CHECK_FLOOR
 from preprocess.volume import Volume, load_volume
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real"
@@ -100,6 +101,9 @@ MOVES = {
     "scaled -7 %, rotated 10": (motion((10, 5, 0), scale=0.93), 0),
     "bottom 20 mm cut off": (motion(), 20),
     "rotated 15, bottom 10 mm cut off": (motion((-15, 0, 8), (0, 10, -10)), 10),
+    "turned 90 about z (on its side)": (motion((0, 0, 90)), 0),
+    "turned 180 about z (prone)": (motion((0, 0, 180), (0, 15, 0)), 0),
+    "bent 60 about x": (motion((60, 0, 0)), 0),
 }
 
 

@@ -18,7 +18,7 @@ from bench_real_heads import MOVES, brain_points, distance_mm, moved
 from loader import open_store, schema
 from preprocess import standard
 from preprocess.cli import main
-from preprocess.pipeline import CHECK_FLOOR
+from preprocess.standard import CHECK_FLOOR
 from preprocess.volume import load_volume
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
@@ -92,3 +92,18 @@ def test_a_real_head_registered_10_mm_off_is_flagged(real, template):
         data = standard._on_template(volume, log_bias, work_affine, to_scan, template, planes)
         similarities[shift] = standard._correlation(data, template, planes)
     assert similarities[0.0] > CHECK_FLOOR > similarities[10.0], similarities
+
+
+def test_a_real_head_on_its_side_is_found_by_a_turned_start(real, template):
+    """A header that does not say the head lies on its side: the start from the centres of
+    mass ends far off, a start turned 90 degrees lands."""
+    name = "sub-fslhead_T1w"
+    volume = load_volume(real / "heads" / f"{name}.nii.gz")
+    change, cut = MOVES["turned 90 about z (on its side)"]
+    registration = standard.register(moved(volume, change, cut), template)
+    mean, worst = distance_mm(
+        registration.to_template, change @ REFERENCE[name], brain_points(template)
+    )
+    assert mean < 2.0
+    assert worst < 4.0
+    assert registration.similarity > CHECK_FLOOR
