@@ -23,7 +23,7 @@ from preprocess.settings import Settings as PreprocessSettings
 from preprocess.slices import label_slices, unslice
 from training import predict, train
 from training.cli import main as training_main
-from training.inference import on_scan_grid
+from training.inference import on_scan_grid, preprocess_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,3 +174,13 @@ def test_a_dicom_series_is_predicted_as_the_nifti_it_came_from(classification_ru
     nifti, from_dicom = rows["scan.nii.gz"], rows["scan: series 3 'scan'"]
     assert from_dicom["subject"] == keyed_hash(patient(6)["PatientID"], "secret", 12)
     assert float(from_dicom["probability"]) == pytest.approx(float(nifti["probability"]), abs=1e-4)
+
+
+def test_a_standard_space_store_from_before_the_head_template_predicts_on_its_own_grid():
+    """Stores written before 2026-12 name no template in their config: their runs cut new
+    scans from the 2009a grid they were trained on; native-space stores need none."""
+    old = {"space": "mni", "axis": "axial", "size": 64, "suffix": ["T1w"]}
+    assert preprocess_settings(old).template == "MNI152NLin2009aSym"
+    assert preprocess_settings({**old, "template": "MNI152NLin6Asym"}).template == "MNI152NLin6Asym"
+    native = preprocess_settings({"space": "native", "template": None, "size": 64})
+    assert native.template == PreprocessSettings().template
