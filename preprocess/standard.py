@@ -16,6 +16,9 @@ thread and a fixed sampling seed, so a scan gives the same numbers in any proces
    4 mm), at 8 and 4 mm then 4 and 2 mm;
 5. the scan (and the bias field) are resampled once onto the 1 mm grid of the store's
    template (:data:`TEMPLATES`), only the planes of the slab.
+6. where the similarity ends below :data:`CHECK_FLOOR`, steps 4-5 start again from the scan
+   turned by each of :data:`TURNS` (a head on a side, prone or bent whose header does not
+   say so), and the most similar result is kept.
 
 Nothing here writes; a scan that cannot be registered is a :class:`ScanError`.
 """
@@ -243,7 +246,8 @@ class Registration:
 
 def register(volume, template: Template, context: int = 0) -> Registration:
     """Bias-correct a canonical volume, register it affinely to the MNI152 head (:data:`HEAD`)
-    and resample it onto the template's grid.
+    and resample it onto the template's grid; below :data:`CHECK_FLOOR`, again from each of
+    :data:`TURNS`, keeping the most similar.
 
     Args:
         volume: a :class:`preprocess.volume.Volume`.
