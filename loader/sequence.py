@@ -21,6 +21,7 @@ from loader.target import SEGMENTATION, Target
 # How many batches ahead to ask the kernel for (prefetch=True): cold shuffled reads,
 # slices/s on a 0.25 GiB store: 1 ahead 348 k, 2 ahead 435 k, 4 ahead 443 k (warm unchanged).
 PREFETCH_AHEAD = 2
+OUTPUTS = ("float32", "stored")  # what ``x`` holds: intensities, or the store's own values
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class ReadSettings:
     channels: str = option("last", "tensor layout", choices=("last", "first"))
     prefetch: bool = option(True, "ask the kernel to read a batch ahead")
     verify: bool = option(True, "check every chunk read against its checksum")
+    output: str = option(
+        "float32", "what x holds: float32 intensities or the stored bytes", choices=OUTPUTS
+    )
 
     def __post_init__(self):
         check_settings(self)
@@ -62,6 +66,12 @@ class H5Sequence(keras.utils.PyDataset):
 
     A store of several channels per slice (modalities, neighbouring slices) gives ``x``
     of ``(b, h, w, C)``; ``channel_names`` names them.
+
+    ``x`` holds float32 intensities (``stored * scale + offset``) by default. With
+    ``output="stored"`` it holds the store's own values (uint8 or float16, as
+    ``stored_dtype``): a quarter of the bytes to move, and no conversion on the host. The
+    model then scales them itself, with ``keras.layers.Rescaling(seq.scale, seq.offset)``
+    as its first layer (``python -m training`` does).
 
     Several stores read as one (cohorts, or the shards of one preprocessing run): every
     row of each once per epoch, the chunk-aligned blocks of all stores permuted together
@@ -129,10 +139,11 @@ class H5Sequence(keras.utils.PyDataset):
         id_column: str = table.ID_COLUMN,
         shard: tuple[int, int] | None = None,
         verify: bool = True,
+        output: str = "float32",
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self._settings = ReadSettings(batch_size, shuffle, seed, channels, prefetch, verify)
+        self._settings = ReadSettings(batch_size, shuffle, seed, channels, prefetch, verify, output)
         if split is not None and not isinstance(split, str | list | tuple):
             raise TypeError(f"`split` must be a str, a list of str or None; received {split!r}")
         self._shard = None if shard is None else _check_shard(shard)
@@ -186,6 +197,7 @@ class H5Sequence(keras.utils.PyDataset):
         return (
             f"H5Sequence({self._path!r}, split={self._split!r}, batch_size={read.batch_size}, "
             f"shuffle={read.shuffle}, seed={read.seed}, channels={read.channels!r}{shard}, "
+            f"output={read.output!r}, "
             f"workers={self.workers}, use_multiprocessing={self.use_multiprocessing})"
         )
 
@@ -223,6 +235,26 @@ class H5Sequence(keras.utils.PyDataset):
     def channel_names(self) -> list[str]:
         """The name of each channel of ``x`` (modalities, neighbouring slices)."""
         return list(self._parts[0].channel_names)
+
+    @property
+    def scale(self) -> float:
+        """Intensity = stored value * ``scale`` + ``offset`` (the store's; 1/255 for uint8)."""
+        return float(self._scale)
+
+    @property
+    def offset(self) -> float:
+        """See :attr:`scale`."""
+        return float(self._offset)
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The store's type of a slice value: ``x``'s type with ``output="stored"``."""
+        return np.dtype(self._dtype)
+
+    @property
+    def output(self) -> str:
+        """``"float32"`` (intensities) or ``"stored"`` (the stored values): what ``x`` holds."""
+        return self._settings.output
 
     @property
     def class_names(self) -> list[str]:
@@ -312,8 +344,7 @@ class H5Sequence(keras.utils.PyDataset):
         files = self._open()
         height, width = self._slice_shape
         count = self._num_channels
-        x = np.empty((num_rows, height, width, count), dtype=np.float32)
-        stored = x if self._dtype == np.float32 else np.empty(x.shape, self._dtype)
+        stored = np.empty((num_rows, height, width, count), self._dtype)
         target = self._target is not None
         segmentation = target and self._target.task == SEGMENTATION
         scans = np.empty(num_rows, dtype=np.int32) if target and not segmentation else None
@@ -337,7 +368,12 @@ class H5Sequence(keras.utils.PyDataset):
                 for part_index, start, stop in self._local_runs(self._plan_batch(ahead)):
                     fd = files[part_index][0]
                     prefetch_rows(self._parts[part_index].images, start, stop, fd)
-        x = model_input(stored, self._scale, self._offset, self._settings.channels, x)
+        channels = self._settings.channels
+        if self._settings.output == "stored":
+            x = channels_as(stored, channels)
+        else:
+            out = stored if stored.dtype == np.float32 else None
+            x = model_input(stored, self._scale, self._offset, channels, out)
         if not target:
             return x
         if segmentation:
@@ -477,14 +513,21 @@ def model_input(
         np.multiply(stored, scale, out=x, casting="unsafe")
     if offset != 0:
         x += offset
-    if channels == "first":
-        count, height, width = x.shape[3], x.shape[1], x.shape[2]
-        x = (
-            np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-            if count > 1
-            else x.reshape(len(x), 1, height, width)
-        )
-    return x
+    return channels_as(x, channels)
+
+
+def channels_as(x: np.ndarray, channels: str) -> np.ndarray:
+    """Slices ``(n, h, w, C)`` channels ``"last"`` as they are, or ``"first"``: ``(n, C, h, w)``.
+
+    >>> channels_as(np.zeros((2, 3, 4, 5)), "first").shape
+    (2, 5, 3, 4)
+    """
+    if channels != "first":
+        return x
+    count, height, width = x.shape[3], x.shape[1], x.shape[2]
+    if count == 1:
+        return x.reshape(len(x), 1, height, width)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def _batch_index(index, length: int) -> int:

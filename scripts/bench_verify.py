@@ -3,10 +3,11 @@
 Side by side in one run, warm (the files in the page cache), batches of 256 uint8 slices
 to float32: ``np.memmap`` of the same slices as a .npy read contiguously (the limit, paying
 the same uint8 -> float32 multiply), and ``H5Sequence`` shuffled with ``verify=True`` (the
-default) and ``verify=False``. The readers take turns in every repeat (drift on a shared
-machine hits all of them alike) and the median of the repeats counts. A second table says
-where one batch's time goes: the plan's lookup, the reads, the CRC, the conversion to
-float32, and the rest (Python).
+default) and ``verify=False``, with float32 output, and with ``output="stored"`` (uint8
+batches, as ``python -m training`` reads them: its model scales them). The readers take
+turns in every repeat (drift on a shared machine hits all of them alike) and the median of
+the repeats counts. A second table says where one batch's time goes: the plan's lookup,
+the reads, the CRC, the conversion to float32, and the rest (Python).
 
     python scripts/bench_verify.py --gb 1 4 --repeats 5
 """
@@ -50,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             readers = [
                 ("np.memmap .npy, contiguous (the limit)", memmap_reader(images), images),
                 ("H5Sequence, shuffled, verify=True (default)", sequence_reader(checked), store),
+                (
+                    'H5Sequence, shuffled, verify=True, output="stored" (uint8)',
+                    sequence_reader(
+                        H5Sequence(store, batch_size=BATCH, shuffle=True, output="stored")
+                    ),
+                    store,
+                ),
                 (
                     "H5Sequence, shuffled, verify=False",
                     sequence_reader(

@@ -284,6 +284,38 @@ def test_other_dtypes_and_compressed_stores_read_the_same_values(tmp_path, dtype
     ) == list(range(80))
 
 
+@pytest.mark.parametrize(
+    ("dtype", "compression"), [("uint8", "lzf"), ("float16", "none"), ("float32", "gzip")]
+)
+def test_stored_output_is_the_float32_batch_before_scale_and_offset(tmp_path, dtype, compression):
+    path = write_id_store(tmp_path / "s.h5", scans=4, dtype=dtype, compression=compression)
+    for channels in ("last", "first"):
+        common = {"batch_size": 16, "shuffle": True, "channels": channels}
+        floats = H5Sequence(path, **common)
+        stored = H5Sequence(path, output="stored", **common)
+        assert (stored.output, stored.stored_dtype, floats.output) == ("stored", dtype, "float32")
+        assert len(stored) == len(floats) == 5
+        for index in range(len(floats)):
+            (x, y), (raw, labels) = floats[index], stored[index]
+            assert (raw.dtype, raw.shape, x.dtype) == (dtype, x.shape, np.float32)
+            scaled = raw.astype(np.float32) * np.float32(stored.scale) + np.float32(stored.offset)
+            np.testing.assert_array_equal(scaled, x)
+            np.testing.assert_array_equal(labels, y)
+
+
+def test_stored_output_of_two_channels_with_masks(lesion_store):
+    floats = H5Sequence(lesion_store, target="mask", batch_size=32)
+    stored = H5Sequence(lesion_store, target="mask", batch_size=32, output="stored")
+    assert stored.scale == pytest.approx(1 / 255)
+    assert stored.offset == 0
+    for index in range(len(floats)):
+        (x, masks), (raw, same_masks) = floats[index], stored[index]
+        assert raw.dtype == np.uint8
+        assert raw.shape[-1] == 2
+        np.testing.assert_array_equal(raw * np.float32(stored.scale), x)
+        np.testing.assert_array_equal(same_masks, masks)
+
+
 def test_many_readers_of_one_store_in_one_process(id_store):
     with open_store(id_store) as a, open_store(id_store) as b:
         sequences = [H5Sequence(id_store, batch_size=8) for _ in range(3)]

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,6 +212,19 @@ def test_resume_refuses_other_settings_and_a_complete_run(phantom_store, referen
         train(phantom_store, reference, resume=True, **{**SETTINGS, "seed": 3})
     with pytest.raises(TrainingError, match="the run is complete; nothing to resume"):
         train(phantom_store, reference, resume=True, **{**SETTINGS, "workers": 2})
+
+
+def test_a_run_from_before_feed_resumes_with_feed_float32_only(phantom_store, reference, tmp_path):
+    """config.json of a run written before --feed existed: its batches were float32."""
+    old = tmp_path / "old"
+    shutil.copytree(reference, old)
+    config = json.loads((old / "config.json").read_text())
+    assert config["settings"].pop("feed") == "stored"
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TrainingError, match=r"these differ: feed"):
+        train(phantom_store, old, resume=True, **SETTINGS)
+    with pytest.raises(TrainingError, match="the run is complete; nothing to resume"):
+        train(phantom_store, old, resume=True, **{**SETTINGS, "feed": "float32"})
 
 
 def test_resume_in_an_empty_folder_starts_the_run(phantom_store, reference, tmp_path):

@@ -73,14 +73,49 @@ def test_metrics_agree_with_evaluating_the_saved_model(trained):
     metrics = json.loads((run_dir / "metrics.json").read_text())["splits"]
     model = keras.models.load_model(run_dir / "model.keras")
     for split in ("val", "test"):
-        evaluated = model.evaluate(
-            H5Sequence(store, split=split, batch_size=50), verbose=0, return_dict=True
-        )
+        batches = H5Sequence(store, split=split, batch_size=50, output="stored")
+        evaluated = model.evaluate(batches, verbose=0, return_dict=True)
         assert metrics[split]["slices"]["loss"] == pytest.approx(evaluated["loss"], abs=1e-4)
         assert metrics[split]["slices"]["accuracy"] == pytest.approx(
             evaluated["accuracy"], abs=1e-6
         )
         assert metrics[split]["slices"]["count"] == H5Sequence(store, split=split).num_slices
+
+
+def test_a_run_fed_stored_values_equals_one_fed_float32(phantom_store, trained, tmp_path):
+    """The default run's batches are uint8 scaled by the model's first layer; the same run
+    fed float32 intensities (scaled on the host) learns and scores the same."""
+    _, stored_run, result = trained
+    assert result.model.layers[1].name == "from_stored"
+    train(
+        phantom_store,
+        tmp_path / "f",
+        epochs=3,
+        batch_size=64,
+        patience=3,
+        seed=1,
+        progress=False,
+        feed="float32",
+    )
+    assert "from_stored" not in [
+        layer.name for layer in keras.models.load_model(tmp_path / "f" / "model.keras").layers
+    ]
+    histories = []
+    for run_dir in (stored_run, tmp_path / "f"):
+        with open(run_dir / "history.csv", newline="") as handle:
+            histories.append(list(csv.DictReader(handle)))
+    assert len(histories[0]) == len(histories[1]) == 3
+    for stored, floats in zip(*histories, strict=True):
+        for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert float(stored[name]) == pytest.approx(float(floats[name]), abs=1e-5), name
+    metrics = [
+        json.loads((d / "metrics.json").read_text())["splits"] for d in (stored_run, tmp_path / "f")
+    ]
+    for split in ("val", "test"):
+        for level in ("slices", "subjects"):
+            for name, value in metrics[0][split][level].items():
+                if isinstance(value, float):
+                    assert value == pytest.approx(metrics[1][split][level][name], abs=1e-5), name
 
 
 def test_early_stopping_restores_the_best_weights(trained):

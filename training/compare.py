@@ -20,7 +20,7 @@ from training import run_folder
 from training.errors import TrainingError
 from training.fitting import MONITORS, best_epoch
 from training.plots import plot_compared_curves, read_history
-from training.settings import NOT_COMPUTED
+from training.settings import NOT_COMPUTED, saved_settings
 
 TABLE = "compare.csv"
 PICTURE = "compare.png"
@@ -103,7 +103,7 @@ def compare(
             raise FileExistsError(f"{path}: exists; use --overwrite to replace it")
     runs = [_read(path) for path in run_folders(paths)]
     names = _short_names([run["path"] for run in runs])
-    result.differing = _differing([run["config"].get("settings", {}) for run in runs])
+    result.differing = _differing([saved_settings(run["config"]) for run in runs])
     stores = list(dict.fromkeys(run["store_uuid"] for run in runs))
     for name, run in zip(names, runs, strict=True):
         result.rows.append(_row(name, run, result.differing, stores))
@@ -196,7 +196,7 @@ def _differing(settings: list[dict]) -> list[str]:
 
 def _row(name: str, run: dict, differing: list[str], stores: list[str]) -> dict:
     config, metrics = run["config"], run["metrics"]
-    settings = config.get("settings", {})
+    settings = saved_settings(config)
     store = run["store_uuid"]
     row = {
         "run": name,

@@ -126,6 +126,7 @@ def build_data(
     common = {
         "batch_size": settings.batch_size,
         "channels": settings.channels,
+        "output": settings.feed,
         "workers": settings.workers,
         "use_multiprocessing": settings.use_multiprocessing,
         "target": target.name,

@@ -30,7 +30,7 @@ from training.errors import TrainingError
 from training.explain_folder import FOLDERS, Explanation, Writer
 from training.inference import load_run_model, preprocess_settings, read_run
 from training.occlusion import occlusion_maps, scorer
-from training.settings import Settings
+from training.settings import Settings, saved_settings
 
 __all__ = ["Explanation", "explain"]
 
@@ -121,7 +121,7 @@ def explain(
 def _run_settings(config: dict) -> Settings:
     """The run's settings, as far as this version knows them."""
     known = set(Settings.__dataclass_fields__)
-    values = {k: v for k, v in config.get("settings", {}).items() if k in known}
+    values = {k: v for k, v in saved_settings(config).items() if k in known}
     try:
         return Settings(**values)
     except (TypeError, ValueError) as exc:

@@ -268,9 +268,10 @@ def preprocess_settings(store_config: dict, labels=None) -> PreprocessSettings:
 
 
 def load_run_model(run_dir: Path, settings: PreprocessSettings, channels: str) -> keras.Model:
-    """The run's best model, checked against the slices the settings make."""
+    """The run's best model, checked against the slices the settings make, taking float32
+    intensities (:func:`training.model.taking_intensities`)."""
     import training.model
-    import training.segmentation  # noqa: F401
+    import training.segmentation  # its loss and metric, for load_model
 
     try:
         model = keras.saving.load_model(run_dir / run_folder.MODEL, compile=False)
@@ -284,7 +285,7 @@ def load_run_model(run_dir: Path, settings: PreprocessSettings, channels: str) -
             f"{run_dir / run_folder.MODEL}: its input is {tuple(model.input_shape[1:])}, but "
             f"the store's settings make slices of {expected}"
         )
-    return model
+    return training.model.taking_intensities(model)
 
 
 def _training_scans(store: dict, report) -> tuple[dict[str, str], dict[str, str]]:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import keras
 
+# The first layer of a run's model fed the stored values (``--feed stored``, the default):
+# ``Rescaling(scale, offset)`` from the store's values (uint8) to intensities.
+FROM_STORED = "from_stored"
+
 
 def build(
     num_classes: int, input_shape=(64, 64, 1), data_format: str = "channels_last"
@@ -49,6 +53,18 @@ def build(
     else:
         outputs = layers.Dense(num_classes, activation="softmax")(x)
     return keras.Model(inputs, outputs, name="slice_cnn")
+
+
+def taking_intensities(model: keras.Model) -> keras.Model:
+    """A run's model as one that takes float32 intensities (``stored * scale + offset``),
+    as ``H5Sequence`` gives them by default: a model fed the stored values (its
+    :data:`FROM_STORED` layer) behind a ``Rescaling`` back to them; any other as it is."""
+    if FROM_STORED not in [layer.name for layer in model.layers]:
+        return model
+    first = model.get_layer(FROM_STORED)
+    inputs = keras.Input(model.input_shape[1:])
+    stored = keras.layers.Rescaling(1 / first.scale, -first.offset / first.scale)(inputs)
+    return keras.Model(inputs, model(stored), name=model.name)
 
 
 def augmentation(data_format: str = "channels_last", flip: bool = False) -> keras.Sequential:

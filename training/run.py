@@ -41,7 +41,7 @@ from training.fitting import MONITORS, best_epoch, build_model, fit
 from training.model import build, unet
 from training.plots import read_history
 from training.results import evaluate, write_results
-from training.settings import NOT_COMPUTED, Settings
+from training.settings import NOT_COMPUTED, Settings, saved_settings
 
 __all__ = ["Result", "Settings", "TrainingError", "train"]
 
@@ -339,7 +339,7 @@ def _resumable(run_dir: Path, config: dict) -> bool:
         mine, theirs = now.get(key), saved.get(key)
         if key == "settings":
             mine = {k: v for k, v in mine.items() if k not in NOT_COMPUTED}
-            theirs = {k: v for k, v in (theirs or {}).items() if k not in NOT_COMPUTED}
+            theirs = {k: v for k, v in saved_settings(saved).items() if k not in NOT_COMPUTED}
         if mine != theirs:
             differ = (
                 sorted(k for k in mine if mine.get(k) != theirs.get(k))

@@ -12,6 +12,7 @@ import numpy as np
 from keras import ops
 
 from loader import H5Sequence, Store
+from loader.sequence import model_input
 from loader.target import Target
 from training.data import row_facts
 
@@ -97,6 +98,8 @@ def evaluate_segmentation(
     for index in range(len(sequence)):
         x, y = sequence[index]
         probabilities = np.asarray(model.predict_on_batch(x))
+        if sequence.output == "stored":  # the pictures show intensities
+            x = model_input(x, sequence.scale, sequence.offset)
         tally.add(x, y, probabilities, row_facts(sequence.rows(index), stores, targets))
     scores = tally.scores(class_names[1:], sequence.num_slices)
     return scores, tally.rows(sequence.split), tally.pictures()

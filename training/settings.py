@@ -9,6 +9,7 @@ from loader.options import SettingError, check_settings, option
 from loader.target import TASKS
 
 AUGMENTATIONS = ("none", "on", "flip")
+FEEDS = ("stored", "float32")
 CLASS_WEIGHTS = ("none", "balanced")
 TARGET = "target (what to predict)"
 DATA = "data"
@@ -17,6 +18,8 @@ HOSTS = "several processes or hosts (KERAS_BACKEND=jax)"
 # Settings that change how a run goes but not what it computes: a resumed run may change
 # them, and run comparisons do not list them as differences.
 NOT_COMPUTED = ("workers", "use_multiprocessing", "checkpoint_every", "tensorboard")
+# Settings added later, with the value that runs written before them had.
+UNWRITTEN = {"feed": "float32"}
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,13 @@ class Settings:
         group=DATA,
     )
     channels: str = option("last", "tensor layout", choices=("last", "first"), group=DATA)
+    feed: str = option(
+        "stored",
+        "what batches carry to the model: the stored values (uint8: a quarter of the bytes, "
+        "scaled by the model's first layer) or float32 intensities scaled on the host",
+        choices=FEEDS,
+        group=DATA,
+    )
     epochs: int = option(100, "at most this many epochs", metavar="N", at_least=1, group=MODEL)
     patience: int = option(
         10,
@@ -193,3 +203,9 @@ class Settings:
                 "{class_weight} is for classification; received task='regression'",
                 class_weight=self.class_weight,
             )
+
+
+def saved_settings(config: dict) -> dict:
+    """A run's ``config.json`` settings, with the value a run written before a setting
+    existed had (:data:`UNWRITTEN`)."""
+    return {**UNWRITTEN, **config.get("settings", {})}
