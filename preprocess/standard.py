@@ -7,13 +7,13 @@ registration onto one misplaced real heads by 15-38 mm. SimpleITK does the work,
 thread and a fixed sampling seed, so a scan gives the same numbers in any process:
 
 1. the scan, averaged over blocks to ~2 mm, is the *working image*;
-2. N4 estimates a smooth bias field on it, shrunk again to ~8 mm, and the working image
+2. N4 estimates a smooth bias field on it, shrunk again to ~12 mm, and the working image
    is divided by it;
 3. the neck is cut off: only the top ``HEAD_MM`` of the head is registered (as FSL's
    ``robustfov``), so a long neck or shoulders do not pull the start down;
 4. a similarity transform (7 parameters) from the centres of mass, then an affine one (12),
    are fitted by Mattes mutual information sampled inside the template's head (dilated by
-   4 mm), at 8 and 4 mm then 4 and 2 mm;
+   4 mm), at 8 and 4 mm (of the head averaged to 4 mm) then 4 and 2 mm;
 5. the scan (and the bias field) are resampled once onto the 1 mm grid of the store's
    template (:data:`TEMPLATES`), only the planes of the slab.
 6. where the similarity ends below :data:`CHECK_FLOOR`, steps 4-5 start again from the scan
@@ -97,13 +97,17 @@ OLD_TEMPLATE = "MNI152NLin2009aSym"  # of standard-space stores whose config nam
 HEAD = TEMPLATES["MNI152NLin6Asym"], "tpl-MNI152NLin6Asym_res-02_T1w.nii.gz"  # registered to
 
 WORKING_MM = 2.0  # the working image's voxels
-N4_SHRINK = 4  # N4 runs on the working image shrunk this much (~8 mm)
+N4_SHRINK = 6  # N4 runs on the working image shrunk this much (~12 mm)
 N4_ITERATIONS = (50, 50)
 HEAD_MM = 170  # the top of a head that is registered (robustfov's 170 mm): no neck
 HEAD_MARGIN_MM = 4  # the metric's mask: the template's head dilated this much
 SAMPLING_SEED = 1  # the metric's random sampling (SimpleITK's 0 would mean the clock)
-SIMILARITY_STAGE = dict(shrink=(4, 2), sigma=(2.0, 1.0), sampling=(0.5, 0.25), iterations=60)
-AFFINE_STAGE = dict(shrink=(2, 1), sigma=(1.0, 0.0), sampling=(0.2, 0.05), iterations=200)
+# step: the optimiser's first step (mm); the affine stage starts where the similarity one
+# ended, and a shorter first step keeps it from wandering (up to 200 iterations, measured).
+SIMILARITY_STAGE = dict(
+    shrink=(4, 2), sigma=(2.0, 1.0), sampling=(0.5, 0.25), iterations=60, step=1.0
+)
+AFFINE_STAGE = dict(shrink=(2, 1), sigma=(1.0, 0.0), sampling=(0.2, 0.05), iterations=200, step=0.5)
 MIN_STEP_MM = 0.01  # a stage's level ends when the optimiser's step is this small
 MIN_EXTENT_MM = 40  # a scan thinner than this along any axis is not a head to register
 
@@ -311,6 +315,8 @@ def onto_template(
     template: Template,
     planes: tuple[int, int],
     order: int,
+    step: int = 1,
+    mode: str = "constant",
 ) -> np.ndarray:
     """A volume resampled onto planes ``[first, stop)`` of the template's grid: ``order`` 1
     for intensities (float32), 0 for labels (their type); outside the volume, its minimum.
@@ -319,19 +325,25 @@ def onto_template(
         voxels: the volume.
         affine: its voxel-to-world.
         to_scan: template world -> the volume's world.
+        step: resample every ``step``-th voxel along each axis (at the centre of each block
+            of ``step`` voxels), for the caller to repeat: ``ceil(shape / step)`` voxels.
+        mode: outside the volume: ``"constant"`` (its minimum) or ``"nearest"`` (the
+            nearest voxel's value, for a smooth field).
     """
     along = AXES[template.axis]
     shape = list(template.image.shape)
     shape[along] = planes[1] - planes[0]
-    start = np.eye(4)
-    start[along, 3] = planes[0]  # resampled voxel -> template voxel
+    start = np.diag([step, step, step, 1.0])
+    start[:3, 3] = (step - 1) / 2
+    start[along, 3] += planes[0]  # resampled voxel -> template voxel
+    shape = [-(-n // step) for n in shape]
     matrix = np.linalg.inv(affine) @ to_scan @ template.affine @ start
     return ndimage.affine_transform(
         np.ascontiguousarray(voxels),  # a NIfTI's Fortran order: 3.5x slower to resample
         matrix,
         output_shape=tuple(shape),
         order=order,
-        mode="constant",
+        mode=mode,
         cval=float(voxels.min()),
         output=np.float32 if order else voxels.dtype,
         prefilter=False,
@@ -388,8 +400,16 @@ def _on_template(volume, log_bias, work_affine, to_scan, template, planes) -> np
         data *= np.float32(volume.slope)
     if volume.inter != 0:
         data += np.float32(volume.inter)
+    # The bias field is smooth (N4's B-spline), and goes on smoothly past the working grid's
+    # edge. Resampled at every other voxel and repeated in blocks of 2 x 2 x 2, it differs
+    # from the field resampled at every voxel by under 0.3 % (measured on the real heads and
+    # make_heads'), below a uint8 step, in a fifth of the time.
     bias = sitk.GetArrayFromImage(log_bias).transpose(2, 1, 0)
-    data /= np.exp(onto_template(bias, work_affine, to_scan, template, planes, order=1))
+    coarse = onto_template(bias, work_affine, to_scan, template, planes, 1, 2, "nearest")
+    coarse = np.exp(-coarse)
+    for axis in range(3):
+        coarse = np.repeat(coarse, 2, axis=axis)
+    data *= coarse[: data.shape[0], : data.shape[1], : data.shape[2]]
     return data
 
 
@@ -459,7 +479,7 @@ def _image(sitk, data: np.ndarray, affine: np.ndarray):
 
 def _corrected(sitk, work: np.ndarray, work_affine: np.ndarray):
     """``(corrected, log_bias)``: the working image divided by N4's bias field, and the
-    field's log on the working grid (estimated on the foreground, shrunk to ~8 mm)."""
+    field's log on the working grid (estimated on the foreground, shrunk to ~12 mm)."""
     moving = _image(sitk, work, work_affine)
     mask = _image(sitk, foreground(work).astype(np.uint8), work_affine)
     shrink = [min(N4_SHRINK, max(1, n // 4)) for n in moving.GetSize()]
@@ -518,7 +538,11 @@ def _fit(sitk, moving, work_affine, turn: np.ndarray | None = None) -> np.ndarra
     similarity = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
-    _stage(sitk, fixed, head, moving, similarity, **SIMILARITY_STAGE)
+    # The similarity stage (8 and 4 mm) reads the head averaged to ~4 mm: each level's
+    # gradient image of it costs an eighth (measured: 2-4 s a real scan less, as accurate).
+    factors = np.minimum(2, np.array(top.shape) // 8).clip(1)
+    coarse = _image(sitk, _block_mean(top, factors), _block_affine(turned @ top_affine, factors))
+    _stage(sitk, fixed, head, coarse, similarity, **SIMILARITY_STAGE)
     affine = sitk.AffineTransform(3)
     affine.SetCenter(similarity.GetCenter())
     affine.SetMatrix(similarity.GetMatrix())
@@ -534,7 +558,7 @@ def _fit(sitk, moving, work_affine, turn: np.ndarray | None = None) -> np.ndarra
     return np.linalg.inv(turned) @ result
 
 
-def _stage(sitk, fixed, head, moving, transform, shrink, sigma, sampling, iterations) -> None:
+def _stage(sitk, fixed, head, moving, transform, shrink, sigma, sampling, iterations, step) -> None:
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(32)
     method.SetMetricSamplingStrategy(method.RANDOM)
@@ -542,7 +566,7 @@ def _stage(sitk, fixed, head, moving, transform, shrink, sigma, sampling, iterat
     method.SetMetricFixedMask(head)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
-        1.0, MIN_STEP_MM, iterations, relaxationFactor=0.5
+        step, MIN_STEP_MM, iterations, relaxationFactor=0.5
     )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel(list(shrink))

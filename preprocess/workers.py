@@ -35,9 +35,11 @@ def processed(scans: list[Scan], settings: Settings, options: RunOptions):
         BrokenProcessPool: a worker process died.
     """
     workers, timeout = options.workers, options.scan_timeout
-    if workers <= 1:
+    if workers <= 1:  # one BLAS thread here too: a scan's bytes must not depend on --workers
         for scan in scans:
-            yield scan, process_or_reason(scan, settings, timeout)
+            with threadpoolctl.threadpool_limits(1, user_api="blas"):
+                result = process_or_reason(scan, settings, timeout)
+            yield scan, result
         return
     method = start_method()
     context = multiprocessing.get_context(method)

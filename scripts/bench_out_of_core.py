@@ -6,7 +6,11 @@ maths) through ``H5Sequence`` inside a memory cgroup (``/sys/fs/cgroup/memory``,
 as root), and reports its peak resident memory (RSS, which counts the TensorFlow libraries
 it maps) and the cgroup's peak anonymous memory (the process's own allocations). The
 cgroup's limit counts the page cache too, so a store larger than the limit is read from
-disk, not from memory. For contrast,
+disk, not from memory: every file is dropped from the page cache before each child (what
+writing the store left there is charged to another group, and a child would read it from
+memory). Beside the loader, the same slices as a contiguous ``np.memmap`` pass converted to
+float32 under the same limit: the disk's pace for this data, which the loader is measured
+against. For contrast,
 a child that only holds the 4 GiB store's slices in memory (as uint8, the most compact
 form; ``model.fit(x, y)`` wants float32, four times as much) runs inside the same limit.
 
@@ -53,18 +57,34 @@ def child_epoch(store: str, batch_size: int, workers: int) -> None:
     print(json.dumps({"slices": sequence.num_slices, "seconds": seconds, "rss_peak": peak}))
 
 
-def child_read(store: str, batch_size: int) -> None:
+def child_read(store: str, batch_size: int, output: str = "float32") -> None:
     """One shuffled, checked epoch through H5Sequence alone, no model: what the loader
     delivers from this disk under the limit; prints a JSON line like :func:`child_epoch`."""
     from loader import H5Sequence
 
-    sequence = H5Sequence(store, batch_size=batch_size, shuffle=True)
+    sequence = H5Sequence(store, batch_size=batch_size, shuffle=True, output=output)
     started = time.perf_counter()
     for index in range(len(sequence)):
         sequence[index]
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"slices": sequence.num_slices, "seconds": seconds, "rss_peak": peak}))
+
+
+def child_memmap(images: str, batch_size: int) -> None:
+    """The same slices as a .npy read contiguously through ``np.memmap`` and converted to
+    float32 batch by batch (the limit the loader is compared with, under the same limit)."""
+    import numpy as np
+
+    slices = np.load(images, mmap_mode="r")
+    started = time.perf_counter()
+    for start in range(0, len(slices), batch_size):
+        block = slices[start : start + batch_size]
+        x = np.empty((*block.shape, 1), np.float32)
+        np.multiply(block, np.float32(1 / 255), out=x[..., 0], casting="unsafe")
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"slices": len(slices), "seconds": seconds, "rss_peak": peak}))
 
 
 def child_in_memory(num_slices: int) -> None:
@@ -164,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--child-epoch", help=argparse.SUPPRESS)
     parser.add_argument("--child-read", help=argparse.SUPPRESS)
+    parser.add_argument("--child-read-stored", help=argparse.SUPPRESS)
+    parser.add_argument("--child-memmap", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-model", action="store_true", help="leave out the model.fit epochs (reads only)"
+    )
     parser.add_argument("--child-in-memory", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_epoch:
@@ -172,10 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_read:
         child_read(args.child_read, args.batch_size)
         return 0
+    if args.child_read_stored:
+        child_read(args.child_read_stored, args.batch_size, "stored")
+        return 0
+    if args.child_memmap:
+        child_memmap(args.child_memmap, args.batch_size)
+        return 0
     if args.child_in_memory:
         child_in_memory(args.child_in_memory)
         return 0
 
+    from bench_loader import evict, export_npy
     from make_large_store import write_large_store
 
     from loader import open_store
@@ -197,22 +229,34 @@ def main(argv: list[str] | None = None) -> int:
             if not store.exists():
                 print(f"writing {store} ...", file=sys.stderr, flush=True)
                 write_large_store(store, gib)
+            images = args.workdir / f"store-{gib:g}GiB" / "images.npy"
+            if not images.exists():
+                images.parent.mkdir(exist_ok=True)
+                export_npy(store, images.parent)
             with open_store(store) as opened:
                 num_slices = opened.num_slices
-            for mode, what in (
-                ("--child-read", "one epoch of H5Sequence alone (no model)"),
-                ("--child-epoch", "one epoch of model.fit(H5Sequence)"),
-            ):
+            children = [
+                ("--child-memmap", images, "np.memmap .npy, contiguous, to float32 (the limit)"),
+                ("--child-read", store, "H5Sequence alone, shuffled, checked, float32"),
+                ("--child-read-stored", store, 'H5Sequence alone, output="stored" (uint8)'),
+            ]
+            if not args.no_model:
+                children.append(("--child-epoch", store, "one epoch of model.fit(H5Sequence)"))
+            limit_speed = float("nan")
+            for mode, path, what in children:
+                evict(store, images)  # from the disk: not what writing them left in the cache
                 if cgroup:
                     cgroup.reset()
                 options = ["--batch-size", str(args.batch_size), "--workers", str(args.workers)]
-                status, measured, anonymous = run_child([mode, str(store), *options], cgroup)
+                status, measured, anonymous = run_child([mode, str(path), *options], cgroup)
                 group_peak = cgroup.peak if cgroup else None
                 name = f"{gib:g} GiB store, {what}"
                 if status == 0 and measured:
                     speed = measured["slices"] / measured["seconds"]
+                    limit_speed = speed if mode == "--child-memmap" else limit_speed
+                    rate = f"{speed:,.0f} ({speed / limit_speed:.2f}x)"
                     peaks = (_mib(measured["rss_peak"]), _mib(anonymous), _mib(group_peak))
-                    rows.append((name, f"{num_slices:,}", "finished", f"{speed:,.0f}", *peaks))
+                    rows.append((name, f"{num_slices:,}", "finished", rate, *peaks))
                 else:
                     rows.append((name, f"{num_slices:,}", f"failed ({status})", *"----"))
                 print(f"  {rows[-1]}", file=sys.stderr, flush=True)
@@ -237,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{machine_line()}\ncgroup memory limit: {limit_text}")
     print()
     print(
-        "| run | slices | outcome | slices/s | peak RSS MiB | peak anonymous MiB "
+        "| run | slices | outcome | slices/s (vs memmap) | peak RSS MiB | peak anonymous MiB "
         "| cgroup peak MiB (with page cache) |"
     )
     print("|---|---|---|---|---|---|---|")

@@ -198,7 +198,7 @@ def mni_stages(paths, settings: Settings) -> dict[str, float]:
         (
             "load + reorient + checks",
             "working image (~2 mm blocks)",
-            "N4 bias field (~8 mm)",
+            "N4 bias field (~12 mm)",
             "registration: neck cut, similarity, then affine",
             "resampling onto the template (+ bias)",
             "normalisation + slices",
