@@ -190,10 +190,10 @@ def ants_schedule(volume, template) -> tuple[np.ndarray, float, float]:
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         stages = []
-        for kind, stage in (
-            ("Similarity", standard.SIMILARITY_STAGE),
-            ("Affine", standard.AFFINE_STAGE),
-        ):
+        coarse, fine = standard.AFFINE_COARSE, standard.AFFINE_FINE  # one stage in ANTs
+        affine = {key: coarse[key] + fine[key] for key in ("shrink", "sigma", "sampling")}
+        affine["iterations"] = fine["iterations"]
+        for kind, stage in (("Similarity", standard.SIMILARITY_STAGE), ("Affine", affine)):
             result = ants.registration(
                 fixed_image,
                 corrected,
