@@ -19,6 +19,7 @@ import os
 import statistics
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def crc_speeds(size: int = 1 << 20, repeats: int = 50) -> list[tuple[str, str, float]]:
     """GB/s of each CRC implementation installed, over ``size`` random bytes."""
-    import zlib
-
     data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
     found = [("zlib.crc32", "CRC-32", zlib.crc32)]
     try:
