@@ -49,6 +49,12 @@ REJECTING = {
     "Slices not stacked": "its slices disagree in size or orientation",
 }
 FILE_PROBLEM = re.compile(r"(?:Warning|Error): (.*?):? (/\S+|\S+/\S+)\s*$")
+# what dcm2niix says of a file it cannot read (its other lines naming a file, such as
+# "Unable to determine GE Slice timing", are about the series, not the file)
+UNREADABLE = re.compile(
+    r"not large enough|unable to (?:read|open|load|decode|decompress)|corrupt|truncat",
+    re.IGNORECASE,
+)
 
 
 def find_folders(
@@ -171,6 +177,7 @@ def convert(
     result.folder = Path(tempfile.mkdtemp(prefix="slicestore-dicom-"))
     pattern = re.compile(series, re.IGNORECASE) if series else None
     outs = [result.folder / f"{index:05d}" for index in range(len(folders))]
+    found = []  # (place, out, written, kind, header): every series, before any is added
     cores = min(8, len(os.sched_getaffinity(0)))
     with futures.ThreadPoolExecutor(cores) as pool:  # a dcm2niix process per folder
         runs = pool.map(functools.partial(_run, binary), [f for _, f in folders], outs)
@@ -182,19 +189,91 @@ def convert(
                 uid = str(facts.get("SeriesInstanceUID", name))
                 by_series.setdefault(uid, []).append((name, lines, facts))
             for written in by_series.values():
-                place = (item, folder, item in class_inputs)
                 name, _, facts = written[0]
                 image = _written_image(out, name)
                 header = _header(image) if image is not None else None
                 kind = _kind(facts, header, out / f"{name}.bval")
-                counts = len(result.scans), len(result.rejected), len(result.skipped)
-                _add_series(result, place, out, written, naming, pattern or kinds, kind)
-                result.listing.append(
-                    _listing_row(result, counts, place, facts, naming, kind, header)
-                )
+                found.append(((item, folder, item in class_inputs), out, written, kind, header))
+    strays, exams = _patient_folders([(entry[0], entry[2][0][2]) for entry in found])
+    result.skipped += exams
+    for index, (place, out, written, kind, header) in enumerate(found):
+        facts = written[0][2]
+        counts = len(result.scans), len(result.rejected), len(result.skipped)
+        _add_series(result, place, out, written, naming, pattern or kinds, kind)
+        if index in strays and len(result.scans) > counts[0]:
+            what = _series_name(place[1], facts)
+            _another_patient(result, counts[0], what, strays[index], naming)
+        result.listing.append(_listing_row(result, counts, place, facts, naming, kind, header))
     if len(kinds) > 1:
         _pair_kinds(result, kinds)
     return result
+
+
+def _another_patient(result: Converted, added: int, what: str, why: str, naming) -> None:
+    """A series of another patient than its folder's, just added as ``result.scans[added:]``:
+    a note where subjects are PatientIDs (it is that patient's scan), a rejection where they
+    are folders (it would be stored as the folder's patient)."""
+    if naming.subject != "folder":
+        result.skipped.append(f"{what}: {why}: it counts as that patient's")
+        return
+    for scan in result.scans[added:]:
+        result.kinds.pop(scan.source, None)
+    del result.scans[added:]
+    result.rejected.append((what, f"{why}: with --dicom-subject folder it would be the folder's"))
+
+
+def _patient_folders(series: list[tuple]) -> tuple[dict[int, str], list[str]]:
+    """What the folders of patients hold that the user should know: a series of another
+    patient among one patient's series, and several exams (studies) of one patient.
+
+    A patient's folder is the first folder below an input (below the class folder in class
+    folders), or the input itself when its series lie in it or each in a folder of its own
+    just below it (an exam given as the input). A series is another patient's when one
+    patient has more than half of the folder's series and the series' ``PatientID`` is not
+    that patient's.
+
+    Args:
+        series: ``(place, facts)`` of every series: ``place`` is ``(input, folder,
+            classes)``, ``facts`` its sidecar.
+
+    Returns:
+        the reason, by index in ``series``, for each series of another patient, and one
+        note line for each folder holding several exams of one patient.
+    """
+    per_folder: dict[Path, int] = {}
+    for (_, folder, _), _ in series:
+        per_folder[folder] = per_folder.get(folder, 0) + 1
+    exam: dict[Path, bool] = {}  # input -> it is one exam: its series each in a folder of its own
+    for (item, folder, classes), _ in series:
+        depth = len(folder.relative_to(item).parts) - bool(classes)
+        alone = depth <= 0 or (depth == 1 and per_folder[folder] == 1)
+        exam[item] = exam.get(item, True) and alone
+    groups: dict[Path, list] = {}
+    for index, ((item, folder, classes), facts) in enumerate(series):
+        top, parts = item, folder.relative_to(item).parts
+        if classes and parts:
+            top, parts = item / parts[0], parts[1:]
+        where = top if exam[item] or not parts else top / parts[0]
+        groups.setdefault(where, []).append((index, facts))
+    strays, exams = {}, []
+    for where, members in groups.items():
+        patients: dict[str, list] = {}
+        for index, facts in members:
+            patients.setdefault(str(facts.get("PatientID") or ""), []).append((index, facts))
+        owner, owned = max(patients.items(), key=lambda entry: len(entry[1]))
+        if len(patients) > 1 and 2 * len(owned) > len(members):
+            for patient, theirs in patients.items():
+                for index, _ in theirs if patient != owner else ():
+                    strays[index] = (
+                        f"a series of another patient than the other {len(owned)} series of "
+                        f"{where} (PatientID differs)"
+                    )
+        studies = {str(facts.get("StudyInstanceUID") or "") for _, facts in owned} - {""}
+        if len(studies) > 1:
+            exams.append(
+                f"{where}: {len(studies)} exams (studies) of one patient: each is a session"
+            )
+    return strays, exams
 
 
 def _pair_kinds(result: Converted, kinds: tuple[str, ...]) -> None:
@@ -260,7 +339,11 @@ def _run(binary: str, folder: Path, out: Path) -> tuple[list, list[tuple[str, st
             pending = []
             continue
         bad_file = FILE_PROBLEM.match(line)
-        if bad_file and Path(bad_file.group(2)).name in _names(folder):
+        if (
+            bad_file
+            and UNREADABLE.search(bad_file.group(1))
+            and Path(bad_file.group(2)).name in _names(folder)
+        ):
             path = folder / Path(bad_file.group(2)).name
             problems.append((str(path), f"unreadable DICOM file (dcm2niix: {bad_file.group(1)})"))
         elif line.startswith(("Warning:", "Error:", "Slices not stacked")) or "not stacked" in line:
@@ -337,7 +420,11 @@ def _listing_row(result: Converted, counts, place, facts, naming, kind: str, hea
     added = result.scans[counts[0] :]
     given = _given_subject(place, facts, naming)
     why = [reason for _, reason in result.rejected[counts[1] :]]
-    why += [line.split(": skipped: ", 1)[-1] for line in result.skipped[counts[2] :]]
+    why += [
+        line.split(": skipped: ", 1)[-1]
+        for line in result.skipped[counts[2] :]
+        if ": skipped: " in line
+    ]
     study = str(facts.get("StudyInstanceUID") or "")
     return {
         "folder": str(folder),

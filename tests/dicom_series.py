@@ -25,7 +25,7 @@ def patient(number: int) -> dict[str, str]:
     return {
         "PatientName": f"Doe^Jane{number}^Q",
         "PatientID": f"MRN{number:05d}7731",
-        "PatientBirthDate": f"19{50 + number:02d}0314",
+        "PatientBirthDate": f"19{(50 + number) % 100:02d}0314",
         "PatientAddress": f"{number} Elm Street, Springfield",
         "InstitutionName": "Springfield General",
         "ReferringPhysicianName": "House^Gregory",
@@ -99,22 +99,74 @@ def write_series(
     for k in range(values.shape[2]):
         if k in skip:
             continue
-        ds = _base(who, study, series, number, description, MR_IMAGE)
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds = _slice(_base(who, study, series, number, description, MR_IMAGE), affine, k)
         ds.InstanceNumber = k + 1
         ds.ImageType = list(image_type)
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        position, orientation, spacing = _geometry(affine, k)
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = position, orientation
-        ds.PixelSpacing = spacing
-        ds.SliceThickness = float(np.linalg.norm(affine[:3, 2]))
-        pixels = np.ascontiguousarray(values[:, :, k].T)  # rows along j, columns along i
-        ds.Rows, ds.Columns = pixels.shape
-        ds.PixelData = pixels.tobytes()
+        pixels = _pixels(ds, values[:, :, k])
         if compressed:
             ds.compress(JPEGLSLossless, pixels)
         ds.save_as(folder / names.format(k + 1), enforce_file_format=True)
+    return study
+
+
+def _slice(ds: Dataset, affine: np.ndarray, k: int) -> Dataset:
+    """``ds`` as slice ``k`` of a volume on ``affine``: a new instance, placed."""
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    position, orientation, spacing = _geometry(affine, k)
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = position, orientation
+    ds.PixelSpacing = spacing
+    ds.SliceThickness = float(np.linalg.norm(affine[:3, 2]))
+    return ds
+
+
+def _pixels(ds: Dataset, plane: np.ndarray) -> np.ndarray:
+    """A slice's pixel data (rows along voxel axis j, columns along i); returns the pixels."""
+    pixels = np.ascontiguousarray(plane.T)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelData = pixels.tobytes()
+    return pixels
+
+
+def write_volumes(
+    folder: Path,
+    data: np.ndarray,
+    affine: np.ndarray,
+    who: dict,
+    study: str | None = None,
+    number: int = 6,
+    description: str = "Axial",
+    bvalues: tuple[float, ...] = (),
+    timing: tuple[float, float] = (90.0, 8000.0),
+    sequence: str = "EP",
+) -> str:
+    """A 4-D series (volumes along the last axis of ``data``), one file per slice of each
+    volume, as diffusion and fMRI series are written; returns the study UID.
+
+    Args:
+        bvalues: one per volume, in the standard DiffusionBValue tag (a diffusion series).
+        timing: echo and repetition times in ms.
+        sequence: ScanningSequence (``EP``: echo-planar).
+    """
+    study = study or generate_uid()
+    series = generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    values = np.asarray(data, dtype=np.int16)
+    slices, volumes = values.shape[2:]
+    for volume in range(volumes):
+        for k in range(slices):
+            ds = _slice(_base(who, study, series, number, description, MR_IMAGE), affine, k)
+            ds.InstanceNumber = volume * slices + k + 1
+            ds.AcquisitionNumber = ds.TemporalPositionIdentifier = volume + 1
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+            ds.EchoTime, ds.RepetitionTime, ds.FlipAngle = *timing, 90
+            ds.ScanningSequence = sequence
+            if bvalues:
+                ds.DiffusionBValue = float(bvalues[volume])
+                ds.DiffusionGradientOrientation = [1.0, 0.0, 0.0]
+            _pixels(ds, values[:, :, k, volume])
+            ds.save_as(folder / f"IM{ds.InstanceNumber:04d}", enforce_file_format=True)
     return study
 
 

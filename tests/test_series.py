@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_series import patient, write_series
+from dicom_series import patient, write_series, write_volumes
 from helpers import blob_volume, read_rows
 
 from loader import open_store
 from preprocess import series
 from preprocess.cli import main as preprocess_main
+from preprocess.dicom import keyed_hash
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 EXAM = REAL / "dicom" / "philips-exam"
@@ -214,3 +215,65 @@ def test_t1_and_flair_of_an_exam_become_channels_a_repeat_is_chosen_a_gap_reject
     t1, second = images[..., 0].astype(float), images[..., 1].astype(float)
     inside = t1 > 0
     assert np.corrcoef(t1[inside], second[inside])[0, 1] < 0  # FLAIR is the inverted blob
+
+
+def _exams(root: Path) -> None:
+    """Two patients' folders as exports make them. p60: a T1, a FLAIR, a diffusion series
+    and an fMRI series (4-D, named for neither: the b-values and the echo-planar volumes
+    tell), and a FLAIR of another patient misfiled among them. p62: two visits (studies)."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for number, seed in ((60, 3), (62, 4)):
+        data = blob_volume(seed)
+        flair = np.where(data > 0, 150.0 - data, 0.0)
+        who, folder = patient(number), root / f"p{number}"
+        for visit in range((number == 62) + 1):
+            study = write_series(folder / f"t1_{visit}", data, affine, who, number=2,
+                                 description="t1_mprage")  # fmt: skip
+            write_series(folder / f"flair_{visit}", flair, affine, who, study, 5, "t2_flair_tra")
+        if number == 60:
+            small = np.stack([data[::2, ::2, ::3]] * 4, axis=-1)
+            write_volumes(folder / "dwi", small, affine, who, study, 8, "Axial 3dir",
+                          bvalues=(0, 1000, 1000, 1000))  # fmt: skip
+            write_volumes(folder / "epi", np.concatenate([small] * 3, axis=-1), affine, who,
+                          study, 9, "Axial EPI", timing=(30.0, 2000.0))  # fmt: skip
+            write_series(folder / "other", flair, affine, patient(61), None, 5, "t2_flair_tra")
+
+
+def test_an_exams_diffusion_and_fmri_are_notes_and_misfiled_or_repeated_exams_are_named(
+    tmp_path, capsys
+):
+    exams = tmp_path / "exams"
+    _exams(exams)
+    store = tmp_path / "s.h5"
+    args = [str(exams), "--suffix", "T1w", "FLAIR", "--id-salt", "K", "--size", "32"]
+    assert preprocess_main([*args, "-o", str(store), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert f"note: {exams}/p62: 2 exams (studies) of one patient: each is a session" in notes
+    assert any("series 8 'Axial 3dir': skipped: dwi, diffusion" in line for line in notes)
+    assert any("series 9 'Axial EPI': skipped: bold" in line for line in notes)
+    misfiled = [line for line in notes if "/p60/other: series 5" in line]
+    assert len(misfiled) == 1
+    assert f"of another patient than the other 4 series of {exams}/p60" in misfiled[0]
+    rejected = [line for line in err.splitlines() if line.startswith("rejected: ")]
+    assert len(rejected) == 1  # the misfiled patient has no T1w: named as a missing kind
+    assert "p60/other" in rejected[0]
+    assert "no T1w series in this session" in rejected[0]
+    with open_store(store) as opened:
+        assert opened.num_channels == 2
+        table = opened.subjects_table()
+    sessions = {}
+    for subject, session in zip(table["id"], table["session"], strict=True):
+        sessions.setdefault(str(subject), set()).add(str(session))
+    assert sorted(len(found) for found in sessions.values()) == [1, 2]  # p60, p62's two visits
+
+    # subjects named by folder: the misfiled series would join p60, so it is rejected
+    capsys.readouterr()
+    args += ["-o", str(tmp_path / "f.h5"), "--workers", "1", "--dicom-subject", "folder"]
+    assert preprocess_main(args) == 1
+    rejected = [line for line in capsys.readouterr().err.splitlines() if "rejected: " in line]
+    assert len(rejected) == 1
+    assert "p60/other: series 5 't2_flair_tra': a series of another patient" in rejected[0]
+    with open_store(tmp_path / "f.h5") as opened:
+        ids = set(opened.subjects_table()["id"])
+    assert ids == {keyed_hash("p60", "K", 12), keyed_hash("p62", "K", 12)}
