@@ -3,17 +3,22 @@ Philips exam in ../shared/real (its MPRAGE stored, its perfusion and field map n
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from dicom_series import patient, write_series, write_volumes
-from helpers import blob_volume, read_rows
+from helpers import assert_same_store_content, blob_volume, read_rows
+from make_heads import known_motion, moved_head, scanner_grid
 
 from loader import open_store
 from preprocess import series
 from preprocess.cli import main as preprocess_main
 from preprocess.dicom import keyed_hash
+from preprocess.pipeline import run as preprocess_run
+from preprocess.settings import RunOptions, Settings
+from preprocess.writer import Partial, partial_path
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 EXAM = REAL / "dicom" / "philips-exam"
@@ -277,3 +282,62 @@ def test_an_exams_diffusion_and_fmri_are_notes_and_misfiled_or_repeated_exams_ar
     with open_store(tmp_path / "f.h5") as opened:
         ids = set(opened.subjects_table()["id"])
     assert ids == {keyed_hash("p60", "K", 12), keyed_hash("p62", "K", 12)}
+
+
+def test_an_exams_channels_shard_and_resume_as_the_whole_run(tmp_path, monkeypatch):
+    exams = tmp_path / "exams"
+    _exams(exams)
+    settings = Settings(suffix=("T1w", "FLAIR"), size=32, val_fraction=0.25)
+    options = RunOptions(workers=1, id_salt="K")
+    quiet = {"report": lambda _: None}
+    clean = tmp_path / "clean.h5"
+    preprocess_run([str(exams)], clean, settings, options, **quiet)
+    names = {}
+    for shard in ("0/2", "1/2"):
+        store = tmp_path / f"shard{shard[0]}.h5"
+        preprocess_run([str(exams)], store, replace(settings, shard=shard), options, **quiet)
+        with open_store(store) as opened:
+            assert opened.num_channels == 2
+            names[shard] = [str(path) for path in opened.subjects_table()["path"]]
+    with open_store(clean) as opened:
+        assert sorted(names["0/2"] + names["1/2"]) == sorted(
+            map(str, opened.subjects_table()["path"])
+        )
+
+    target, add = tmp_path / "resumed.h5", Partial.add
+
+    def add_then_stop(self, *args, **kwargs):
+        add(self, *args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C after the first session was written
+
+    monkeypatch.setattr(Partial, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_run([str(exams)], target, settings, options, **quiet)
+    monkeypatch.undo()
+    assert partial_path(target).is_dir()
+    summary = preprocess_run([str(exams)], target, settings, replace(options, resume=True), **quiet)
+    assert summary.resumed == 1
+    assert_same_store_content(target, clean)
+
+
+def test_an_exams_t1_and_flair_go_to_standard_space_together(tmp_path):
+    rng = np.random.default_rng(5)
+    shape = (96, 120, 110)  # the whole head in the field of view
+    affine = scanner_grid(shape, (2.0, 2.0, 2.0), "LPS")
+    t1 = np.clip(moved_head(known_motion(rng), affine, shape, rng), 0, 32000).astype(np.int16)
+    flair = (np.sqrt(t1.astype(float)) * 100).astype(np.int16)  # the same head, other contrast
+    who, exam = patient(70), tmp_path / "exam"
+    study = write_series(exam / "t1", t1, affine, who, number=2, description="t1_mprage")
+    write_series(exam / "flair", flair, affine, who, study, 3, "t2_flair_tra")
+    store = tmp_path / "s.h5"
+    settings = Settings(suffix=("T1w", "FLAIR"), space="mni", size=32, val_fraction=0.25)
+    preprocess_run([str(exam)], store, settings, RunOptions(workers=1, id_salt="K"),
+                   report=lambda _: None)  # fmt: skip
+    with open_store(store) as opened:
+        assert opened.num_channels == 2
+        assert opened.subjects_table()["similarity"][0] > 0.8  # the T1w was registered
+        images = np.asarray(opened.images[:64], dtype=float)  # the first chunk
+    first, second = images[..., 0], images[..., 1]
+    assert np.abs(first - second).max() > 20  # two contrasts, not one channel twice
+    # the FLAIR channel went through the T1's transform: the same anatomy, voxel for voxel
+    assert np.corrcoef(first.ravel(), second.ravel())[0, 1] > 0.9
