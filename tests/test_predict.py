@@ -184,3 +184,33 @@ def test_a_standard_space_store_from_before_the_head_template_predicts_on_its_ow
     assert preprocess_settings({**old, "template": "MNI152NLin6Asym"}).template == "MNI152NLin6Asym"
     native = preprocess_settings({"space": "native", "template": None, "size": 64})
     assert native.template == PreprocessSettings().template
+
+
+def test_a_run_on_an_exams_t1_and_flair_predicts_exam_folders_with_both(tmp_path):
+    """A run trained on the T1w and FLAIR series of exams (class folders) predicts the same
+    exam folders: predict takes the kinds its store took, paired as channels."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    exams = tmp_path / "exams"
+    for number in range(6):
+        data = blob_volume(number, (32, 32, 24))
+        who, folder = patient(80 + number), exams / ("AD" if number % 2 else "CN") / f"p{number}"
+        study = write_series(folder / "t1", data, affine, who, number=2, description="t1_mprage")
+        flair = np.where(data > 0, 150.0 - data, 0.0)
+        write_series(folder / "flair", flair, affine, who, study, 4, "Ax T2 FLAIR")
+        write_series(folder / "loc", data[:, :, :3], affine, who, study, 1, "localizer")
+    store = tmp_path / "s.h5"
+    args = [str(exams), "-o", str(store), "--suffix", "T1w", "FLAIR", "--layout", "classes"]
+    assert preprocess_main([*args, "--id-salt", "K", "--size", "32", "--val-fraction", "0.34"]) == 0
+    run_dir = tmp_path / "run"
+    train(store, run_dir, epochs=1, batch_size=32, progress=False)
+    out = tmp_path / "out"
+    result = predict(run_dir, [exams], out, workers=1, id_salt="K", report=lambda _: None)
+    assert len(result.scans) == 6  # one per exam: its T1w and FLAIR, the localizer left out
+    mine = {row["subject"]: row for row in read_rows(out / "predictions.csv")}
+    own = read_rows(run_dir / "predictions.csv")
+    assert own
+    for row in own:
+        assert float(mine[row["subject"]]["probability"]) == pytest.approx(
+            float(row["probability"]), abs=2e-4
+        )
+        assert int(mine[row["subject"]]["slices"]) == int(row["slices"])
