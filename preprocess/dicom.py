@@ -51,6 +51,7 @@ REJECTING = {
 FILE_PROBLEM = re.compile(r"(?:Warning|Error): (.*?):? (/\S+|\S+/\S+)\s*$")
 # what dcm2niix says of a file it cannot read (its other lines naming a file, such as
 # "Unable to determine GE Slice timing", are about the series, not the file)
+NO_IMAGES = "No valid DICOM images were found"  # dcm2niix, on a folder of reports
 UNREADABLE = re.compile(
     r"not large enough|unable to (?:read|open|load|decode|decompress)|corrupt|truncat",
     re.IGNORECASE,
@@ -181,8 +182,9 @@ def convert(
     cores = min(8, len(os.sched_getaffinity(0)))
     with futures.ThreadPoolExecutor(cores) as pool:  # a dcm2niix process per folder
         runs = pool.map(functools.partial(_run, binary), [f for _, f in folders], outs)
-        for (item, folder), out, (outputs, problems) in zip(folders, outs, runs, strict=True):
+        for (item, folder), out, (outputs, problems, note) in zip(folders, outs, runs, strict=True):
             result.rejected += problems
+            result.skipped += [f"{folder}: skipped: {note}"] if note else []
             by_series: dict[str, list] = {}
             for name, lines in outputs:
                 facts = _sidecar(out / f"{name}.json")
@@ -320,16 +322,17 @@ def _pair_kinds(result: Converted, kinds: tuple[str, ...]) -> None:
     result.scans = paired
 
 
-def _run(binary: str, folder: Path, out: Path) -> tuple[list, list[tuple[str, str]]]:
+def _run(binary: str, folder: Path, out: Path) -> tuple[list, list[tuple[str, str]], str]:
     """dcm2niix on one folder (not its sub-folders): ``(output name, its lines)`` per
-    series written, and rejections for files or the whole folder."""
+    series written, rejections for files or the whole folder, and a note when the folder's
+    DICOM files hold no image (a report, as Siemens' PhoenixZIPReport): not a problem."""
     out.mkdir()
     command = [binary, "-g", "i", "-b", "y", "-ba", "n", "-z", "n", "-d", "0"]
     command += ["-f", "%s_%j", "-o", str(out), str(folder)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return [], [(str(folder), f"dcm2niix failed: {exc}")]
+        return [], [(str(folder), f"dcm2niix failed: {exc}")], ""
     outputs, pending, problems = [], [], []
     for line in (done.stdout + done.stderr).splitlines():
         line = line.strip()
@@ -348,11 +351,13 @@ def _run(binary: str, folder: Path, out: Path) -> tuple[list, list[tuple[str, st
             problems.append((str(path), f"unreadable DICOM file (dcm2niix: {bad_file.group(1)})"))
         elif line.startswith(("Warning:", "Error:", "Slices not stacked")) or "not stacked" in line:
             pending.append(line)
+    if not outputs and not problems and NO_IMAGES in done.stdout + done.stderr:
+        return [], [], "its DICOM files hold no image (a report or another non-image object)"
     if not outputs and not problems:
         errors = [line for line in pending if line.startswith("Error")] or pending
         reason = errors[-1] if errors else f"exit status {done.returncode}"
         problems.append((str(folder), f"dcm2niix converted no series ({reason})"))
-    return outputs, problems
+    return outputs, problems, ""
 
 
 def _names(folder: Path) -> set[str]:

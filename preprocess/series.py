@@ -37,7 +37,7 @@ MEANING = {
     "bold": "functional (BOLD)",
     "asl": "perfusion, arterial spin labelling",
     "m0scan": "ASL M0 reference",
-    "fmap": "field map",
+    "fmap": "field map or echo-planar reference",
     "localizer": "localizer",
     "derived": "derived by the scanner",
     "unknown": "of no known kind",
@@ -143,6 +143,9 @@ RULES = (
     ),
     Rule("PDw", name=rf"{_}pd(?![a-z])|{_}pdw|proton"),
     Rule("T2w", name=rf"{_}t2|{_}tse|{_}fse|{_}space|{_}cube|{_}vista|haste"),
+    # echo-planar with fewer volumes than fMRI (which rule 11 took) and no b-values: a
+    # spin-echo field map or a reference volume, distorted, never the anatomy of rules below
+    Rule("fmap", sequence="EP"),
     Rule("T1w", ti_ms=(300, 1500), te_ms=(0, 10)),  # inversion-prepared: MPRAGE's timing
     Rule("T1w", te_ms=(0, 10), flip_below=30),  # a spoiled gradient echo: SPGR, FLASH, TFE
     Rule("T1w", sequence="SE", te_ms=(0, 30), tr_ms=(0, 1000)),

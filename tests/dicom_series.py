@@ -16,6 +16,7 @@ from pydicom.uid import (
 )
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"  # a structured report: no image
 ENHANCED_MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 LPS = np.diag([-1.0, -1.0, 1.0])  # NIfTI's RAS world to DICOM's LPS
 
@@ -219,3 +220,16 @@ def write_enhanced(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return study
+
+
+def write_report(path: Path, who: dict, study: str, number: int = 99) -> None:
+    """A DICOM file holding no image, as the protocol report (Siemens' PhoenixZIPReport,
+    an enhanced structured report) an exam's export carries beside its series."""
+    ds = _base(who, study, generate_uid(), number, "PhoenixZIPReport", ENHANCED_SR)
+    ds.Modality = "SR"
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.InstanceNumber = 1
+    ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)

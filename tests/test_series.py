@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_series import patient, write_series, write_volumes
+from dicom_series import patient, write_report, write_series, write_volumes
 from helpers import assert_same_store_content, blob_volume, read_rows
 from make_heads import known_motion, moved_head, scanner_grid
 
@@ -47,6 +47,7 @@ ONE_PER_RULE = [
     _facts(SeriesDescription="ADNI_Sag3D MPRAGE"),
     _facts(SeriesDescription="PD_tse_cor"),
     _facts(SeriesDescription="t2_tse_tra"),
+    _facts(ScanningSequence="EP", EchoTime=0.06, RepetitionTime=6.1, SeriesDescription="AP"),
     _facts(InversionTime=0.9, EchoTime=0.003, RepetitionTime=2.3, SeriesDescription="sag 3d"),
     _facts(EchoTime=0.0023, RepetitionTime=2.3, FlipAngle=9, SeriesDescription="head"),
     _facts(ScanningSequence="SE", EchoTime=0.015, RepetitionTime=0.5, FlipAngle=90),
@@ -242,6 +243,7 @@ def _exams(root: Path) -> None:
             write_volumes(folder / "epi", np.concatenate([small] * 3, axis=-1), affine, who,
                           study, 9, "Axial EPI", timing=(30.0, 2000.0))  # fmt: skip
             write_series(folder / "other", flair, affine, patient(61), None, 5, "t2_flair_tra")
+            write_report(folder / "report" / "SR0001", who, study)
 
 
 def test_an_exams_diffusion_and_fmri_are_notes_and_misfiled_or_repeated_exams_are_named(
@@ -257,6 +259,7 @@ def test_an_exams_diffusion_and_fmri_are_notes_and_misfiled_or_repeated_exams_ar
     assert f"note: {exams}/p62: 2 exams (studies) of one patient: each is a session" in notes
     assert any("series 8 'Axial 3dir': skipped: dwi, diffusion" in line for line in notes)
     assert any("series 9 'Axial EPI': skipped: bold" in line for line in notes)
+    assert f"note: {exams}/p60/report: skipped: its DICOM files hold no image" in "\n".join(notes)
     misfiled = [line for line in notes if "/p60/other: series 5" in line]
     assert len(misfiled) == 1
     assert f"of another patient than the other 4 series of {exams}/p60" in misfiled[0]
