@@ -85,6 +85,7 @@ def write_series(
     compressed: bool = False,
     image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "M", "ND"),
     names: str = "IM{:04d}",
+    timing: tuple[float, float, float] | None = None,
 ) -> str:
     """One file per slice (along voxel axis k) of an int16 volume; returns the study UID.
 
@@ -92,6 +93,7 @@ def write_series(
         skip: slices left out (a missing file).
         compressed: JPEG-LS lossless pixel data.
         names: file names by instance number (no ``.dcm``, as scanners write them).
+        timing: echo time, repetition time (ms) and flip angle; a T1's by default.
     """
     study = study or generate_uid()
     series = generate_uid()
@@ -103,6 +105,8 @@ def write_series(
         ds = _slice(_base(who, study, series, number, description, MR_IMAGE), affine, k)
         ds.InstanceNumber = k + 1
         ds.ImageType = list(image_type)
+        if timing is not None:
+            ds.EchoTime, ds.RepetitionTime, ds.FlipAngle = timing
         pixels = _pixels(ds, values[:, :, k])
         if compressed:
             ds.compress(JPEGLSLossless, pixels)

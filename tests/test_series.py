@@ -226,7 +226,8 @@ def test_t1_and_flair_of_an_exam_become_channels_a_repeat_is_chosen_a_gap_reject
 def _exams(root: Path) -> None:
     """Two patients' folders as exports make them. p60: a T1, a FLAIR, a diffusion series
     and an fMRI series (4-D, named for neither: the b-values and the echo-planar volumes
-    tell), and a FLAIR of another patient misfiled among them. p62: two visits (studies)."""
+    tell), a series of no known kind, a protocol report (no image), and a FLAIR of another
+    patient misfiled among them. p62: two visits (studies)."""
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     for number, seed in ((60, 3), (62, 4)):
         data = blob_volume(seed)
@@ -244,6 +245,8 @@ def _exams(root: Path) -> None:
                           study, 9, "Axial EPI", timing=(30.0, 2000.0))  # fmt: skip
             write_series(folder / "other", flair, affine, patient(61), None, 5, "t2_flair_tra")
             write_report(folder / "report" / "SR0001", who, study)
+            write_series(folder / "odd", data, affine, who, study, 11, "Head 7",
+                         timing=(40.0, 1200.0, 90.0))  # fmt: skip
 
 
 def test_an_exams_diffusion_and_fmri_are_notes_and_misfiled_or_repeated_exams_are_named(
@@ -260,9 +263,10 @@ def test_an_exams_diffusion_and_fmri_are_notes_and_misfiled_or_repeated_exams_ar
     assert any("series 8 'Axial 3dir': skipped: dwi, diffusion" in line for line in notes)
     assert any("series 9 'Axial EPI': skipped: bold" in line for line in notes)
     assert f"note: {exams}/p60/report: skipped: its DICOM files hold no image" in "\n".join(notes)
+    assert any("series 11 'Head 7': skipped: unknown, its names and timing" in n for n in notes)
     misfiled = [line for line in notes if "/p60/other: series 5" in line]
     assert len(misfiled) == 1
-    assert f"of another patient than the other 4 series of {exams}/p60" in misfiled[0]
+    assert f"of another patient than the other 5 series of {exams}/p60" in misfiled[0]
     rejected = [line for line in err.splitlines() if line.startswith("rejected: ")]
     assert len(rejected) == 1  # the misfiled patient has no T1w: named as a missing kind
     assert "p60/other" in rejected[0]
