@@ -106,8 +106,7 @@ def build_model(
         loss=loss,
         **{"weighted_metrics" if weighted else "metrics": metrics},
     )
-    # Adam's moments made now, not inside the first step: a tf.function that creates
-    # variables is traced twice, and tracing the U-Net's step costs ~5 s on a 2-core CPU
+    # Adam's moments made now, not inside the first step (see _build_state)
     model.optimizer.build(model.trainable_variables)
     return model
 
@@ -184,6 +183,20 @@ class _History(keras.callbacks.CSVLogger):
         files.write_text(self.path, self.csv_file.getvalue())
 
 
+def _build_state(model: keras.Model, batch) -> None:
+    """The loss's and metrics' variables made now, eagerly on one ``batch``, and reset.
+
+    Keras (TensorFlow, no distribution strategy) makes them inside the first training step,
+    and a ``tf.function`` that makes variables is traced twice: ~2 s more for a run of the
+    small CNN, ~5 s for the U-Net, on a 2-core CPU. Adam's variables are made with the
+    model (:func:`build_model`)."""
+    x, y, *weight = batch
+    predicted = model(x, training=False)
+    model.compute_loss(x, y, predicted, weight[0] if weight else None)
+    model.compute_metrics(x, y, predicted, weight[0] if weight else None)
+    model.reset_metrics()
+
+
 def fit(
     model: keras.Model,
     data: dict[str, H5Sequence],
@@ -217,6 +230,8 @@ def fit(
     if resume:
         state.set_model(model)
         state.restore(data["val"][0])
+    else:
+        _build_state(model, data["val"][0])
     common = {
         "validation_data": data["val"],
         "callbacks": [*_own_callbacks(state, settings, run_dir, resume, show), *callbacks],
