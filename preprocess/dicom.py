@@ -49,9 +49,9 @@ REJECTING = {
     "Slices not stacked": "its slices disagree in size or orientation",
 }
 FILE_PROBLEM = re.compile(r"(?:Warning|Error): (.*?):? (/\S+|\S+/\S+)\s*$")
+NO_IMAGES = "No valid DICOM images were found"  # dcm2niix, on a folder of reports
 # what dcm2niix says of a file it cannot read (its other lines naming a file, such as
 # "Unable to determine GE Slice timing", are about the series, not the file)
-NO_IMAGES = "No valid DICOM images were found"  # dcm2niix, on a folder of reports
 UNREADABLE = re.compile(
     r"not large enough|unable to (?:read|open|load|decode|decompress)|corrupt|truncat",
     re.IGNORECASE,

@@ -187,7 +187,7 @@ def _build_state(model: keras.Model, batch) -> None:
     """The loss's and metrics' variables made now, eagerly on one ``batch``, and reset.
 
     Keras (TensorFlow, no distribution strategy) makes them inside the first training step,
-    and a ``tf.function`` that makes variables is traced twice: ~2 s more for a run of the
+    and a ``tf.function`` that makes variables is traced twice: ~1 s more for a run of the
     small CNN, ~5 s for the U-Net, on a 2-core CPU. Adam's variables are made with the
     model (:func:`build_model`)."""
     x, y, *weight = batch
