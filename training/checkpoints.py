@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 from pathlib import Path
@@ -241,7 +242,14 @@ def stop_at_batch_end(state: RunState, immediate_terminate: bool):
         yield
         return
 
+    owner = os.getpid()
+
     def request(signum, frame):
+        if os.getpid() != owner:  # a reader process forked while this handler was set
+            if signum == signal.SIGTERM:  # its pool ending it: die as by default, quietly
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return  # Ctrl-C reaches the whole group: the main process stops the run
         if state.stop_requested or (signum == signal.SIGTERM and immediate_terminate):
             raise KeyboardInterrupt
         state.stop_requested = True
