@@ -35,11 +35,9 @@ def processed(scans: list[Scan], settings: Settings, options: RunOptions):
         BrokenProcessPool: a worker process died.
     """
     workers, timeout = options.workers, options.scan_timeout
-    if workers <= 1:  # one BLAS thread here too: a scan's bytes must not depend on --workers
+    if workers <= 1:
         for scan in scans:
-            with threadpoolctl.threadpool_limits(1, user_api="blas"):
-                result = process_or_reason(scan, settings, timeout)
-            yield scan, result
+            yield scan, _here(scan, settings, timeout)
         return
     method = start_method()
     context = multiprocessing.get_context(method)
@@ -121,12 +119,17 @@ def _start_pool(pool, queue, pending: dict, count: int, settings, timeout: float
     starter = threading.Thread(target=submit, name="start-workers", daemon=True)
     starter.start()
     while starter.is_alive() and (scan := next(queue, None)) is not None:
-        with threadpoolctl.threadpool_limits(1, user_api="blas"):
-            result = process_or_reason(scan, settings, timeout)
-        yield scan, result
+        yield scan, _here(scan, settings, timeout)
     starter.join()
     if failed:
         raise failed[0]
+
+
+def _here(scan: Scan, settings: Settings, timeout: float):
+    """A scan processed in this process, with one BLAS thread as in a worker: a scan's
+    bytes must not depend on where it was computed (``--workers``)."""
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        return process_or_reason(scan, settings, timeout)
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
