@@ -11,6 +11,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# as `python -m training` runs (training/cli.py); `TF_ENABLE_ONEDNN_OPTS=0 make test` tests
+# the kernels TensorFlow picks by itself on CPUs without AVX-512 VNNI
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # JAX processes the tests start (two at a time, beside the other pytest-xdist worker): one
 # XLA thread each, not a pool per core spinning against the others
 os.environ.setdefault(

@@ -206,8 +206,8 @@ def test_phantom_lesions_are_bright_in_flair_under_their_masks(tmp_path):
 
 def test_a_short_segmentation_run_finds_the_phantom_lesions(lesion_store, tmp_path, capsys):
     run = tmp_path / "run"
-    args = [lesion_store, "-o", run, "--target", "mask", "--epochs", "4", "--batch-size", "8"]
-    args += ["--learning-rate", "0.003"]  # val Dice 0.80 here (8 epochs at 0.001: 0.77)
+    args = [lesion_store, "-o", run, "--target", "mask", "--epochs", "6", "--batch-size", "8"]
+    args += ["--learning-rate", "0.003"]  # val Dice 0.83-0.85, oneDNN on or off, 1 or 2 threads
     assert training_main([str(a) for a in args]) == 0
     out = capsys.readouterr().out
     assert "val: Dice " in out

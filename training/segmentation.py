@@ -21,10 +21,16 @@ SMOOTH = 1.0  # keeps the soft Dice of an empty label and batch at 1, its gradie
 
 @keras.saving.register_keras_serializable(package="slicestore")
 def dice_cross_entropy(y_true, y_pred):
-    """Cross-entropy per pixel plus one minus the soft Dice of the labels other than 0.
+    """Cross-entropy balanced over the labels plus one minus the soft Dice of the labels
+    other than 0.
 
-    The cross-entropy learns every pixel; the Dice term keeps small structures (lesions,
-    a fraction of a percent of the pixels) from being drowned by the background.
+    The cross-entropy is averaged per label over its pixels in the batch, then over the
+    labels present: a lesion's few pixels weigh as much as the background's many. With the
+    plain mean over pixels a U-Net first learned "no lesion anywhere" and left it late and
+    by chance (the phantom lesions, seed 0: val Dice 0.00 for three epochs, then 0.50; with
+    other float rounding 0.002 after four); balanced, it finds them from the first epochs
+    (0.07, 0.31, 0.59, 0.63, ..., 0.85 after eight, as the plain mean reached). The Dice
+    term keeps the segmentation from spilling over the background.
 
     >>> y = np.zeros((1, 2, 2, 1), np.int32); y[0, 0, 0, 0] = 1
     >>> p = np.stack([1.0 - y[..., 0], y[..., 0]], -1).astype("float32") * 0.98 + 0.01
@@ -33,8 +39,13 @@ def dice_cross_entropy(y_true, y_pred):
     """
     labels = ops.cast(ops.squeeze(y_true, -1), "int32")
     classes = ops.shape(y_pred)[-1]
-    cross_entropy = ops.mean(keras.losses.sparse_categorical_crossentropy(labels, y_pred))
-    one_hot = ops.one_hot(labels, classes)[..., 1:]
+    pixel_loss = keras.losses.sparse_categorical_crossentropy(labels, y_pred)
+    every = ops.one_hot(labels, classes)
+    counts = ops.sum(every, axis=(0, 1, 2))
+    per_label = ops.sum(every * pixel_loss[..., None], axis=(0, 1, 2)) / ops.maximum(counts, 1)
+    present = ops.cast(counts > 0, y_pred.dtype)
+    cross_entropy = ops.sum(per_label * present) / ops.sum(present)
+    one_hot = every[..., 1:]
     probabilities = y_pred[..., 1:]
     overlap = ops.sum(one_hot * probabilities, axis=(0, 1, 2))
     total = ops.sum(one_hot, axis=(0, 1, 2)) + ops.sum(probabilities, axis=(0, 1, 2))
