@@ -90,6 +90,18 @@ def lesion_store(tmp_path_factory) -> Path:
     return folder / "s.h5"
 
 
+@pytest.fixture(scope="session")
+def small_lesion_store(tmp_path_factory) -> Path:
+    """As :func:`lesion_store` with four subjects (about half the slices), for the runs
+    that test resuming and sharing, not learning."""
+    folder = tmp_path_factory.mktemp("small-lesions")
+    write_bids(folder / "bids", subjects=4, seed=0, flair=True)
+    args = [folder / "bids", "-o", folder / "s.h5", "--suffix", "T1w", "FLAIR", "--size", "32"]
+    args += ["--masks", "lesion", "--workers", "1"]
+    assert preprocess_main([str(a) for a in args]) == 0
+    return folder / "s.h5"
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A tmpfs of 64 MiB at ``tmp_path/disk`` (as root, as CI runs; skipped where mounting

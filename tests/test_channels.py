@@ -293,11 +293,12 @@ def test_the_preview_shows_every_channel_and_the_mask_contours(modality_store, t
     assert red.sum() > 20  # the sphere's contours
 
 
-def test_a_segmentation_run_resumes_exactly(lesion_store, tmp_path):
+def test_a_segmentation_run_resumes_exactly(small_lesion_store, tmp_path):
     """The U-Net's batch-normalisation statistics and the Dice totals come back too."""
+    store = small_lesion_store
     settings = {"target": "mask", "epochs": 1, "batch_size": 16, "checkpoint_every": 2}
-    whole = train(lesion_store, tmp_path / "whole", progress=False, **settings)
-    resumed = interrupted_and_resumed(lesion_store, tmp_path / "resumed", (0, 3), **settings)
+    whole = train(store, tmp_path / "whole", progress=False, **settings)
+    resumed = interrupted_and_resumed(store, tmp_path / "resumed", (0, 3), **settings)
     for a, b in zip(whole.model.get_weights(), resumed.model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     history = (tmp_path / "resumed" / "history.csv").read_bytes()

@@ -40,7 +40,7 @@ np.save(out.replace("weights", "rows"), np.array(served))
 """
 
 
-def test_two_processes_train_one_model_on_their_own_shares(lesion_store, tmp_path):
+def test_two_processes_train_one_model_on_their_own_shares(small_lesion_store, tmp_path):
     """Two JAX processes segment lesions (the U-Net, its Dice metric reset on every
     backend): one model kept in step, each process reading its own rows of every epoch."""
     port, run_dir = free_port(), tmp_path / "run"
@@ -53,7 +53,7 @@ def test_two_processes_train_one_model_on_their_own_shares(lesion_store, tmp_pat
                 PROCESS,
                 str(index),
                 str(port),
-                str(lesion_store),
+                str(small_lesion_store),
                 str(run_dir),
                 str(tmp_path / f"weights{index}.npy"),
             ],
@@ -72,7 +72,7 @@ def test_two_processes_train_one_model_on_their_own_shares(lesion_store, tmp_pat
     first, second = (np.load(tmp_path / f"weights{index}.npy") for index in range(2))
     np.testing.assert_array_equal(first, second)  # one model, kept in step
     served = [np.load(tmp_path / f"rows{index}.npy") for index in range(2)]
-    with open_store(lesion_store) as store:
+    with open_store(small_lesion_store) as store:
         train = store.splits["train"]
     # Keras reads one batch to learn the shapes, then two epochs: per epoch of the plan, each
     # process read its own rows (disjoint), and together every row but < one batch a process

@@ -1,28 +1,26 @@
+import os
 import signal
-import sys
 
 # Loading TensorFlow takes seconds: a Ctrl-C then is one line too, not a traceback. The
-# interrupt is also remembered, since one raised inside TensorFlow's import can be swallowed
-# there (a bare except, or a finaliser where Python drops it) and the import would go on,
-# or turned into another error (Keras' "you need to have `optree` installed" when it came
-# while optree was imported).
-interrupted = []
+# process ends right in the handler, with nothing to unwind: a KeyboardInterrupt raised
+# inside TensorFlow's import could be swallowed there (a bare except, a finaliser), turned
+# into another error (Keras' "you need to have `optree` installed"), crash the process
+# (SIGSEGV, 1 in 60 Ctrl-Cs) or, having passed through Python run from C (pybind11's exec),
+# make Python end itself by SIGINT whatever the exit status (1 in 30). Nothing is written
+# before training starts, so there is nothing to finish. The line goes to the stderr the
+# process started with: the import sends fd 2 to /dev/null for a while (training/cli.py).
+STDERR = os.dup(2)
 
 
 def _on_interrupt(signum, frame):
-    interrupted.append(signum)
-    raise KeyboardInterrupt
+    os.write(STDERR, b"interrupted before training started\n")
+    os._exit(130)
 
 
 signal.signal(signal.SIGINT, _on_interrupt)
-try:
-    from training.cli import main
-except BaseException:
-    if not interrupted:
-        raise
+from training.cli import main  # noqa: E402
+
 signal.signal(signal.SIGINT, signal.default_int_handler)
-if interrupted:
-    print("interrupted before training started", file=sys.stderr)
-    raise SystemExit(130)
+os.close(STDERR)
 
 raise SystemExit(main())
