@@ -207,7 +207,7 @@ def test_phantom_lesions_are_bright_in_flair_under_their_masks(tmp_path):
 def test_a_short_segmentation_run_finds_the_phantom_lesions(lesion_store, tmp_path, capsys):
     run = tmp_path / "run"
     args = [lesion_store, "-o", run, "--target", "mask", "--epochs", "6", "--batch-size", "8"]
-    args += ["--learning-rate", "0.003"]  # val Dice 0.83-0.85, oneDNN on or off, 1 or 2 threads
+    args += ["--learning-rate", "0.003"]  # val Dice 0.83-0.89, oneDNN on or off, 1 or 2 threads
     assert training_main([str(a) for a in args]) == 0
     out = capsys.readouterr().out
     assert "val: Dice " in out
@@ -223,29 +223,35 @@ def test_a_short_segmentation_run_finds_the_phantom_lesions(lesion_store, tmp_pa
     model = keras.saving.load_model(run / "model.keras")  # loss and metric registered
     assert model.output_shape == (None, 32, 32, 2)
     assert model.input_shape == (None, 32, 32, 2)
-    # predict the validation subject with lesions, its scans stored in another voxel order
-    # with a coarser, anisotropic grid: the mask comes back on that grid, as good as in val
+    # predict the validation subject with lesions twice: its scans as they are, and stored
+    # in another voxel order on a coarser, anisotropic grid. The mask comes back on each
+    # scan's own grid, and as good on the moved grid as on the original one (both scored at
+    # the scans' resolution, finer than the 32 x 32 slices the model saw: the val Dice
+    # above is scored on those slices, so it is not the reference here)
     subject = max(rows, key=lambda row: int(row["true_pixels"]))["subject"]
     bids = lesion_store.parent / "bids"
-    moved = tmp_path / "moved"
-    truth = {}
-    for source in sorted(bids.glob(f"sub-{subject}/**/*.nii.gz")):
-        image = nib.load(source)
-        data, affine = reorder(np.asarray(image.dataobj), image.affine, "PSL")
-        data, affine = data[:, :, ::2], affine @ np.diag([1, 1, 2, 1])  # every other plane
-        target = moved / source.relative_to(bids)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(data, affine), target)
-        if source.name.endswith("_T1w.nii.gz"):
-            lesion = next(
-                bids.glob(f"derivatives/*/**/{source.name[:-11]}_desc-lesion_mask.nii.gz")
-            )
-            true = resample_from_to(nib.load(lesion), (data.shape, affine), order=0)
-            truth[target] = np.asarray(true.dataobj) > 0
-    (moved / "participants.tsv").write_text((bids / "participants.tsv").read_text())
+    truth = {}  # T1 path -> its true mask on its grid
+    for folder, moved in (("as-stored", False), ("moved", True)):
+        for source in sorted(bids.glob(f"sub-{subject}/**/*.nii.gz")):
+            image = nib.load(source)
+            data, affine = np.asarray(image.dataobj), image.affine
+            if moved:
+                data, affine = reorder(data, affine, "PSL")
+                data, affine = data[:, :, ::2], affine @ np.diag([1, 1, 2, 1])  # every other
+            target = tmp_path / folder / source.relative_to(bids)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(data, affine), target)
+            if source.name.endswith("_T1w.nii.gz"):
+                lesion = next(
+                    bids.glob(f"derivatives/*/**/{source.name[:-11]}_desc-lesion_mask.nii.gz")
+                )
+                true = resample_from_to(nib.load(lesion), (data.shape, affine), order=0)
+                truth[target] = np.asarray(true.dataobj) > 0
+        (tmp_path / folder / "participants.tsv").write_text((bids / "participants.tsv").read_text())
     out = tmp_path / "predicted"
-    assert training_main(["predict", str(run), str(moved), "-o", str(out)]) == 0
-    overlap = total = 0
+    inputs = [str(tmp_path / "as-stored"), str(tmp_path / "moved")]
+    assert training_main(["predict", str(run), *inputs, "-o", str(out)]) == 0
+    counts = {"as-stored": [0, 0], "moved": [0, 0]}  # pixels in both, pixels found + true
     for t1, true in truth.items():
         name = str(t1.relative_to(tmp_path)).removesuffix(".nii.gz").replace(os.sep, "__")
         written = nib.load(out / f"{name}_pred.nii.gz")
@@ -253,9 +259,12 @@ def test_a_short_segmentation_run_finds_the_phantom_lesions(lesion_store, tmp_pa
         assert written.shape == original.shape
         np.testing.assert_allclose(written.affine, original.affine)
         found = np.asarray(written.dataobj) == 1
-        overlap, total = overlap + (found & true).sum(), total + found.sum() + true.sum()
-    val_dice = metrics["splits"]["val"]["slices"]["dice"]["1"]
-    assert 2 * overlap / total > val_dice - 0.2
+        tally = counts[t1.relative_to(tmp_path).parts[0]]
+        tally[0] += (found & true).sum()
+        tally[1] += found.sum() + true.sum()
+    as_stored, moved_dice = (2 * both / total for both, total in counts.values())
+    assert as_stored > 0.5  # untrained: about 0
+    assert moved_dice > as_stored - 0.1
 
 
 @pytest.mark.parametrize(
