@@ -61,6 +61,17 @@ def phantom_store(phantom_bids, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_phantom_store(phantom_bids, tmp_path_factory) -> Path:
+    """The phantom store's scans and splits in slices of 32 x 32 (a quarter of the pixels),
+    for runs of processes that compute on one thread (JAX)."""
+    out = tmp_path_factory.mktemp("store") / "phantoms32.h5"
+    args = [str(phantom_bids), "-o", str(out), "--label-column", "group", "--workers", "1"]
+    args += ["--val-fraction", "0.25", "--test-fraction", "0.25", "--chunk-slices", "8"]
+    assert preprocess_main([*args, "--size", "32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def study(tmp_path_factory):
     """A BIDS tree of three moved heads and its standard-space store (two workers), made
     once for the whole test session, whichever pytest-xdist worker comes first."""

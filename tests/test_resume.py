@@ -147,7 +147,8 @@ def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrup
         _assert_each_epoch_logged_once(run_dir)
 
 
-def test_a_killed_run_resumes_exactly_on_jax_too(phantom_store, phantom_bids, tmp_path):
+def test_a_killed_run_resumes_exactly_on_jax_too(small_phantom_store, phantom_bids, tmp_path):
+    phantom_store = small_phantom_store  # slices of 32 x 32: each process computes on one thread
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     reference = tmp_path / "reference"
     done = _training(phantom_store, reference, env=env)
