@@ -50,14 +50,19 @@ def phantom_bids(tmp_path_factory) -> Path:
     return out
 
 
+def _phantom_store(bids: Path, out: Path, *more: str) -> Path:
+    """``bids`` preprocessed to ``out`` with train/val/test splits and chunks of 8 slices;
+    ``more`` are further arguments of ``python -m preprocess``."""
+    args = [str(bids), "-o", str(out), "--label-column", "group", "--workers", "1"]
+    args += ["--val-fraction", "0.25", "--test-fraction", "0.25", "--chunk-slices", "8"]
+    assert preprocess_main([*args, *more]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def phantom_store(phantom_bids, tmp_path_factory) -> Path:
     """The phantom tree as a store with train/val/test splits, chunks of 8 slices."""
-    out = tmp_path_factory.mktemp("store") / "phantoms.h5"
-    args = [str(phantom_bids), "-o", str(out), "--label-column", "group", "--workers", "1"]
-    args += ["--val-fraction", "0.25", "--test-fraction", "0.25", "--chunk-slices", "8"]
-    assert preprocess_main(args) == 0
-    return out
+    return _phantom_store(phantom_bids, tmp_path_factory.mktemp("store") / "phantoms.h5")
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +70,7 @@ def small_phantom_store(phantom_bids, tmp_path_factory) -> Path:
     """The phantom store's scans and splits in slices of 32 x 32 (a quarter of the pixels),
     for runs of processes that compute on one thread (JAX)."""
     out = tmp_path_factory.mktemp("store") / "phantoms32.h5"
-    args = [str(phantom_bids), "-o", str(out), "--label-column", "group", "--workers", "1"]
-    args += ["--val-fraction", "0.25", "--test-fraction", "0.25", "--chunk-slices", "8"]
-    assert preprocess_main([*args, "--size", "32"]) == 0
-    return out
+    return _phantom_store(phantom_bids, out, "--size", "32")
 
 
 @pytest.fixture(scope="session")
@@ -92,28 +94,27 @@ def study(tmp_path_factory):
     return root, truths, store
 
 
-@pytest.fixture(scope="session")
-def lesion_store(tmp_path_factory) -> Path:
-    """Eight phantom subjects with T1w and FLAIR as channels and lesion masks, slices of
-    32 x 32 (a U-Net on them costs a quarter of one on 64 x 64)."""
-    folder = tmp_path_factory.mktemp("lesions")
-    write_bids(folder / "bids", subjects=8, seed=0, flair=True)
+def _lesion_store(folder: Path, subjects: int) -> Path:
+    """Phantom subjects with T1w and FLAIR as channels and lesion masks, slices of 32 x 32."""
+    write_bids(folder / "bids", subjects=subjects, seed=0, flair=True)
     args = [folder / "bids", "-o", folder / "s.h5", "--suffix", "T1w", "FLAIR", "--size", "32"]
     args += ["--masks", "lesion", "--workers", "1"]
     assert preprocess_main([str(a) for a in args]) == 0
     return folder / "s.h5"
+
+
+@pytest.fixture(scope="session")
+def lesion_store(tmp_path_factory) -> Path:
+    """Eight phantom subjects with T1w and FLAIR as channels and lesion masks, slices of
+    32 x 32 (a U-Net on them costs a quarter of one on 64 x 64)."""
+    return _lesion_store(tmp_path_factory.mktemp("lesions"), subjects=8)
 
 
 @pytest.fixture(scope="session")
 def small_lesion_store(tmp_path_factory) -> Path:
     """As :func:`lesion_store` with four subjects (about half the slices), for the runs
     that test resuming and sharing, not learning."""
-    folder = tmp_path_factory.mktemp("small-lesions")
-    write_bids(folder / "bids", subjects=4, seed=0, flair=True)
-    args = [folder / "bids", "-o", folder / "s.h5", "--suffix", "T1w", "FLAIR", "--size", "32"]
-    args += ["--masks", "lesion", "--workers", "1"]
-    assert preprocess_main([str(a) for a in args]) == 0
-    return folder / "s.h5"
+    return _lesion_store(tmp_path_factory.mktemp("small-lesions"), subjects=4)
 
 
 @pytest.fixture
