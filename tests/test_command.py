@@ -113,9 +113,9 @@ def _wait_for(predicate, process, seconds=120):
         time.sleep(0.05)
 
 
-def test_ctrl_c_ends_a_training_run_with_reader_processes_quickly(phantom_store, tmp_path):
+def test_ctrl_c_ends_a_training_run_with_reader_processes_quickly(small_phantom_store, tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "training", str(phantom_store), "-o", str(run_dir)]
+    command = [sys.executable, "-m", "training", str(small_phantom_store), "-o", str(run_dir)]
     command += ["--epochs", "200", "--patience", "200", "--batch-size", "16"]
     command += ["--workers", "2", "--multiprocessing"]
     process = subprocess.Popen(

@@ -16,14 +16,16 @@ from training.compare import compare
 
 
 @pytest.fixture(scope="module")
-def runs(phantom_store, tmp_path_factory) -> Path:
+def runs(small_phantom_store, tmp_path_factory) -> Path:
     """A folder of three runs on one store: the groups, age (another target and learning
     rate), and the groups again with another seed, interrupted in its second epoch."""
     root = tmp_path_factory.mktemp("runs")
     common = dict(epochs=2, batch_size=64, progress=False)
-    train(phantom_store, root / "group", **common)
-    train(phantom_store, root / "age", target="age", learning_rate=0.01, **common)
-    stopped = train(phantom_store, root / "stopped", seed=5, callbacks=[StopAt(1, 0)], **common)
+    train(small_phantom_store, root / "group", **common)
+    train(small_phantom_store, root / "age", target="age", learning_rate=0.01, **common)
+    stopped = train(
+        small_phantom_store, root / "stopped", seed=5, callbacks=[StopAt(1, 0)], **common
+    )
     assert stopped.interrupted
     return root
 

@@ -134,10 +134,10 @@ def test_a_kill_in_the_middle_of_a_scans_slices_keeps_the_scans_before_it(tmp_pa
 
 
 def test_a_kill_in_the_middle_of_a_run_folders_last_file_leaves_no_half_file(
-    phantom_store, tmp_path
+    small_phantom_store, tmp_path
 ):
     run = tmp_path / "run"
-    args = [str(phantom_store), "-o", str(run), "--epochs", "1", "--workers", "1"]
+    args = [str(small_phantom_store), "-o", str(run), "--epochs", "1", "--workers", "1"]
     _killed_mid_file(r"/metrics\.json\.partial$", "training", *args)
     assert not (run / "metrics.json").exists()  # never half of one
     assert (run / "predictions.csv").is_file()  # written whole just before

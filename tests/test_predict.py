@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def classification_run(phantom_store, tmp_path_factory) -> Path:
+def classification_run(small_phantom_store, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run") / "run"
-    train(phantom_store, run_dir, epochs=1, batch_size=64, progress=False)
+    train(small_phantom_store, run_dir, epochs=1, batch_size=64, progress=False)
     return run_dir
 
 

@@ -27,7 +27,9 @@ from training.tensorboard import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 # Three epochs of 32-slice batches, early stopping with a short patience (its state must
-# survive the kill too), a checkpoint every 3 batches.
+# survive the kill too), a checkpoint every 3 batches; on the phantoms in slices of 32 x 32
+# (small_phantom_store: a run costs about half of one on 64 x 64, and what resuming keeps
+# does not depend on the slice size).
 OPTIONS = ["--epochs", "3", "--batch-size", "32", "--patience", "1", "--seed", "2"]
 OPTIONS += ["--checkpoint-every", "3"]
 SETTINGS = {"epochs": 3, "batch_size": 32, "patience": 1, "seed": 2, "checkpoint_every": 3}
@@ -99,10 +101,10 @@ def _assert_same_run(run_dir: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(phantom_store, tmp_path_factory) -> Path:
+def reference(small_phantom_store, tmp_path_factory) -> Path:
     """The run never interrupted."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    assert _train_here(phantom_store, run_dir) == 0
+    assert _train_here(small_phantom_store, run_dir) == 0
     return run_dir
 
 
@@ -120,11 +122,11 @@ def reference(phantom_store, tmp_path_factory) -> Path:
     ],
 )
 def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrupted_one(
-    phantom_store, reference, tmp_path, capsys, where, at, readers
+    small_phantom_store, reference, tmp_path, capsys, where, at, readers
 ):
     run_dir = tmp_path / "run"
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, str(phantom_store), str(run_dir), where, str(at)]
+        [sys.executable, "-c", KILLED_RUN, str(small_phantom_store), str(run_dir), where, str(at)]
         + [flag[2:] for flag in readers if flag == "--tensorboard"],
         cwd=ROOT,
         capture_output=True,
@@ -140,7 +142,9 @@ def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrup
         assert (state["epoch"], state["batch"]) == (0, 6)
     if "--tensorboard" in readers:  # epoch 0 reached the logs before its checkpoint did
         assert 0 in _logged_steps(run_dir / "tensorboard" / "train")["epoch_loss"]
-    assert _train_here(phantom_store, run_dir, "--resume", *readers) == 0  # readers may differ
+    assert (
+        _train_here(small_phantom_store, run_dir, "--resume", *readers) == 0
+    )  # readers may differ
     assert "Traceback" not in capsys.readouterr().err
     _assert_same_run(run_dir, reference)  # TensorBoard's logs change nothing computed
     if "--tensorboard" in readers:
@@ -148,14 +152,13 @@ def test_a_killed_run_resumes_to_the_weights_history_and_scores_of_an_uninterrup
 
 
 def test_a_killed_run_resumes_exactly_on_jax_too(small_phantom_store, phantom_bids, tmp_path):
-    phantom_store = small_phantom_store  # slices of 32 x 32: each process computes on one thread
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     reference = tmp_path / "reference"
-    done = _training(phantom_store, reference, env=env)
+    done = _training(small_phantom_store, reference, env=env)
     assert done.returncode == 0, done.stderr
     run_dir = tmp_path / "run"
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, str(phantom_store), str(run_dir), "batch", "4"],
+        [sys.executable, "-c", KILLED_RUN, str(small_phantom_store), str(run_dir), "batch", "4"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -163,7 +166,7 @@ def test_a_killed_run_resumes_exactly_on_jax_too(small_phantom_store, phantom_bi
         env=env,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = _training(phantom_store, run_dir, "--resume", env=env)
+    resumed = _training(small_phantom_store, run_dir, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run_dir / "config.json").read_text())["versions"]["keras_backend"] == "jax"
     _assert_same_run(run_dir, reference)
@@ -180,10 +183,10 @@ def test_a_killed_run_resumes_exactly_on_jax_too(small_phantom_store, phantom_bi
 
 
 def test_sigterm_finishes_the_batch_checkpoints_and_the_printed_command_resumes(
-    phantom_store, reference, tmp_path
+    small_phantom_store, reference, tmp_path
 ):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "training", str(phantom_store), "-o", str(run_dir)]
+    command = [sys.executable, "-m", "training", str(small_phantom_store), "-o", str(run_dir)]
     command += [*OPTIONS[:-2], "--checkpoint-every", "0"]  # epoch ends only, unless stopped
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -208,14 +211,16 @@ def test_sigterm_finishes_the_batch_checkpoints_and_the_printed_command_resumes(
     _assert_same_run(run_dir, reference)
 
 
-def test_resume_refuses_other_settings_and_a_complete_run(phantom_store, reference):
+def test_resume_refuses_other_settings_and_a_complete_run(small_phantom_store, reference):
     with pytest.raises(TrainingError, match=r"these differ: seed"):
-        train(phantom_store, reference, resume=True, **{**SETTINGS, "seed": 3})
+        train(small_phantom_store, reference, resume=True, **{**SETTINGS, "seed": 3})
     with pytest.raises(TrainingError, match="the run is complete; nothing to resume"):
-        train(phantom_store, reference, resume=True, **{**SETTINGS, "workers": 2})
+        train(small_phantom_store, reference, resume=True, **{**SETTINGS, "workers": 2})
 
 
-def test_a_run_from_before_feed_resumes_with_feed_float32_only(phantom_store, reference, tmp_path):
+def test_a_run_from_before_feed_resumes_with_feed_float32_only(
+    small_phantom_store, reference, tmp_path
+):
     """config.json of a run written before --feed existed: its batches were float32."""
     old = tmp_path / "old"
     shutil.copytree(reference, old)
@@ -223,13 +228,13 @@ def test_a_run_from_before_feed_resumes_with_feed_float32_only(phantom_store, re
     assert config["settings"].pop("feed") == "stored"
     (old / "config.json").write_text(json.dumps(config))
     with pytest.raises(TrainingError, match=r"these differ: feed"):
-        train(phantom_store, old, resume=True, **SETTINGS)
+        train(small_phantom_store, old, resume=True, **SETTINGS)
     with pytest.raises(TrainingError, match="the run is complete; nothing to resume"):
-        train(phantom_store, old, resume=True, **{**SETTINGS, "feed": "float32"})
+        train(small_phantom_store, old, resume=True, **{**SETTINGS, "feed": "float32"})
 
 
-def test_resume_in_an_empty_folder_starts_the_run(phantom_store, reference, tmp_path):
-    assert _train_here(phantom_store, tmp_path / "run", "--resume") == 0
+def test_resume_in_an_empty_folder_starts_the_run(small_phantom_store, reference, tmp_path):
+    assert _train_here(small_phantom_store, tmp_path / "run", "--resume") == 0
     _assert_same_run(tmp_path / "run", reference)
 
 
@@ -249,7 +254,9 @@ def test_several_stores_with_augmentation_resume_exactly(tmp_path):
     assert resumed.metrics == whole.metrics
 
 
-def test_an_interrupt_while_scoring_is_resumed_by_scoring(phantom_store, tmp_path, monkeypatch):
+def test_an_interrupt_while_scoring_is_resumed_by_scoring(
+    small_phantom_store, tmp_path, monkeypatch
+):
     """Ctrl-C after the last epoch, during evaluation: --resume trains nothing more."""
     import training.run
 
@@ -259,12 +266,12 @@ def test_an_interrupt_while_scoring_is_resumed_by_scoring(phantom_store, tmp_pat
     settings = {**SETTINGS, "epochs": 1}
     with monkeypatch.context() as patch:
         patch.setattr(training.run, "evaluate", interrupted)
-        stopped = train(phantom_store, tmp_path / "run", progress=False, **settings)
+        stopped = train(small_phantom_store, tmp_path / "run", progress=False, **settings)
     assert stopped.interrupted
     assert stopped.epochs_run == 1
     assert (tmp_path / "run" / "checkpoint.npz").is_file()
-    resumed = train(phantom_store, tmp_path / "run", resume=True, progress=False, **settings)
-    whole = train(phantom_store, tmp_path / "whole", progress=False, **settings)
+    resumed = train(small_phantom_store, tmp_path / "run", resume=True, progress=False, **settings)
+    whole = train(small_phantom_store, tmp_path / "whole", progress=False, **settings)
     assert not resumed.interrupted
     assert resumed.epochs_run == 1
     assert resumed.metrics == whole.metrics

@@ -30,12 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained(phantom_store, tmp_path_factory):
+def trained(small_phantom_store, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "run"
     result = train(
-        phantom_store, run_dir, epochs=3, batch_size=64, patience=3, seed=1, progress=False
+        small_phantom_store, run_dir, epochs=3, batch_size=64, patience=3, seed=1, progress=False
     )
-    return phantom_store, run_dir, result
+    return small_phantom_store, run_dir, result
 
 
 def test_the_run_folder_is_complete(trained):
@@ -82,13 +82,13 @@ def test_metrics_agree_with_evaluating_the_saved_model(trained):
         assert metrics[split]["slices"]["count"] == H5Sequence(store, split=split).num_slices
 
 
-def test_a_run_fed_stored_values_equals_one_fed_float32(phantom_store, trained, tmp_path):
+def test_a_run_fed_stored_values_equals_one_fed_float32(small_phantom_store, trained, tmp_path):
     """The default run's batches are uint8 scaled by the model's first layer; the same run
     fed float32 intensities (scaled on the host) learns and scores the same."""
     _, stored_run, result = trained
     assert result.model.layers[1].name == "from_stored"
     train(
-        phantom_store,
+        small_phantom_store,
         tmp_path / "f",
         epochs=3,
         batch_size=64,
@@ -152,7 +152,7 @@ def test_subject_level_scores_average_slice_probabilities():
     assert result["slices"]["roc_auc"] == pytest.approx(5 / 9)  # 5 of 9 pairs ranked right
 
 
-def test_ctrl_c_leaves_a_usable_run_folder(phantom_store, tmp_path):
+def test_ctrl_c_leaves_a_usable_run_folder(small_phantom_store, tmp_path):
     class Interrupt(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 1:
@@ -160,7 +160,12 @@ def test_ctrl_c_leaves_a_usable_run_folder(phantom_store, tmp_path):
 
     run_dir = tmp_path / "run"
     result = train(
-        phantom_store, run_dir, epochs=5, batch_size=64, progress=False, callbacks=[Interrupt()]
+        small_phantom_store,
+        run_dir,
+        epochs=5,
+        batch_size=64,
+        progress=False,
+        callbacks=[Interrupt()],
     )
     assert result.interrupted
     assert result.epochs_run == 2
@@ -197,7 +202,7 @@ def test_an_existing_run_folder_is_refused_unless_overwrite(trained, tmp_path, c
     )
     assert (run_dir / "notes.txt").read_text() == "mine"  # only a run's own files are replaced
     model = keras.models.load_model(run_dir / "model.keras")
-    assert model.input_shape == (None, 1, 64, 64)  # --channels first
+    assert model.input_shape == (None, 1, 32, 32)  # --channels first (slices of 32)
 
 
 def test_unlabelled_or_broken_stores_exit_2(tmp_path, capsys):
@@ -214,8 +219,17 @@ def test_unlabelled_or_broken_stores_exit_2(tmp_path, capsys):
     assert not (tmp_path / "r3").exists()
 
 
-def test_python_dash_m_training_runs_and_prints_only_what_the_user_needs(phantom_store, tmp_path):
-    command = [sys.executable, "-m", "training", str(phantom_store), "-o", str(tmp_path / "run")]
+def test_python_dash_m_training_runs_and_prints_only_what_the_user_needs(
+    small_phantom_store, tmp_path
+):
+    command = [
+        sys.executable,
+        "-m",
+        "training",
+        str(small_phantom_store),
+        "-o",
+        str(tmp_path / "run"),
+    ]
     quiet_by_us = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     result = subprocess.run(
         [*command, "--epochs", "1"],
@@ -336,12 +350,12 @@ class _ReplaceStore(keras.callbacks.Callback):
 
 
 def test_a_store_replaced_during_the_run_stops_it_instead_of_mixing_two_stores(
-    phantom_store, tmp_path, capsys
+    small_phantom_store, tmp_path, capsys
 ):
     import shutil
 
     path = tmp_path / "store.h5"
-    shutil.copy(phantom_store, path)
+    shutil.copy(small_phantom_store, path)
     with open_store(path) as store:
         uuid = store.uuid
     other = write_id_store(tmp_path / "other.h5", scans=8)
@@ -392,16 +406,18 @@ print(json.dumps(shape))
 """
 
 
-def test_channels_first_trains_without_onednn_and_learns_as_channels_last(phantom_store, tmp_path):
+def test_channels_first_trains_without_onednn_and_learns_as_channels_last(
+    small_phantom_store, tmp_path
+):
     result = subprocess.run(
-        [sys.executable, "-c", CHANNELS_FIRST_RUN, str(phantom_store), str(tmp_path)],
+        [sys.executable, "-c", CHANNELS_FIRST_RUN, str(small_phantom_store), str(tmp_path)],
         capture_output=True,
         text=True,
         check=False,
         env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.splitlines()[-1]) == [None, 1, 64, 64]
+    assert json.loads(result.stdout.splitlines()[-1]) == [None, 1, 32, 32]
     histories = []
     for channels in ("last", "first"):
         with open(tmp_path / channels / "history.csv", newline="") as handle:
