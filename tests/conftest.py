@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import subprocess
@@ -75,16 +76,30 @@ def small_phantom_store(phantom_bids, tmp_path_factory) -> Path:
     return _phantom_store(phantom_bids, out, "--size", "32")
 
 
+@contextlib.contextmanager
+def _shared(tmp_path_factory, name: str):
+    """``(folder, make)``: a folder every pytest-xdist worker of this session shares, and
+    whether this caller makes what goes in it (the first one; the others wait for it, and
+    make it again only where it failed). For fixtures no test changes. Without xdist, a
+    folder of the session's own."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    root.mkdir(exist_ok=True)
+    with open(root.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / ".made"
+        make = not done.exists()
+        yield root, make
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def study(tmp_path_factory):
     """A BIDS tree of three moved heads and its standard-space store (two workers), made
     once for the whole test session, whichever pytest-xdist worker comes first."""
-    root = tmp_path_factory.getbasetemp().parent / "mni-study"
-    root.mkdir(exist_ok=True)
-    store = root / "mni.h5"
-    with open(root / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not store.exists():
+    with _shared(tmp_path_factory, "mni-study") as (root, make):
+        store = root / "mni.h5"
+        if make:
             truths = write_moved_heads(root / "bids")
             np.save(root / "truths.npy", np.stack([truths[k] for k in sorted(truths)]))
             summary = preprocess_run(
@@ -96,12 +111,15 @@ def study(tmp_path_factory):
     return root, truths, store
 
 
-def _lesion_store(folder: Path, subjects: int) -> Path:
-    """Phantom subjects with T1w and FLAIR as channels and lesion masks, slices of 32 x 32."""
-    write_bids(folder / "bids", subjects=subjects, seed=0, flair=True)
-    args = [folder / "bids", "-o", folder / "s.h5", "--suffix", "T1w", "FLAIR", "--size", "32"]
-    args += ["--masks", "lesion", "--workers", "1"]
-    assert preprocess_main([str(a) for a in args]) == 0
+def _lesion_store(tmp_path_factory, name: str, subjects: int) -> Path:
+    """Phantom subjects with T1w and FLAIR as channels and lesion masks, slices of 32 x 32,
+    made once for the session (:func:`_shared`)."""
+    with _shared(tmp_path_factory, name) as (folder, make):
+        if make:
+            write_bids(folder / "bids", subjects=subjects, seed=0, flair=True)
+            args = [folder / "bids", "-o", folder / "s.h5", "--suffix", "T1w", "FLAIR"]
+            args += ["--size", "32", "--masks", "lesion", "--workers", "1"]
+            assert preprocess_main([str(a) for a in args]) == 0
     return folder / "s.h5"
 
 
@@ -109,14 +127,14 @@ def _lesion_store(folder: Path, subjects: int) -> Path:
 def lesion_store(tmp_path_factory) -> Path:
     """Eight phantom subjects with T1w and FLAIR as channels and lesion masks, slices of
     32 x 32 (a U-Net on them costs a quarter of one on 64 x 64)."""
-    return _lesion_store(tmp_path_factory.mktemp("lesions"), subjects=8)
+    return _lesion_store(tmp_path_factory, "lesions", subjects=8)
 
 
 @pytest.fixture(scope="session")
 def small_lesion_store(tmp_path_factory) -> Path:
     """As :func:`lesion_store` with four subjects (about half the slices), for the runs
     that test resuming and sharing, not learning."""
-    return _lesion_store(tmp_path_factory.mktemp("small-lesions"), subjects=4)
+    return _lesion_store(tmp_path_factory, "small-lesions", subjects=4)
 
 
 @pytest.fixture

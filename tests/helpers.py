@@ -69,14 +69,17 @@ def write_id_store(
     seed: int = 0,
     classes: str = "ab",
     unlabelled: int = 0,
+    size: int = 64,
 ) -> Path:
-    """A store, written by the project's writer, whose slices carry their canonical row id.
+    """A store, written by the project's writer, whose slices (``size`` x ``size``) carry
+    their canonical row id.
 
     Canonical row ``r`` (scan ``r // slices_per_scan``) holds ``r`` in pixels ``[0, 0:3]``
     as base-256 digits (``decode_ids`` reads them back); scans take the ``classes`` in turn
     (one letter each), one subject per scan; the last ``unlabelled`` scans have no label.
     """
     settings = Settings(
+        size=size,
         dtype=dtype,
         normalize="percentile" if dtype == "uint8" else "none",
         compression=compression,
@@ -88,7 +91,7 @@ def write_id_store(
     rng = np.random.default_rng(seed)
     for scan in range(scans):
         ids = scan * slices_per_scan + np.arange(slices_per_scan)
-        slices = rng.integers(0, 256, (slices_per_scan, 64, 64)).astype(dtype)
+        slices = rng.integers(0, 256, (slices_per_scan, size, size)).astype(dtype)
         slices[:, 0, :3] = np.stack([ids // 65536, ids // 256 % 256, ids % 256], axis=1)
         label = classes[scan % len(classes)] if labelled and scan < scans - unlabelled else None
         record = scan_record(f"s{scan:03d}.nii", f"{scan:03d}", range(slices_per_scan), label=label)

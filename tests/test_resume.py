@@ -240,8 +240,9 @@ def test_resume_in_an_empty_folder_starts_the_run(small_phantom_store, reference
 
 def test_several_stores_with_augmentation_resume_exactly(tmp_path):
     """Augmentation's random layers keep their seed states; two stores read as one."""
-    stores = [
-        write_id_store(tmp_path / f"{name}.h5", seed=seed) for name, seed in [("a", 0), ("b", 1)]
+    stores = [  # slices of 32 x 32: what resuming keeps does not depend on their size
+        write_id_store(tmp_path / f"{name}.h5", seed=seed, size=32)
+        for name, seed in [("a", 0), ("b", 1)]
     ]
     settings = {"epochs": 2, "batch_size": 16, "augment": "flip", "checkpoint_every": 4, "seed": 5}
     whole = train(stores, tmp_path / "whole", progress=False, **settings)
