@@ -98,16 +98,14 @@ class EpochPlan:
             raise IndexError(f"batch index must be in [0, {len(self)}); received {index}")
         begin = index * self._batch_size
         end = min(begin + self._batch_size, self._num_rows)
-        first = int(np.searchsorted(self._ends, begin, side="right"))
+        first = int(self._ends.searchsorted(begin, side="right"))  # the block of row `begin`
+        last = int(self._ends.searchsorted(end - 1, side="right"))  # the block of row `end - 1`
         runs = []
-        position = begin
-        block = first
-        while position < end:
-            block_start, block_stop = (int(v) for v in self._blocks[block])
-            block_begin = int(self._ends[block]) - (block_stop - block_start)
-            start = block_start + (position - block_begin)
-            stop = min(block_stop, start + (end - position))
+        for (block_start, block_stop), block_end in zip(
+            self._blocks[first : last + 1].tolist(), self._ends[first : last + 1].tolist()
+        ):  # plain ints: a batch spans a few blocks, and numpy scalars cost more than the sums
+            block_begin = block_end - (block_stop - block_start)
+            start = block_start + max(begin - block_begin, 0)
+            stop = block_stop - max(block_end - end, 0)
             runs.append((start, stop))
-            position += stop - start
-            block += 1
         return runs

@@ -94,3 +94,21 @@ def test_a_chunk_read_in_part_is_checked_whole(copy):
     _flip(copy, chunk)
     with pytest.raises(StoreDamagedError, match=f"/images chunk {chunk}"):
         H5Sequence(copy, split="val", batch_size=4)[0]
+
+
+def test_a_batch_of_whole_chunks_between_parts_of_two_is_read_and_checked(copy):
+    """The whole chunks of a run are read in one call: each is still checked alone."""
+    import numpy as np
+
+    from loader import H5Sequence
+    from loader.store import StoreDamagedError, open_store
+
+    with open_store(copy) as store:
+        val = store.splits["val"]
+    assert val.start % 8 and val.stop - val.start >= 20
+    checked, plain = (H5Sequence(copy, split="val", batch_size=20, verify=v) for v in (True, False))
+    np.testing.assert_array_equal(checked[0][0], plain[0][0])
+    middle = val.start // 8 + 1  # a whole chunk between the batch's two parts of chunks
+    _flip(copy, middle)
+    with pytest.raises(StoreDamagedError, match=f"/images chunk {middle}"):
+        H5Sequence(copy, split="val", batch_size=20)[0]
