@@ -101,9 +101,9 @@ class EpochPlan:
         first = int(self._ends.searchsorted(begin, side="right"))  # the block of row `begin`
         last = int(self._ends.searchsorted(end - 1, side="right"))  # the block of row `end - 1`
         runs = []
-        for (block_start, block_stop), block_end in zip(
-            self._blocks[first : last + 1].tolist(), self._ends[first : last + 1].tolist()
-        ):  # plain ints: a batch spans a few blocks, and numpy scalars cost more than the sums
+        blocks = self._blocks[first : last + 1].tolist()  # plain ints: numpy scalars cost
+        ends = self._ends[first : last + 1].tolist()  # more than the few sums below
+        for (block_start, block_stop), block_end in zip(blocks, ends, strict=True):
             block_begin = block_end - (block_stop - block_start)
             start = block_start + max(begin - block_begin, 0)
             stop = block_stop - max(block_end - end, 0)

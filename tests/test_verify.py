@@ -105,7 +105,8 @@ def test_a_batch_of_whole_chunks_between_parts_of_two_is_read_and_checked(copy):
 
     with open_store(copy) as store:
         val = store.splits["val"]
-    assert val.start % 8 and val.stop - val.start >= 20
+    assert val.start % 8
+    assert val.stop - val.start >= 20
     checked, plain = (H5Sequence(copy, split="val", batch_size=20, verify=v) for v in (True, False))
     np.testing.assert_array_equal(checked[0][0], plain[0][0])
     middle = val.start // 8 + 1  # a whole chunk between the batch's two parts of chunks
