@@ -14,10 +14,12 @@ DEMO := demo
 # TensorFlow 10.4 s instead of 4.3 s: make test took 6 min 17-53 s).
 unexport PYTHONDONTWRITEBYTECODE
 
+# uv installs the same wheels as pip, ~13 s where pip took 35-44 s (6 s from uv's own cache,
+# ~/.cache/uv: pip kept none of its downloads here); pip where uv cannot be had.
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[test,jax,mni]"
+	($(BIN)/python -m pip install --quiet uv && $(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[test,jax,mni]") \
+	  || ($(BIN)/python -m pip install --quiet --upgrade pip && $(BIN)/python -m pip install --quiet --no-compile -e ".[test,jax,mni]")
 	touch $(INSTALLED)
 
 test: $(INSTALLED)
