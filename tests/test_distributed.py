@@ -18,6 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 PROCESS = """
 import sys, numpy as np, training.cli
 from loader import H5Sequence
+try:  # JAX writes its compilation cache from process 0 only; on CPU a program's key holds
+    from jax._src import compiler, distributed  # its devices, so process 1 compiled its ~190
+    write = compiler._cache_write  # programs again in every run (~16 s): let it write too
+    def write_from_any_process(*args, **kwargs):
+        state, saved = distributed.global_state, distributed.global_state.process_id
+        state.process_id = 0
+        try:
+            return write(*args, **kwargs)
+        finally:
+            state.process_id = saved
+    compiler._cache_write = write_from_any_process
+except (ImportError, AttributeError):  # another JAX: process 1 compiles, slower, as correct
+    pass
 index, port, store, run_dir, out = int(sys.argv[1]), sys.argv[2], *sys.argv[3:]
 served = []  # (epoch, row) of every training slice this process read
 read = H5Sequence.__getitem__
