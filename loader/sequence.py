@@ -432,26 +432,22 @@ class H5Sequence(keras.utils.PyDataset):
 def _read_checked(part, start: int, stop: int, out: np.ndarray, fd, dataset) -> None:
     """Read rows ``[start, stop)`` into ``out``, each chunk compared with its checksum.
 
-    The whole chunks among the rows are read into ``out`` in one call; a chunk the rows
-    cover in part is read whole (once) for the check and the rows copied out of it.
+    A chunk the rows cover in part is read whole (once) for the check and the rows copied
+    out of it.
 
     Raises:
         StoreDamagedError: a chunk whose bytes changed, naming the store and its rows.
     """
     chunk = part.chunk_rows
-    whole_start = -(-start // chunk) * chunk  # the first chunk edge at or after start
-    whole_stop = stop if stop == part.num_rows else stop // chunk * chunk
-    if whole_start < whole_stop:
-        whole = out[whole_start - start : whole_stop - start]
-        read_rows(part.images, whole_start, whole_stop, whole, fd, dataset)
     for index in range(start // chunk, (stop - 1) // chunk + 1):
         first, last = index * chunk, min((index + 1) * chunk, part.num_rows)
-        if whole_start <= first and last <= whole_stop:
+        low, high = max(first, start), min(last, stop)
+        if low == first and high == last:
             data = out[first - start : last - start]
+            read_rows(part.images, first, last, data, fd, dataset)
         else:
             data = np.empty((last - first, *out.shape[1:]), out.dtype)
             read_rows(part.images, first, last, data, fd, dataset)
-            low, high = max(first, start), min(last, stop)
             out[low - start : high - start] = data[low - first : high - first]
         if schema.checksum(data) != int(part.checksums[index]):
             raise StoreDamagedError(

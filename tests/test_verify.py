@@ -96,8 +96,9 @@ def test_a_chunk_read_in_part_is_checked_whole(copy):
         H5Sequence(copy, split="val", batch_size=4)[0]
 
 
-def test_a_batch_of_whole_chunks_between_parts_of_two_is_read_and_checked(copy):
-    """The whole chunks of a run are read in one call: each is still checked alone."""
+def test_a_batch_across_chunks_checks_each_chunk_it_reads(copy):
+    """An unshuffled batch that starts and ends inside chunks: the rows are those read
+    without checks, and a damaged chunk in its middle is found."""
     import numpy as np
 
     from loader import H5Sequence
@@ -109,7 +110,7 @@ def test_a_batch_of_whole_chunks_between_parts_of_two_is_read_and_checked(copy):
     assert val.stop - val.start >= 20
     checked, plain = (H5Sequence(copy, split="val", batch_size=20, verify=v) for v in (True, False))
     np.testing.assert_array_equal(checked[0][0], plain[0][0])
-    middle = val.start // 8 + 1  # a whole chunk between the batch's two parts of chunks
+    middle = val.start // 8 + 1  # a whole chunk between the two the batch covers in part
     _flip(copy, middle)
     with pytest.raises(StoreDamagedError, match=f"/images chunk {middle}"):
         H5Sequence(copy, split="val", batch_size=20)[0]
