@@ -358,7 +358,7 @@ def test_a_store_replaced_during_the_run_stops_it_instead_of_mixing_two_stores(
     shutil.copy(small_phantom_store, path)
     with open_store(path) as store:
         uuid = store.uuid
-    other = write_id_store(tmp_path / "other.h5", scans=8)
+    other = write_id_store(tmp_path / "other.h5", scans=8, size=32)  # a store of the same kind
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingError, match="the store changed during the run"):
         train(
