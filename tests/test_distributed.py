@@ -50,6 +50,7 @@ code = training.cli.main([
 assert code == 0 and results[0].process == (index, 2)
 np.save(out, np.concatenate([np.ravel(w) for w in results[0].model.get_weights()]))
 np.save(out.replace("weights", "rows"), np.array(served))
+print("TensorFlow imported:", "tensorflow" in sys.modules)  # a JAX run needs none of it
 """
 
 
@@ -82,6 +83,7 @@ def test_two_processes_train_one_model_on_their_own_shares(small_lesion_store, t
     for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err[-3000:]
     assert "process 1 of 2: done" in outputs[1][0]
+    assert all("TensorFlow imported: False" in out for out, _ in outputs)
     first, second = (np.load(tmp_path / f"weights{index}.npy") for index in range(2))
     np.testing.assert_array_equal(first, second)  # one model, kept in step
     served = [np.load(tmp_path / f"rows{index}.npy") for index in range(2)]
