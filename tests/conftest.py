@@ -94,6 +94,17 @@ def _shared(tmp_path_factory, name: str):
 
 
 @pytest.fixture(scope="session")
+def slow_bids(tmp_path_factory) -> Path:
+    """24 subjects of 100^3 voxels, slow enough to stop a run in the middle; made once for
+    the session (:func:`_shared`), as the runs only read it."""
+    with _shared(tmp_path_factory, "slow") as (root, make):
+        if make:
+            (root / "bids").mkdir(exist_ok=True)
+            write_bids(root / "bids", subjects=24, seed=8, voxel_sizes=((2.0, 2.0, 2.0),))
+    return root / "bids"
+
+
+@pytest.fixture(scope="session")
 def study(tmp_path_factory):
     """A BIDS tree of three moved heads and its standard-space store (two workers), made
     once for the whole test session, whichever pytest-xdist worker comes first."""

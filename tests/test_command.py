@@ -178,12 +178,8 @@ def test_a_sigterm_dropped_in_a_garbage_collectors_callback_still_stops_the_comm
     assert result.stderr == "interrupted\n"
 
 
-def test_sigterm_stops_preprocess_with_the_whole_command_to_resume(tmp_path):
-    from make_phantoms import write_bids
-
-    bids = tmp_path / "bids"
-    bids.mkdir()
-    write_bids(bids, subjects=24, seed=8, voxel_sizes=((2.0, 2.0, 2.0),))
+def test_sigterm_stops_preprocess_with_the_whole_command_to_resume(slow_bids, tmp_path):
+    bids = slow_bids
     target = tmp_path / "s.h5"
     args = [str(bids), "-o", str(target), "--label-column", "group", "--workers", "1"]
     args += ["--size", "32"]

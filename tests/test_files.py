@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import signal
@@ -169,3 +170,30 @@ def test_every_file_a_store_and_a_run_leave_is_written_by_the_one_helper(
         Path(p).name for p in written
     }
     assert all(os.path.abspath(p) in published for p in written), set(written) - set(published)
+
+
+def test_a_laid_out_figure_is_drawn_once_and_saved_as_savefig_saves_it(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def laid_out():
+        figure, axes = plt.subplots(1, 2, figsize=(6, 3))
+        for ax in axes:
+            ax.plot([0, 1, 4], "-o", label="loss")
+            ax.set_title("loss")
+            ax.legend()
+        figure.tight_layout()
+        return figure
+
+    expected = io.BytesIO()
+    laid_out().savefig(expected, format="png", dpi=100)
+    figure = laid_out()
+    draws = []
+    draw = figure.draw
+    figure.draw = lambda renderer: draws.append(renderer) or draw(renderer)
+    files.save_png(figure, tmp_path / "curves.png")
+    plt.close("all")
+    assert len(draws) == 1  # savefig alone draws it twice: its layout, then the pixels
+    assert (tmp_path / "curves.png").read_bytes() == expected.getvalue()

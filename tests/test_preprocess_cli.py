@@ -226,15 +226,6 @@ def test_a_failure_while_finalising_leaves_the_previous_store(tmp_path, monkeypa
     assert not partial_path(target).exists()
 
 
-@pytest.fixture(scope="module")
-def slow_bids(tmp_path_factory) -> Path:
-    """24 subjects of 100^3 voxels: slow enough to kill a run in the middle."""
-    out = tmp_path_factory.mktemp("slow") / "bids"
-    out.mkdir()
-    write_bids(out, subjects=24, seed=8, voxel_sizes=((2.0, 2.0, 2.0),))
-    return out
-
-
 # python -m preprocess as a process that starts its workers from a forkserver (as one
 # that has loaded TensorFlow does), computing no scan itself while the server starts (so
 # that the run is still young when its workers are there to be found)
