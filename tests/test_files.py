@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 from helpers import blob_volume, write_nifti
 
@@ -173,11 +174,6 @@ def test_every_file_a_store_and_a_run_leave_is_written_by_the_one_helper(
 
 
 def test_a_laid_out_figure_is_drawn_once_and_saved_as_savefig_saves_it(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     def laid_out():
         figure, axes = plt.subplots(1, 2, figsize=(6, 3))
         for ax in axes:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import shutil
 
 import h5py
+import numpy as np
 import pytest
 
+from loader import H5Sequence
 from loader.cli import main as loader_main
+from loader.store import StoreDamagedError, open_store
 
 
 def _chunk_offset(path, index: int) -> tuple[int, int]:
@@ -70,9 +73,6 @@ def _flip(path, chunk: int) -> None:
 
 
 def test_the_sequence_never_serves_damaged_rows(copy):
-    from loader import H5Sequence
-    from loader.store import StoreDamagedError
-
     _flip(copy, 5)  # rows 40-47, in the train split
     sequence = H5Sequence(copy, split="train", batch_size=8)
     for index in range(5):  # chunks 0-4 are whole
@@ -84,9 +84,6 @@ def test_the_sequence_never_serves_damaged_rows(copy):
 
 
 def test_a_chunk_read_in_part_is_checked_whole(copy):
-    from loader import H5Sequence
-    from loader.store import StoreDamagedError, open_store
-
     with open_store(copy) as store:
         val = store.splits["val"]
     chunk = val.start // 8  # the chunk where val begins, shared with train
@@ -99,11 +96,6 @@ def test_a_chunk_read_in_part_is_checked_whole(copy):
 def test_a_batch_across_chunks_checks_each_chunk_it_reads(copy):
     """An unshuffled batch that starts and ends inside chunks: the rows are those read
     without checks, and a damaged chunk in its middle is found."""
-    import numpy as np
-
-    from loader import H5Sequence
-    from loader.store import StoreDamagedError, open_store
-
     with open_store(copy) as store:
         val = store.splits["val"]
     assert val.start % 8
