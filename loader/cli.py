@@ -20,7 +20,14 @@ from loader import files
 from loader.exits import run_main
 from loader.options import add_options, check_settings, option, settings_from_args
 from loader.qc import mark_sides, registration_picture
-from loader.schema import SIMILARITY, SOURCE_PATH, SUBJECT_ID, SUBJECT_SPLIT, VIEW_SIDES
+from loader.schema import (
+    OLD_SIMILARITY,
+    SIMILARITY,
+    SOURCE_PATH,
+    SUBJECT_ID,
+    SUBJECT_SPLIT,
+    VIEW_SIDES,
+)
 from loader.store import Store, open_store
 from loader.stores import check_agree, store_paths
 
@@ -125,10 +132,12 @@ def describe(store: Store) -> str:
         similarity = table[SIMILARITY]
         worst = int(np.argmin(similarity))
         first, last = store.template["slab"]
+        measure = store.template.get("similarity", OLD_SIMILARITY)
         lines.append(
             f"space: {store.space} ({store.template['name']}, {store.template['axis']} planes "
-            f"{first} to {last}); registration similarity: median {np.median(similarity):.2f}, "
-            f"lowest {similarity[worst]:.2f} ({table[SOURCE_PATH][worst]})"
+            f"{first} to {last}); registration similarity ({measure}): median "
+            f"{np.median(similarity):.2f}, lowest {similarity[worst]:.2f} "
+            f"({table[SOURCE_PATH][worst]})"
         )
     else:
         lines.append(f"space: {store.space}")

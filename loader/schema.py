@@ -57,6 +57,9 @@ SHAPE = "shape"
 VOXEL_SIZE = "voxel_size"
 TO_TEMPLATE = "to_template"  # schema 4
 SIMILARITY = "similarity"  # schema 4
+# What /subjects/similarity holds is the template attribute's "similarity" (the correlation
+# ratio since it was added); a store that does not say holds the Pearson correlation.
+OLD_SIMILARITY = "correlation"
 
 # The TEMPLATE group (schema 4, standard-space stores only): the template's brain, cut as
 # the scans' slices are, for drawing its outline over them.
@@ -215,7 +218,8 @@ ENTRIES = (
         f"{SUBJECTS}/{SIMILARITY}",
         ["float32"],
         ["M"],
-        "correlation of the registered scan with the template in its brain; NaN in native space",
+        "how well the registered scan predicts the template in its brain, 0-1 (the template "
+        "attribute's `similarity` names the measure); NaN in native space",
         since=4,
         default=np.nan,
     ),
@@ -254,7 +258,8 @@ ENTRIES = (
         "",
         ATTR_TEMPLATE,
         "json",
-        "`mni`: the template's name, file, shape, affine, axis and kept planes; else null",
+        "`mni`: the template's name, file, shape, affine, axis, kept planes and similarity "
+        "measure (`correlation ratio`; absent: `correlation`); else null",
         since=4,
         default=None,
     ),

@@ -153,8 +153,9 @@ class Settings:
     )
     min_similarity: float = option(
         0.0,
-        "with --space mni, leave out a scan whose correlation with the template after "
-        "registration is below this (0: keep all; low ones are listed)",
+        "with --space mni, leave out a scan whose similarity with the template after "
+        "registration (the correlation ratio, 0-1) is below this (0: keep all; low ones are "
+        "listed)",
         metavar="R",
         at_least=0,
         below=1,

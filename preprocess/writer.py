@@ -84,7 +84,8 @@ def scan_record(
         voxel_size: of the canonical volume, mm.
         notes: warnings about the scan.
         to_template: scanner world -> template world (``--space mni``). Defaults to None.
-        similarity: the registered scan's correlation with the template. Defaults to None.
+        similarity: the registered scan's similarity with the template (its correlation
+            ratio). Defaults to None.
     """
     positions = [int(p) for p in positions]
     return {

@@ -17,6 +17,7 @@ ANTsPy is a dependency of this script only (``pip install antspyx``).
     python scripts/bench_real_heads.py [--real ../shared/real] [--copies]
     python scripts/bench_real_heads.py --write-reference tests/data/real_heads_ants.json
     python scripts/bench_real_heads.py --copies --reference tests/data/real_heads_ants.json
+    python scripts/bench_real_heads.py --more T2w.nii.gz chris_PD.nii.gz  # other contrasts
 """
 
 from __future__ import annotations
@@ -160,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", type=Path, default=REAL, help=f"default: {REAL}")
     parser.add_argument("--copies", action="store_true", help="also the moved copies")
     parser.add_argument(
+        "--more",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="more real scans, NIfTI (e.g. other contrasts from niivue's demo images)",
+    )
+    parser.add_argument(
         "--reference", type=Path, metavar="FILE.json", help="ANTs' maps saved before: no ANTs run"
     )
     parser.add_argument(
@@ -176,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     saved = json.loads(args.reference.read_text()) if args.reference else {}
     references, rows = {}, []
-    for name, path in real_scans(args.real).items():
+    scans = real_scans(args.real) | {path.name.split(".")[0]: path for path in args.more}
+    for name, path in scans.items():
         if name in saved:
             reference, ants_seconds = np.array(saved[name]), float("nan")
         else:

@@ -19,7 +19,7 @@ from loader import open_store, schema
 from preprocess import standard
 from preprocess.cli import main
 from preprocess.standard import CHECK_FLOOR
-from preprocess.volume import load_volume
+from preprocess.volume import Volume, foreground, load_volume
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 REFERENCE = {
@@ -85,6 +85,24 @@ def test_a_moved_real_head_registers_as_the_head_did(real, template, move):
     assert registration.similarity > CHECK_FLOOR
 
 
+def test_a_real_head_in_another_contrast_registers_as_the_head_did(real, template):
+    """A T2w-like head (the real T1w head's intensities inverted inside it: fluid bright,
+    white matter dark) lands where the T1w does and is not flagged. Judged by its correlation
+    with the T1w template (negative), it was turned 90 degrees, the wrong way."""
+    name = "sub-fslhead_T1w"
+    volume = load_volume(real / "heads" / f"{name}.nii.gz")
+    intensities = volume.voxels.astype(np.float32)
+    inside = foreground(intensities)
+    inverted = 1.1 * np.percentile(intensities[inside], 99) - intensities
+    voxels = np.where(inside, inverted.clip(0), 0).astype(np.float32)
+    other = Volume(voxels, volume.affine, volume.voxel_size, [], 1.0, 0.0)
+    registration = standard.register(other, template)
+    mean, worst = distance_mm(registration.to_template, REFERENCE[name], brain_points(template))
+    assert mean < 2.0, mean
+    assert worst < 4.0, worst
+    assert registration.similarity > CHECK_FLOOR
+
+
 def test_a_real_head_registered_10_mm_off_is_flagged(real, template):
     """The similarity falls below the check floor when the map is 10 mm off (and not at the
     reference): the floor separates right from wrong on a real head."""
@@ -99,5 +117,5 @@ def test_a_real_head_registered_10_mm_off_is_flagged(real, template):
         to_scan = REFERENCE[name].copy()
         to_scan[:3, 3] += to_scan[:3, :3] @ np.array([0.0, shift, 0.0])  # 10 mm back
         data = standard._on_template(volume, log_bias, work_affine, to_scan, template, planes)
-        similarities[shift] = standard._correlation(data, template, planes)
+        similarities[shift] = standard.similarity_to_template(data, template, planes)
     assert similarities[0.0] > CHECK_FLOOR > similarities[10.0], similarities

@@ -24,7 +24,7 @@ from helpers import (
 from make_heads import known_motion, moved_head, scanner_grid, template_head
 from scipy import ndimage
 
-from loader import open_store, schema
+from loader import H5Sequence, open_store, schema
 from loader.cli import main as loader_main
 from loader.qc import chosen_scans
 from loader.stores import first_difference
@@ -37,6 +37,9 @@ from preprocess.slices import label_slices
 from preprocess.standard import load_template
 
 SCHEMA3 = Path(__file__).parent / "data" / "schema3.h5"  # written before standard space
+# two make_heads phantoms in standard space (16 x 16), written before the similarity was the
+# correlation ratio: their similarity is the Pearson correlation, and the store does not say
+SCHEMA4_CORRELATION = Path(__file__).parent / "data" / "schema4_mni.h5"
 
 
 def _brain_points(count: int = 2000) -> np.ndarray:
@@ -60,6 +63,7 @@ def test_the_stored_transform_is_within_2_mm_of_the_truth(study):
         table = opened.subjects_table()
         assert opened.space == "mni"
         assert opened.template["name"] == "MNI152NLin6Asym"
+        assert opened.template["similarity"] == "correlation ratio"
         assert opened.template["slab"] == [int(template.positions[0]), int(template.positions[-1])]
         for subject, estimate, similarity in zip(
             table[schema.SUBJECT_ID],
@@ -239,7 +243,7 @@ def test_odd_inputs_register_or_get_one_line_each(tmp_path, capsys):
     write_nifti(folder / "thin.nii.gz", rng.normal(500, 100, (128, 128, 2)), np.eye(4), np.int16)
     store = tmp_path / "odd.h5"
     args = [str(folder), "-o", str(store), "--space", "mni", "--size", "32", "--workers", "2"]
-    # noise lands anywhere (similarity 0.02-0.11 as the schedule changed), the sphere 0.23
+    # noise lands anywhere (similarity 0.06; as a correlation 0.02-0.11), the sphere 0.27
     status = main([*args, "--min-similarity", "0.15", "--context", "1"])
     out, err = capsys.readouterr()
     assert status == 1
@@ -280,10 +284,28 @@ def test_the_registration_picture_draws_the_worst_scans_first(study, tmp_path, c
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert f"registration check: {picture} (3 scans of {store})" in out
-    assert "space: mni (MNI152NLin6Asym, axial planes 13 to 148); registration similarity" in out
+    assert (
+        "space: mni (MNI152NLin6Asym, axial planes 13 to 148); registration similarity "
+        "(correlation ratio): median 0." in out
+    )
     with open_store(store) as opened:
         similarity = opened.subjects_table()[schema.SIMILARITY]
     assert chosen_scans(similarity, 1, 0, 0) == [int(np.argmin(similarity))]
+
+
+def test_a_store_from_before_the_correlation_ratio_says_its_similarity_is_a_correlation(
+    tmp_path, capsys
+):
+    picture = tmp_path / "qc.png"
+    assert loader_main([str(SCHEMA4_CORRELATION), "--qc", str(picture)]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "registration similarity (correlation): median 0.85, lowest 0.82" in out
+    with open_store(SCHEMA4_CORRELATION) as opened:
+        assert "similarity" not in opened.template
+        assert opened.version == 4
+    sequence = H5Sequence(SCHEMA4_CORRELATION, split="train", batch_size=64)
+    assert sequence[0].shape == (64, 16, 16, 1)  # unlabelled: images only
 
 
 def test_the_registration_picture_of_a_native_store_is_one_line(tmp_path, capsys):
