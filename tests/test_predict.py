@@ -176,6 +176,29 @@ def test_a_dicom_series_is_predicted_as_the_nifti_it_came_from(classification_ru
     assert float(from_dicom["probability"]) == pytest.approx(float(nifti["probability"]), abs=1e-4)
 
 
+def test_a_standard_space_prediction_says_how_each_scan_registered(study, tmp_path, monkeypatch):
+    """scans.csv gives each scan's registration similarity, the number its store would hold,
+    and a scan below the check floor gets preprocess's `check registration` line."""
+    root, _, store = study
+    run_dir = tmp_path / "run"
+    train(store, run_dir, epochs=1, batch_size=64, progress=False, report=lambda _: None)
+    head = sorted((root / "bids").glob("sub-01/anat/*_T1w.nii.gz"))
+    lines = []
+    result = predict(run_dir, head, tmp_path / "out", workers=1, report=lines.append)
+    with open_store(store) as opened:
+        table = opened.subjects_table()
+    stored = float(table[schema.SIMILARITY][list(table[schema.SUBJECT_ID]).index("01")])
+    (row,) = read_rows(tmp_path / "out" / "scans.csv")
+    assert float(row["similarity"]) == pytest.approx(stored, abs=1e-4)
+    assert stored > 0.6  # a head moved by a known map: no check
+    assert result.check == []
+    assert not [line for line in lines if line.startswith("check registration")]
+    monkeypatch.setattr("training.inference.CHECK_FLOOR", 0.99)  # the same head, judged poor
+    result = predict(run_dir, head, tmp_path / "again", workers=1, report=lines.append)
+    assert result.check == [(result.scans[0]["path"], pytest.approx(stored, abs=1e-4))]
+    assert lines[-1] == f"check registration: {result.scans[0]['path']} (similarity {stored:.2f})"
+
+
 def test_a_standard_space_store_from_before_the_head_template_predicts_on_its_own_grid():
     """Stores written before 2026-12 name no template in their config: their runs cut new
     scans from the 2009a grid they were trained on; native-space stores need none."""

@@ -235,6 +235,7 @@ def predict_main(argv: list[str]) -> int:
             f"wrote {result.output} in {result.seconds:.1f} s: {len(result.scans)} scans of "
             f"{len(result.subjects)} subjects predicted, {len(result.rejected)} rejected"
             + (f", {len(result.seen)} seen in training" if result.seen else "")
+            + (f", {len(result.check)} to check (registration)" if result.check else "")
         )
         if result.metrics:
             print(

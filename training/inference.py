@@ -36,7 +36,7 @@ from preprocess.find import find_scans
 from preprocess.settings import RunOptions
 from preprocess.settings import Settings as PreprocessSettings
 from preprocess.slices import AXES, unslice
-from preprocess.standard import OLD_TEMPLATE, from_template, load_template
+from preprocess.standard import CHECK_FLOOR, OLD_TEMPLATE, from_template, load_template
 from preprocess.workers import processed
 from training import run_folder
 from training.errors import TrainingError
@@ -67,6 +67,9 @@ class Prediction:
         scans: one dict per scan (the rows of ``scans.csv``).
         rejected: ``(path, reason)`` of scans preprocessing left out.
         seen: paths of scans that were in the store the model was trained on.
+        check: ``(path, similarity)`` of standard-space scans whose registration is below
+            the check floor (as ``python -m preprocess`` lists them under ``check
+            registration``).
         metrics: the scores with ``labels`` (as evaluation scores a split), else empty.
     """
 
@@ -75,6 +78,7 @@ class Prediction:
     scans: list[dict] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     seen: list[str] = field(default_factory=list)
+    check: list[tuple[str, float]] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -213,6 +217,12 @@ class _Answers:
             "session": scan.session,
         }
         row["seen_in_training"] = seen or ""
+        similarity = record.get("similarity")
+        if similarity is not None:  # standard space: how well the scan registered
+            row["similarity"] = round(float(similarity), 4)
+            if similarity < CHECK_FLOOR:
+                result.check.append((scan.shown, float(similarity)))
+                self.say(f"check registration: {scan.shown} (similarity {similarity:.2f})")
         if self.target["task"] == SEGMENTATION:
             row |= _write_segmentation(
                 self.folder, scan, record, answer, self.settings, self.probabilities, self.examples
