@@ -18,7 +18,7 @@ thread and a fixed sampling seed, so a scan gives the same numbers in any proces
 5. the scan (and the bias field) are resampled once onto the 1 mm grid of the store's
    template (:data:`TEMPLATES`), only the planes of the slab.
 6. the result's *similarity* is the correlation ratio of the template on the scan inside
-   the template's brain (:func:`similarity`): how well the scan's intensities, through any
+   the template's brain (:func:`correlation_ratio`): how well the scan's intensities, through any
    mapping, predict the template's; so a T2w, PD or FLAIR scan is judged as a T1w is;
 7. where the similarity ends below :data:`CHECK_FLOOR`, steps 4-6 start again from the scan
    turned by each of :data:`TURNS` (a head on a side, prone or bent whose header does not
@@ -118,10 +118,11 @@ AFFINE_FINE = dict(shrink=(1,), sigma=(0.0,), sampling=(0.05,), iterations=200, 
 MIN_STEP_MM = 0.01  # a stage's level ends when the optimiser's step is this small
 MIN_EXTENT_MM = 40  # a scan thinner than this along any axis is not a head to register
 
-# A registration is listed for checking when its similarity (see similarity()) is below
-# this. Measured on real heads of four contrasts (scripts/README.md, "Standard space on real
-# heads"): correct registrations 0.45-0.66, the same scans 6 mm off 0.30-0.52, 9 mm off
-# 0.22-0.44, a start turned the wrong way 0.18-0.33. It is not relative to the run's other
+# A registration is listed for checking when its similarity (see correlation_ratio()) is
+# below this. Measured on 8 real scans of T1w, T2w and PD contrast and moved copies of them
+# (scripts/README.md, "Standard space on real heads"): correct registrations 0.41-0.67, the
+# scans' reference registrations 6 mm off 0.29-0.52, 9 mm off 0.21-0.44, 12 mm off
+# 0.16-0.38, a start turned the wrong way 0.18-0.33. It is not relative to the run's other
 # scans: correct ones differ by as much as a failure's margin would.
 CHECK_FLOOR = 0.40
 SIMILARITY_BINS = 64  # the scan's intensities in this many bins of equal count
@@ -250,7 +251,7 @@ class Registration:
         data: the bias-corrected intensities on the template's grid, planes ``planes``
             along the slicing axis.
         planes: ``[first, stop)``, see :meth:`Template.planes`.
-        similarity: :func:`similarity` of ``data``, 0 to 1.
+        similarity: :func:`similarity_to_template` of ``data``, 0 to 1.
     """
 
     to_template: np.ndarray
