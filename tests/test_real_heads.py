@@ -85,6 +85,21 @@ def test_a_moved_real_head_registers_as_the_head_did(real, template, move):
     assert registration.similarity > CHECK_FLOOR
 
 
+def test_the_screen_ranks_first_the_turned_start_that_lands(real):
+    """A real head bent 60 degrees about x lands from the start turned -90 degrees about x
+    (bench_real_heads: 0.5 mm from ANTs); of the seven turned starts, the screen (the
+    similarity stage alone) puts it first, so it is fitted although it comes fifth."""
+    volume = load_volume(real / "heads" / "sub-fslhead_T1w.nii.gz")
+    bent = moved(volume, *MOVES["bent 60 about x"])
+    sitk = standard._simpleitk()
+    work, work_affine = standard.working_image(bent)
+    moving, _ = standard._corrected(sitk, work, work_affine)
+    scores = [standard._screen(sitk, moving, work_affine, turn) for turn in standard.TURNS]
+    landing = next(k for k, turn in enumerate(standard.TURNS) if turn[1, 2] == 1)  # -90 about x
+    assert landing == 4
+    assert int(np.argmin(scores)) == landing, scores
+
+
 def test_a_real_head_in_another_contrast_registers_as_the_head_did(real, template):
     """A T2w-like head (the real T1w head's intensities inverted inside it: fluid bright,
     white matter dark) lands where the T1w does and is not flagged. Judged by its correlation
