@@ -603,10 +603,14 @@ def _start(sitk, moving, work_affine, turn: np.ndarray):
 
 def _screen(sitk, moving, work_affine, turn: np.ndarray) -> float:
     """How promising a start turned by ``turn`` is: the metric (minus Mattes mutual
-    information, lower is better) at the end of its similarity stage alone."""
+    information, lower is better) at the end of its similarity stage alone; infinite where
+    ITK cannot fit it (e.g. no samples inside both images), so it comes last."""
     fixed, mask = _head()
     _, coarse, similarity, _ = _start(sitk, moving, work_affine, turn)
-    return _stage(sitk, fixed, mask, coarse, similarity, **SIMILARITY_STAGE)
+    try:
+        return _stage(sitk, fixed, mask, coarse, similarity, **SIMILARITY_STAGE)
+    except RuntimeError:
+        return float("inf")
 
 
 def _fit(sitk, moving, work_affine, turn: np.ndarray | None = None) -> np.ndarray:

@@ -18,6 +18,7 @@ from helpers import (
     LESION_MM,
     LESION_RADIUS,
     MNI_SETTINGS,
+    NIBABEL_DATA,
     assert_same_store_content,
     write_nifti,
 )
@@ -35,6 +36,7 @@ from preprocess.scan import process_scan
 from preprocess.settings import RunOptions, Settings
 from preprocess.slices import label_slices
 from preprocess.standard import load_template
+from preprocess.volume import load_volume
 
 SCHEMA3 = Path(__file__).parent / "data" / "schema3.h5"  # written before standard space
 # two make_heads phantoms in standard space (16 x 16), written before the similarity was the
@@ -275,6 +277,19 @@ def test_odd_inputs_register_or_get_one_line_each(tmp_path, capsys):
     middle = sorted(by_plane)[len(by_plane) // 2]
     np.testing.assert_array_equal(by_plane[middle][..., 0], by_plane[middle - 1][..., 1])
     np.testing.assert_array_equal(by_plane[middle][..., 2], by_plane[middle + 1][..., 1])
+
+
+def test_a_turned_start_itk_cannot_fit_is_screened_last_not_an_error(monkeypatch):
+    volume = load_volume(NIBABEL_DATA / "anatomical.nii")
+    sitk = standard._simpleitk()
+    work, work_affine = standard.working_image(volume)
+    moving = standard._image(sitk, work, work_affine)
+
+    def no_samples(*args, **kwargs):
+        raise RuntimeError("ITK ERROR: All samples map outside moving image buffer")
+
+    monkeypatch.setattr(standard, "_stage", no_samples)
+    assert standard._screen(sitk, moving, work_affine, standard.TURNS[0]) == float("inf")
 
 
 def test_the_registration_picture_draws_the_worst_scans_first(study, tmp_path, capsys):
