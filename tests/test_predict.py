@@ -176,7 +176,9 @@ def test_a_dicom_series_is_predicted_as_the_nifti_it_came_from(classification_ru
     assert float(from_dicom["probability"]) == pytest.approx(float(nifti["probability"]), abs=1e-4)
 
 
-def test_a_standard_space_prediction_says_how_each_scan_registered(study, tmp_path, monkeypatch):
+def test_a_standard_space_prediction_says_how_each_scan_registered(
+    study, tmp_path, monkeypatch, capsys
+):
     """scans.csv gives each scan's registration similarity, the number its store would hold,
     and a scan below the check floor gets preprocess's `check registration` line."""
     root, _, store = study
@@ -197,6 +199,12 @@ def test_a_standard_space_prediction_says_how_each_scan_registered(study, tmp_pa
     result = predict(run_dir, head, tmp_path / "again", workers=1, report=lines.append)
     assert result.check == [(result.scans[0]["path"], pytest.approx(stored, abs=1e-4))]
     assert lines[-1] == f"check registration: {result.scans[0]['path']} (similarity {stored:.2f})"
+    capsys.readouterr()
+    command = ["predict", str(run_dir), str(head[0]), "-o", str(tmp_path / "cli"), "--workers", "1"]
+    assert training_main(command) == 0  # a scan to check is predicted: not a rejection
+    out, err = capsys.readouterr()
+    assert f"check registration: {head[0]} (similarity {stored:.2f})" in err.splitlines()
+    assert out.splitlines()[0].endswith("0 rejected, 1 seen in training, 1 to check (registration)")
 
 
 def test_a_standard_space_store_from_before_the_head_template_predicts_on_its_own_grid():
