@@ -23,6 +23,7 @@ from preprocess.errors import PreprocessError
 from preprocess.find import find_scans
 from preprocess.pipeline import Summary, run
 from preprocess.settings import RunOptions, Settings
+from preprocess.standard import check_line
 from preprocess.workers import keep_freed_memory
 from preprocess.writer import partial_path
 
@@ -140,8 +141,5 @@ def _format(summary: Summary) -> str:
     ]
     if summary.rejected:
         lines.append(f"{len(summary.rejected)} rejected scan(s), each named above with its reason")
-    lines += [
-        f"check registration: {source} (similarity {similarity:.2f})"
-        for source, similarity in summary.check_registration
-    ]
+    lines += [check_line(source, similarity) for source, similarity in summary.check_registration]
     return "\n".join(lines)

@@ -131,6 +131,16 @@ SIMILARITY_BINS = 64  # the scan's intensities in this many bins of equal count
 SIMILARITY_MEASURE = "correlation ratio"
 
 
+def check_line(source: str, similarity: float) -> str:
+    """The line that lists a registration below :data:`CHECK_FLOOR` for a look (preprocess's
+    summary, predict's warnings).
+
+    >>> check_line("sub-07/anat/sub-07_T1w.nii.gz", 0.213)
+    'check registration: sub-07/anat/sub-07_T1w.nii.gz (similarity 0.21)'
+    """
+    return f"check registration: {source} (similarity {similarity:.2f})"
+
+
 def _turn(axis: int, degrees: int) -> np.ndarray:
     """A rotation matrix about one axis of the world."""
     i, j = [k for k in range(3) if k != axis]

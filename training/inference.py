@@ -36,7 +36,13 @@ from preprocess.find import find_scans
 from preprocess.settings import RunOptions
 from preprocess.settings import Settings as PreprocessSettings
 from preprocess.slices import AXES, unslice
-from preprocess.standard import CHECK_FLOOR, OLD_TEMPLATE, from_template, load_template
+from preprocess.standard import (
+    CHECK_FLOOR,
+    OLD_TEMPLATE,
+    check_line,
+    from_template,
+    load_template,
+)
 from preprocess.workers import processed
 from training import run_folder
 from training.errors import TrainingError
@@ -222,7 +228,7 @@ class _Answers:
             row["similarity"] = round(float(similarity), 4)
             if similarity < CHECK_FLOOR:
                 result.check.append((scan.shown, float(similarity)))
-                self.say(f"check registration: {scan.shown} (similarity {similarity:.2f})")
+                self.say(check_line(scan.shown, similarity))
         if self.target["task"] == SEGMENTATION:
             row |= _write_segmentation(
                 self.folder, scan, record, answer, self.settings, self.probabilities, self.examples
