@@ -158,22 +158,20 @@ def brain_points(template, count: int = 5000) -> np.ndarray:
 OFFSETS_MM = (0, 6, 9, 12, 20)
 
 
-def similarities_off(volume: Volume, reference: np.ndarray, template) -> dict[int, list[float]]:
+def similarities_moved(volume: Volume, reference: np.ndarray, template, shifts) -> list[float]:
     """The similarity (as ``register`` scores it) of the reference registration moved on
-    purpose by each of :data:`OFFSETS_MM` along each axis of the template: what the check
-    floor must tell apart."""
+    purpose by each shift (mm along the template's axes; ``--offsets``: each of
+    :data:`OFFSETS_MM` along each axis): what the check floor must tell apart."""
     sitk = standard._simpleitk()
     work, work_affine = standard.working_image(volume)
     _, log_bias = standard._corrected(sitk, work, work_affine)
     planes = template.planes()
-    result = {}
-    for mm in OFFSETS_MM:
-        result[mm] = []
-        for axis in range(3 if mm else 1):
-            to_scan = reference.copy()
-            to_scan[:3, 3] += to_scan[:3, :3] @ np.eye(3)[axis] * mm
-            data = standard._on_template(volume, log_bias, work_affine, to_scan, template, planes)
-            result[mm].append(standard.similarity_to_template(data, template, planes))
+    result = []
+    for shift in shifts:
+        to_scan = reference.copy()
+        to_scan[:3, 3] += to_scan[:3, :3] @ np.asarray(shift, dtype=float)
+        data = standard._on_template(volume, log_bias, work_affine, to_scan, template, planes)
+        result.append(standard.similarity_to_template(data, template, planes))
     return result
 
 
@@ -250,8 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.offsets:
         print("\n| scan | " + " | ".join(f"{mm} mm off" for mm in OFFSETS_MM) + " |")
         print("| --- |" + " --- |" * len(OFFSETS_MM))
+        offsets = [
+            (mm, np.eye(3)[axis] * mm) for mm in OFFSETS_MM for axis in range(3 if mm else 1)
+        ]
         for name, path in scans.items():
-            off = similarities_off(load_volume(path), np.array(references[name]), template)
+            reference, shifts = np.array(references[name]), [shift for _, shift in offsets]
+            values = similarities_moved(load_volume(path), reference, template, shifts)
+            off = {}
+            for (mm, _), value in zip(offsets, values, strict=True):
+                off.setdefault(mm, []).append(value)
             cells = [
                 f"{min(v):.2f}-{max(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}" for v in off.values()
             ]
