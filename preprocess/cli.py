@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 def _list_series(inputs: list[str], settings: Settings, options: RunOptions, csv: str) -> int:
     """Print the table of every DICOM series of the inputs (and write it as CSV unless
     ``csv`` is ``-``); nothing else is written. Returns 0."""
-    found = find_scans(inputs, settings, lambda line: None, options.id_salt)
+    found = find_scans(inputs, settings, lambda line: None, options.id_salt, listing=True)
     with contextlib.closing(found):
         rows = found.converted.listing if found.converted is not None else []
     rows = sorted(rows, key=lambda row: (row["folder"], str(row["series"]).zfill(8)))

@@ -4,6 +4,7 @@ series converted and named (``dicom``), the labels table matched, the splits ass
 
 from __future__ import annotations
 
+import gzip
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,13 +14,19 @@ from loader.schema import UNLABELLED_SPLIT
 from loader.table import NUMERIC, class_indices, column_kind, numeric_values
 from preprocess import dicom
 from preprocess.discover import (
+    DICOM_MARKER,
+    DICOM_MARKER_OFFSET,
     Scan,
     column_of,
     discover,
     find_layout,
+    is_dicom,
+    is_image,
     match_labels,
     pair_files,
     read_subjects_table,
+    strip_nifti_suffix,
+    walk_files,
 )
 from preprocess.errors import PreprocessError
 from preprocess.settings import Settings
@@ -57,7 +64,11 @@ class Found:
 
 
 def find_scans(
-    inputs: list[str], settings: Settings, report=print, salt: str | None = None
+    inputs: list[str],
+    settings: Settings,
+    report=print,
+    salt: str | None = None,
+    listing: bool = False,
 ) -> Found:
     """The scans of the inputs with their labels, the labels table, and inputs rejected up front.
 
@@ -68,6 +79,8 @@ def find_scans(
     Args:
         salt: the secret of the hash naming DICOM subjects; defaults to
             ``$SLICESTORE_ID_SALT``.
+        listing: for ``--list-series``: the scans as found, unlabelled, even none (the
+            listing says why a series is not stored). Defaults to False.
 
     Raises:
         PreprocessError: no scans, or a problem with the inputs or the label file.
@@ -90,8 +103,10 @@ def find_scans(
         rejected += converted.rejected
         for line in converted.skipped:
             report(f"note: {line}")
+    if listing:
+        return Found(scans, [], rejected, converted=converted)
     try:
-        found = _labelled(scans, rejected, inputs, settings, report, naming)
+        found = _labelled(scans, rejected, inputs, settings, report, naming, converted)
     except BaseException:
         if converted is not None:
             converted.close()
@@ -122,11 +137,14 @@ def _dicom_naming(folders, settings: Settings, salt: str | None) -> dicom.Naming
     return dicom.Naming(settings.dicom_subject, settings.keep_patient_ids, salt)
 
 
-def _labelled(scans, rejected, inputs, settings: Settings, report, naming) -> Found:
+def _labelled(scans, rejected, inputs, settings: Settings, report, naming, converted) -> Found:
     """The scans with their labels and the labels table (its ids hashed as the DICOM
     subjects' are, when ``naming`` hashes them)."""
     if not scans:
-        raise PreprocessError(f"no scans found in {', '.join(map(str, inputs))}")
+        raise PreprocessError(
+            f"no scans found in {', '.join(map(str, inputs))}"
+            f"{_none_stored(converted, settings) or _other_files(inputs, settings)}"
+        )
     if len(settings.suffix) > 1 or settings.masks or settings.masks_suffix:
         files = [scan for scan in scans if not scan.origin]  # DICOM series come paired
         paired, unpaired = pair_files(files, settings.suffix, settings.masks, settings.masks_suffix)
@@ -179,6 +197,52 @@ def _labelled(scans, rejected, inputs, settings: Settings, report, naming) -> Fo
         else:
             found.class_names = table.class_names(labels.values())
     return found
+
+
+def _none_stored(converted: dicom.Converted | None, settings: Settings) -> str:
+    """Why DICOM series were found and none is a scan: their kinds, against ``--suffix``.
+
+    >>> rows = [{"kind": "dwi"}, {"kind": "dwi"}, {"kind": "derived"}]
+    >>> print(_none_stored(dicom.Converted(listing=rows), Settings()).split(" (each")[0])
+    : 3 DICOM series (2 dwi, 1 derived), none stored with --suffix T1w
+    """
+    if converted is None or not converted.listing:
+        return ""
+    kinds: dict[str, int] = {}
+    for row in converted.listing:
+        kinds[row["kind"]] = kinds.get(row["kind"], 0) + 1
+    counted = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
+    return (
+        f": {len(converted.listing)} DICOM series ({counted}), none stored with --suffix "
+        f"{' '.join(settings.suffix)} (each is a note above; --list-series lists them)"
+    )
+
+
+def _other_files(inputs, settings: Settings) -> str:
+    """What the input folders hold instead of scans: the suffixes of BIDS images that are
+    not ``--suffix``; else how many other files, one named, and whether it is gzipped DICOM
+    (which dcm2niix does not read)."""
+    files = [path for item in map(Path, inputs) if item.is_dir() for path in walk_files(item)]
+    images = [path for path in files if is_image(path)]
+    if images:  # a BIDS tree without the suffix asked for
+        suffixes = sorted({strip_nifti_suffix(path.name).rsplit("_", 1)[-1] for path in images})
+        return (
+            f": {len(images)} image file(s), none named *_{'/'.join(settings.suffix)} "
+            f"(their suffixes: {', '.join(suffixes[:8])}; --suffix chooses)"
+        )
+    others = [path for path in files if not is_dicom(path)]
+    if not others:
+        return ""
+    gzipped = ""
+    try:
+        with gzip.open(others[0]) as handle:
+            if handle.read(DICOM_MARKER_OFFSET + 4)[DICOM_MARKER_OFFSET:] == DICOM_MARKER:
+                gzipped = "; it is gzipped DICOM: gunzip the files first"
+    except (OSError, EOFError):
+        pass
+    return (
+        f": {len(others)} file(s), none NIfTI, MGZ, Analyze or DICOM (such as {others[0]}{gzipped})"
+    )
 
 
 def split_assignment(found: Found, settings: Settings) -> tuple[list[str], dict[str, str]]:

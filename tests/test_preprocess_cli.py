@@ -172,6 +172,20 @@ def test_nothing_usable_means_exit_2_and_no_store(tmp_path, capsys):
     assert _run(tmp_path / "empty-folder-missing", "-o", tmp_path / "s.h5") == 2
 
 
+def test_a_bids_tree_without_the_suffix_says_which_suffixes_it_has(tmp_path, capsys):
+    write_nifti(tmp_path / "bids/sub-01/anat/sub-01_T2w.nii.gz", blob_volume(0))
+    write_nifti(tmp_path / "bids/sub-02/anat/sub-02_FLAIR.nii.gz", blob_volume(1))
+    assert _run(tmp_path / "bids", "-o", tmp_path / "s.h5") == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "2 image file(s), none named *_T1w (their suffixes: FLAIR, T2w; --suffix chooses)"
+        )
+    )
+    assert not (tmp_path / "s.h5").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

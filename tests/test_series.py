@@ -3,6 +3,7 @@ Philips exam in ../shared/real (its MPRAGE stored, its perfusion and field map n
 
 from __future__ import annotations
 
+import gzip
 from dataclasses import replace
 from pathlib import Path
 
@@ -184,6 +185,45 @@ def test_a_synthetic_exam_stores_the_asked_kind_and_lists_the_rest(tmp_path, cap
         paths = list(opened.subjects_table()["path"])
     assert len(paths) == 1
     assert paths[0].endswith("004-Ax-T2-FLAIR")
+
+
+def test_an_exam_without_the_kind_asked_for_is_listed_and_its_run_says_why(tmp_path, capsys):
+    """An exam of FLAIR series only (as dcm_qa_canon_61's diffusion-only exports): the
+    listing that says why nothing would be stored works, and the run's error counts kinds."""
+    data, affine = blob_volume(1), np.diag([2.0, 2.0, 2.0, 1.0])
+    exam, who = tmp_path / "exam", patient(31)
+    study = write_series(exam / "a", data, affine, who, number=3, description="Ax T2 FLAIR")
+    write_series(exam / "b", data, affine, who, study, 4, "Sag T2 FLAIR")
+    assert preprocess_main([str(exam), "--list-series", "--id-salt", "K"]) == 0
+    out = capsys.readouterr().out
+    assert "2 DICOM series, 0 would be stored" in out
+    assert out.count("only --suffix T1w is stored") == 2
+    store = tmp_path / "s.h5"
+    assert preprocess_main([str(exam), "-o", str(store), "--id-salt", "K"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (
+        f"error: no scans found in {exam}: 2 DICOM series (2 FLAIR), none stored with "
+        "--suffix T1w (each is a note above; --list-series lists them)"
+    )
+    assert not store.exists()
+
+
+def test_gzipped_dicom_is_named_as_such(tmp_path, capsys):
+    data, affine = blob_volume(1), np.diag([2.0, 2.0, 2.0, 1.0])
+    write_series(tmp_path / "exam", data, affine, patient(32), number=3)
+    for path in sorted((tmp_path / "exam").iterdir()):
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    first = sorted((tmp_path / "exam").iterdir())[0]
+    assert preprocess_main([str(tmp_path / "exam"), "-o", str(tmp_path / "s.h5")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"none NIfTI, MGZ, Analyze or DICOM (such as {first}; it is gzipped DICOM: gunzip "
+            "the files first)"
+        )
+    )
 
 
 def test_t1_and_flair_of_an_exam_become_channels_a_repeat_is_chosen_a_gap_rejected(
