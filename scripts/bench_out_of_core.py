@@ -22,6 +22,7 @@ wants float32, four times as much) runs inside the same limit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -161,6 +162,46 @@ def run_child(arguments: list[str], cgroup: MemoryCgroup | None) -> tuple[int, d
     return child.returncode, json.loads(lines[-1]) if lines else None, anonymous
 
 
+def block_device(path: str | os.PathLike) -> str | None:
+    """The block device holding ``path``, as ``/proc/diskstats`` names it; None where there
+    is none (tmpfs, overlay)."""
+    stat = os.stat(path)
+    uevent = Path(f"/sys/dev/block/{os.major(stat.st_dev)}:{os.minor(stat.st_dev)}/uevent")
+    try:
+        for line in uevent.read_text().splitlines():
+            if line.startswith("DEVNAME="):
+                return line.removeprefix("DEVNAME=")
+    except OSError:
+        pass
+    return None
+
+
+def disk_reads(device: str | None) -> tuple[int, int]:
+    """Reads completed and bytes read on ``device`` since boot, by every process
+    (``/proc/diskstats``: the requests the disk served, after the kernel merged them)."""
+    if device is not None:
+        with open("/proc/diskstats") as stats:
+            for line in stats:
+                fields = line.split()
+                if fields[2] == device:
+                    return int(fields[3]), int(fields[5]) * 512
+    return 0, 0
+
+
+def disk_line(device: str | None) -> str:
+    """The disk the stores are on and how the kernel reads it ahead (a machine's disk is
+    as much a part of these numbers as its CPU)."""
+    if device is None:
+        return "disk: no block device (tmpfs or overlay): no disk reads counted"
+    queue = Path(f"/sys/class/block/{device}").resolve()
+    queue = queue / "queue" if (queue / "queue").is_dir() else queue.parent / "queue"
+    facts = []
+    for name, what in (("read_ahead_kb", "read-ahead"), ("max_sectors_kb", "largest request")):
+        with contextlib.suppress(OSError, ValueError):
+            facts.append(f"{what} {int((queue / name).read_text()):,} KiB")
+    return f"disk: {device} ({', '.join(facts) or 'queue settings unreadable'})"
+
+
 def _mib(value: int | None) -> str:
     return f"{value / 2**20:,.0f}" if value else "-"
 
@@ -174,18 +215,24 @@ def _in_turns(children, gib: float, num_slices: int, args, cgroup) -> list[tuple
 
     speeds: dict[str, list[float]] = {}
     peaks: dict[str, list[tuple[int, int, int]]] = {}
+    reads: dict[str, list[tuple[int, int, float]]] = {}  # count, bytes, seconds per turn
     failed: dict[str, int] = {}
+    device = block_device(children[0][1])
     for turn in range(args.repeats):
         for mode, path, what in children:
             evict(*{child[1] for child in children})  # from the disk, not from memory
             if cgroup:
                 cgroup.reset()
             options = ["--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+            before = disk_reads(device)
             status, measured, anonymous = run_child([mode, str(path), *options], cgroup)
+            after = disk_reads(device)
             if status != 0 or not measured:
                 failed[what] = status
                 continue
             speeds.setdefault(what, []).append(measured["slices"] / measured["seconds"])
+            count, size = after[0] - before[0], after[1] - before[1]
+            reads.setdefault(what, []).append((count, size, measured["seconds"]))
             group_peak = cgroup.peak if cgroup else 0
             peaks.setdefault(what, []).append((measured["rss_peak"], anonymous, group_peak))
             print(f"  turn {turn + 1}: {what}: {speeds[what][-1]:,.0f}", file=sys.stderr)
@@ -194,7 +241,7 @@ def _in_turns(children, gib: float, num_slices: int, args, cgroup) -> list[tuple
     for _, _, what in children:
         name = f"{gib:g} GiB store, {what}"
         if what in failed:
-            rows.append((name, f"{num_slices:,}", f"failed ({failed[what]})", *"-----"))
+            rows.append((name, f"{num_slices:,}", f"failed ({failed[what]})", *"------"))
             continue
         median = statistics.median(speeds[what])
         rate = f"{median:,.0f} ({min(speeds[what]):,.0f}-{max(speeds[what]):,.0f})"
@@ -202,7 +249,17 @@ def _in_turns(children, gib: float, num_slices: int, args, cgroup) -> list[tuple
         peak_text = [_mib(value) for value in highest]
         ratio = f"{median / limit:.2f}x"
         rows.append((name, f"{num_slices:,}", "finished", rate, ratio, *peak_text))
+        rows[-1] += (_reads_text(reads[what]) if device else "-",)
     return rows
+
+
+def _reads_text(turns: list[tuple[int, int, float]]) -> str:
+    """The disk reads of the median turn (by count): how many, their mean size, how many a
+    second while the child read (the reads of its start-up count too)."""
+    count, size, seconds = sorted(turns)[len(turns) // 2]
+    if not count:
+        return "0 (all from memory)"
+    return f"{count:,} x {size / count / 1024:,.0f} KiB, {count / seconds:,.0f}/s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,19 +358,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         name = f"the {biggest:g} GiB of slices held in memory (uint8; float32 is 4x)"
         peak = _mib(cgroup.peak if cgroup else None)
-        rows.append((name, f"{num_slices:,}", outcome, "-", "-", "-", _mib(anonymous), peak))
+        rows.append((name, f"{num_slices:,}", outcome, "-", "-", "-", _mib(anonymous), peak, "-"))
     finally:
         if cgroup:
             cgroup.remove()
 
     limit_text = f"{args.limit_gb:g} GiB (page cache included)" if cgroup else "none"
     print(f"{machine_line()}\ncgroup memory limit: {limit_text}; {args.repeats} turns")
+    print(disk_line(block_device(args.workdir)))
     print()
     print(
         "| run | slices | outcome | slices/s, median (lowest-highest) | vs memmap | peak RSS MiB "
-        "| peak anonymous MiB | cgroup peak MiB (with page cache) |"
+        "| peak anonymous MiB | cgroup peak MiB (with page cache) | disk reads (median turn) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     return 0

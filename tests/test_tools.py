@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
+import os
+
 import numpy as np
+from bench_out_of_core import _reads_text, block_device, disk_line, disk_reads
 from make_large_store import write_large_store
 from make_phantoms import main as make_phantoms_main
 
@@ -64,3 +68,33 @@ def test_loader_names_a_folder_and_a_missing_preview_folder(phantom_store, tmp_p
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing printed before the one-line error
     assert captured.err == f"error: {tmp_path / 'no' / 'p.png'}: no such folder for the picture\n"
+
+
+def test_the_out_of_core_benchmark_counts_the_reads_of_the_disk_under_its_stores(tmp_path):
+    """The disk reads of a pass are the requests ``/proc/diskstats`` counts on the device
+    holding the store (read with O_DIRECT here, so the page cache cannot serve them)."""
+    device = block_device(tmp_path)
+    if device is None:  # tmpfs or overlay: nothing to count, and the table says so
+        assert disk_reads(None) == (0, 0)
+        assert "no disk reads counted" in disk_line(None)
+        return
+    assert disk_line(device).startswith(f"disk: {device} (")
+    path = tmp_path / "data"
+    path.write_bytes(np.random.default_rng(0).bytes(1 << 20))
+    os.sync()
+    before = disk_reads(device)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buffer = mmap.mmap(-1, 1 << 20)  # page-aligned, as O_DIRECT needs
+        assert os.preadv(fd, [buffer], 0) == 1 << 20
+    finally:
+        os.close(fd)
+    count, size = (after - first for after, first in zip(disk_reads(device), before, strict=True))
+    assert count >= 1
+    assert size >= 1 << 20
+
+
+def test_the_reads_column_gives_the_median_turns_count_size_and_rate():
+    turns = [(4000, 4000 * 262144, 2.0), (100, 100 * 4 << 20, 1.0), (5000, 5000 * 262144, 4.0)]
+    assert _reads_text(turns) == "4,000 x 256 KiB, 2,000/s"
+    assert _reads_text([(0, 0, 1.0)]) == "0 (all from memory)"
