@@ -109,6 +109,23 @@ def prefetch_rows(layout: RowLayout, start: int, stop: int, fd: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
+def prefetch_span(layout: RowLayout, start: int, stop: int, fd: int) -> None:
+    """Ask the kernel to read rows ``[start, stop)`` as one span of the file, from the first
+    chunk's bytes to the last's (no-op unless raw): one large read instead of one per
+    chunk. Chunks out of order in the file, or far apart, are asked for one by one.
+    """
+    if not layout.raw or stop <= start:
+        return
+    first, last = start // layout.chunk_rows, (stop - 1) // layout.chunk_rows
+    begin = int(layout.offsets[first])
+    end = int(layout.offsets[last]) + layout.chunk_rows * layout.row_bytes
+    used = (stop - start) * layout.row_bytes
+    if np.all(np.diff(layout.offsets[first : last + 1]) > 0) and end - begin <= 2 * used:
+        os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
+    else:
+        prefetch_rows(layout, start, stop, fd)
+
+
 def read_rows(
     layout: RowLayout,
     start: int,

@@ -12,8 +12,8 @@ import numpy as np
 
 from loader import schema, table
 from loader.options import SettingError, check_settings, option
-from loader.plan import EpochPlan
-from loader.rows import prefetch_rows, read_rows
+from loader.plan import MIX_GROUPS, READ_MIB, EpochPlan
+from loader.rows import prefetch_rows, prefetch_span, read_rows
 from loader.store import StoreChangedError, StoreDamagedError, file_identity, open_h5
 from loader.stores import open_parts, store_paths
 from loader.target import SEGMENTATION, Target
@@ -21,6 +21,7 @@ from loader.target import SEGMENTATION, Target
 # How many batches ahead to ask the kernel for (prefetch=True): cold shuffled reads,
 # slices/s on a 0.25 GiB store: 1 ahead 348 k, 2 ahead 435 k, 4 ahead 443 k (warm unchanged).
 PREFETCH_AHEAD = 2
+GROUP_BITS = 40  # a read group's number: its store's index above these bits
 OUTPUTS = ("float32", "stored")  # what ``x`` holds: intensities, or the store's own values
 
 
@@ -37,6 +38,11 @@ class ReadSettings:
     verify: bool = option(True, "check every chunk read against its checksum")
     output: str = option(
         "float32", "what x holds: float32 intensities or the stored bytes", choices=OUTPUTS
+    )
+    read_mib: float = option(
+        READ_MIB,
+        "MiB of adjacent chunks a shuffled epoch reads at once (0: chunk by chunk)",
+        at_least=0,
     )
 
     def __post_init__(self):
@@ -106,6 +112,12 @@ class H5Sequence(keras.utils.PyDataset):
         verify: check every chunk a batch reads against its checksum (stores of schema 3),
             so damaged bytes never reach a model; a chunk the batch covers only in part is
             read whole for the check. Defaults to True.
+        output: ``"float32"`` or ``"stored"`` (see above). Defaults to ``"float32"``.
+        read_mib: with ``shuffle``, permute groups of adjacent chunks of about this many
+            MiB, and the chunks inside windows of 8 groups (:mod:`loader.plan`): each
+            group is asked of the disk as one read, so an epoch makes a few large requests
+            instead of one per chunk. 0 permutes chunk by chunk (every version before
+            this setting). Defaults to 4.
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of
             ``keras.utils.PyDataset``.
 
@@ -140,10 +152,13 @@ class H5Sequence(keras.utils.PyDataset):
         shard: tuple[int, int] | None = None,
         verify: bool = True,
         output: str = "float32",
+        read_mib: float = READ_MIB,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self._settings = ReadSettings(batch_size, shuffle, seed, channels, prefetch, verify, output)
+        self._settings = ReadSettings(
+            batch_size, shuffle, seed, channels, prefetch, verify, output, read_mib
+        )
         if split is not None and not isinstance(split, str | list | tuple):
             raise TypeError(f"`split` must be a str, a list of str or None; received {split!r}")
         self._shard = None if shard is None else _check_shard(shard)
@@ -162,6 +177,7 @@ class H5Sequence(keras.utils.PyDataset):
         self._num_channels = len(first.channel_names)
         self._scale, self._offset = first.scale, first.offset
         self._first_rows = np.array([part.first_row for part in self._parts], dtype=np.int64)
+        self._group_chunks, self._groups = self._read_groups(read_mib)
         self._plan = self._epoch_plan(self._epoch)
         if shard is not None and len(self._plan) < self._shard[1]:
             raise ValueError(
@@ -175,10 +191,23 @@ class H5Sequence(keras.utils.PyDataset):
         self._pid = None
         self._open_files = None  # per part: (fd, images dataset, subjects dataset)
         self._h5 = []
+        self._hinted = set()  # windows of read groups asked of the disk this epoch
+
+    def _read_groups(self, read_mib: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Chunks per read group in each store, and each block's group (store and group
+        index as one number); both None where groups would not make reads larger: no
+        shuffle, ``read_mib`` 0, or a store whose chunks hold ``read_mib`` already."""
+        chunk_bytes = [part.images.chunk_rows * part.images.row_bytes for part in self._parts]
+        group_chunks = np.array([int(read_mib * 2**20 // size) for size in chunk_bytes])
+        if not self._settings.shuffle or not len(self._blocks) or group_chunks.min() < 2:
+            return None, None
+        parts = np.searchsorted(self._first_rows, self._blocks[:, 0], side="right") - 1
+        chunks = (self._blocks[:, 0] - self._first_rows[parts]) // self._chunk_rows
+        return group_chunks, (parts << GROUP_BITS) | (chunks // group_chunks[parts])
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_lock", "_pid", "_open_files", "_h5"):
+        for name in ("_lock", "_pid", "_open_files", "_h5", "_hinted"):
             state.pop(name)
         return state
 
@@ -197,7 +226,7 @@ class H5Sequence(keras.utils.PyDataset):
         return (
             f"H5Sequence({self._path!r}, split={self._split!r}, batch_size={read.batch_size}, "
             f"shuffle={read.shuffle}, seed={read.seed}, channels={read.channels!r}{shard}, "
-            f"output={read.output!r}, "
+            f"output={read.output!r}, read_mib={read.read_mib:g}, "
             f"workers={self.workers}, use_multiprocessing={self.use_multiprocessing})"
         )
 
@@ -291,11 +320,19 @@ class H5Sequence(keras.utils.PyDataset):
             raise SettingError("{epoch} must be at least 0", epoch=value)
         self._epoch = value
         self._plan = self._epoch_plan(value)
+        self._hinted = set()
 
     def _epoch_plan(self, epoch: int) -> EpochPlan:
         read = self._settings
         return EpochPlan(
-            self._blocks, read.batch_size, read.shuffle, read.seed, epoch, self._chunk_rows
+            self._blocks,
+            read.batch_size,
+            read.shuffle,
+            read.seed,
+            epoch,
+            self._chunk_rows,
+            self._groups,
+            MIX_GROUPS,
         )
 
     def __len__(self) -> int:
@@ -342,6 +379,8 @@ class H5Sequence(keras.utils.PyDataset):
         runs = self._local_runs(plan_batch)
         num_rows = sum(stop - start for _, start, stop in runs)
         files = self._open()
+        if self._settings.prefetch and self._groups is not None and self._shard is None:
+            self._hint_windows(plan_batch, files)
         height, width = self._slice_shape
         count = self._num_channels
         stored = np.empty((num_rows, height, width, count), self._dtype)
@@ -362,7 +401,8 @@ class H5Sequence(keras.utils.PyDataset):
             elif target:
                 read_rows(part.subjects, start, stop, scans[position:end], fd, h5 and h5[1])
             position = end
-        if self._settings.prefetch:  # hint the batch PREFETCH_AHEAD on (at first all up to it)
+        if self._settings.prefetch and (self._groups is None or self._shard is not None):
+            # hint the batch PREFETCH_AHEAD on (at first all up to it)
             first = index + 1 if index == 0 else index + PREFETCH_AHEAD
             for ahead in range(first, min(index + PREFETCH_AHEAD + 1, len(self))):
                 for part_index, start, stop in self._local_runs(self._plan_batch(ahead)):
@@ -383,6 +423,27 @@ class H5Sequence(keras.utils.PyDataset):
             return x, y
         y[~present] = 0  # any value: its weight is 0
         return x, y, present.astype(np.float32)
+
+    def _hint_windows(self, plan_batch: int, files) -> None:
+        """Ask the disk for the read groups of this batch's window and of the next, each
+        group once an epoch as one read of its span (a window ahead: its reads overlap
+        the work on this one). Not with ``shard``: another host reads the rest of a group."""
+        target = self._target is not None
+        segmentation = target and self._target.task == SEGMENTATION
+        window = self._plan.window(plan_batch)
+        for ahead in (window, window + 1):
+            if ahead in self._hinted or ahead >= self._plan.num_windows:
+                continue
+            self._hinted.add(ahead)
+            for group in self._plan.window_groups(ahead).tolist():
+                part_index, index = group >> GROUP_BITS, group & ((1 << GROUP_BITS) - 1)
+                part, size = self._parts[part_index], int(self._group_chunks[part_index])
+                start = index * size * part.chunk_rows
+                stop = min(start + size * part.chunk_rows, part.num_rows)
+                layouts = [part.images]  # and what the batch reads beside each row
+                layouts += [part.masks] if segmentation else [part.subjects] if target else []
+                for layout in layouts:
+                    prefetch_span(layout, start, stop, files[part_index][0])
 
     def _values(self, runs, scans: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The target value of each row (a fresh array) and, when weighted, whether it has one."""

@@ -61,12 +61,16 @@ def child_epoch(store: str, batch_size: int, workers: int) -> None:
     print(json.dumps({"slices": sequence.num_slices, "seconds": seconds, "rss_peak": peak}))
 
 
-def child_read(store: str, batch_size: int, output: str = "float32") -> None:
+def child_read(
+    store: str, batch_size: int, output: str = "float32", read_mib: float | None = None
+) -> None:
     """One shuffled, checked epoch through H5Sequence alone, no model: what the loader
-    delivers from this disk under the limit; prints a JSON line like :func:`child_epoch`."""
+    delivers from this disk under the limit; prints a JSON line like :func:`child_epoch`.
+    ``read_mib`` None is the loader's default."""
     from loader import H5Sequence
 
-    sequence = H5Sequence(store, batch_size=batch_size, shuffle=True, output=output)
+    chosen = {} if read_mib is None else {"read_mib": read_mib}
+    sequence = H5Sequence(store, batch_size=batch_size, shuffle=True, output=output, **chosen)
     started = time.perf_counter()
     for index in range(len(sequence)):
         sequence[index]
@@ -288,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child-epoch", help=argparse.SUPPRESS)
     parser.add_argument("--child-read", help=argparse.SUPPRESS)
     parser.add_argument("--child-read-stored", help=argparse.SUPPRESS)
+    parser.add_argument("--child-read-chunks", help=argparse.SUPPRESS)
     parser.add_argument("--child-memmap", help=argparse.SUPPRESS)
     parser.add_argument(
         "--no-model", action="store_true", help="leave out the model.fit epochs (reads only)"
@@ -302,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.child_read_stored:
         child_read(args.child_read_stored, args.batch_size, "stored")
+        return 0
+    if args.child_read_chunks:
+        child_read(args.child_read_chunks, args.batch_size, read_mib=0)
         return 0
     if args.child_memmap:
         child_memmap(args.child_memmap, args.batch_size)
@@ -342,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
                 ("--child-memmap", images, "np.memmap .npy, contiguous, to float32 (the limit)"),
                 ("--child-read", store, "H5Sequence alone, shuffled, checked, float32"),
                 ("--child-read-stored", store, 'H5Sequence alone, output="stored" (uint8)'),
+                (
+                    "--child-read-chunks",
+                    store,
+                    "H5Sequence alone, float32, read_mib=0 (a read per chunk)",
+                ),
             ]
             if not args.no_model:
                 children.append(("--child-epoch", store, "one epoch of model.fit(H5Sequence)"))

@@ -458,3 +458,109 @@ def test_the_rows_of_scans_are_found_in_blocks_of_subject(id_store, monkeypatch)
             assert sorted(found) == sorted(scans)
             for scan in scans:
                 np.testing.assert_array_equal(found[scan], np.flatnonzero(subject == scan))
+
+
+def test_read_groups_without_groups_are_the_plain_permutation_of_before():
+    """groups=None is the plan every earlier version made: runs resumed with read_mib 0
+    (as every run before the setting) read the batches they read then."""
+    blocks = aligned_blocks([(0, 96), (96, 101)], 8)
+    plan = EpochPlan(blocks, batch_size=16, shuffle=True, seed=2, epoch=5, chunk_rows=8)
+    order = np.random.default_rng([2, 5]).permutation(len(blocks))
+    short = blocks[order, 1] - blocks[order, 0] < 8
+    expected = blocks[np.concatenate([order[~short], order[short]])]
+    runs = [run for index in range(len(plan)) for run in plan.runs(index)]
+    assert runs == [tuple(block) for block in expected.tolist()]
+    assert plan.num_windows == 0
+
+
+def test_a_grouped_plan_mixes_a_window_of_groups_and_keeps_every_rule():
+    blocks = aligned_blocks([(3, 500), (500, 613)], 8)  # short blocks at 3, 500 and 613
+    groups = blocks[:, 0] // 8 // 4  # four adjacent chunks a group
+    plan = EpochPlan(blocks, 16, True, seed=0, epoch=3, chunk_rows=8, groups=groups, window=3)
+    runs = [plan.runs(index) for index in range(len(plan))]
+    rows = sorted(r for batch in runs for start, stop in batch for r in range(start, stop))
+    assert rows == list(range(3, 613))  # every row once
+    whole = [all(start % 8 == 0 == stop % 8 for start, stop in batch) for batch in runs]
+    assert all(whole[:-2])
+    assert not all(whole)
+    windows = [plan.window(index) for index in range(len(plan))]
+    assert windows == sorted(windows)
+    for index, batch in enumerate(runs[:-2]):  # on its window's groups (and the next's,
+        window = windows[index]  # where it starts at the end of one)
+        assert len(plan.window_groups(window)) <= 3
+        mine = {g for w in (window, window + 1) for g in plan.window_groups(w).tolist()}
+        assert {start // 32 for start, _ in batch} <= mine
+    assert plan.num_windows == max(windows) + 1
+    again = EpochPlan(blocks, 16, True, seed=0, epoch=3, chunk_rows=8, groups=groups, window=3)
+    assert [again.runs(index) for index in range(len(again))] == runs  # (seed, epoch)
+    other = EpochPlan(blocks, 16, True, seed=0, epoch=4, chunk_rows=8, groups=groups, window=3)
+    assert [other.runs(index) for index in range(len(other))] != runs
+
+
+def test_a_shuffled_epoch_asks_the_disk_for_each_read_group_once_before_reading_it(
+    id_store, monkeypatch
+):
+    """read_mib 1/8 MiB is four chunks of 8 rows of 64 x 64 bytes: every group is asked
+    for as one span of the file (images and the subjects of its rows), once an epoch, at or
+    before the first batch that reads it; a batch's x holds exactly its rows."""
+    import loader.rows
+    import loader.sequence
+
+    monkeypatch.setattr(loader.sequence, "MIX_GROUPS", 2)
+    hints = []
+
+    def spy(fd, offset, length, advice):
+        hints.append((reading[0], offset, length))
+
+    monkeypatch.setattr(loader.rows.os, "posix_fadvise", spy)
+    reading = [None]
+    sequence = H5Sequence(id_store, batch_size=16, shuffle=True, seed=4, read_mib=1 / 8)
+    assert sequence._plan.num_windows > 2
+    store = open_store(id_store)
+    layout = loader.rows.row_layout(store.images)
+    subjects = loader.rows.row_layout(store.subject)
+    chunk = 8 * 64 * 64  # bytes of a chunk of images
+    for _ in range(2):
+        hints.clear()
+        seen = []
+        for index in range(len(sequence)):
+            reading[0] = index
+            x, _ = sequence[index]
+            for image, row in zip(x, sequence.rows(index), strict=True):
+                np.testing.assert_array_equal(
+                    image[..., 0], store.images[row] * np.float32(1 / 255)
+                )
+            seen += decode_ids(x).tolist()
+            for start, _ in sequence._plan.runs(index):
+                group = start // 32
+                first = [
+                    batch
+                    for batch, offset, length in hints
+                    if offset == int(layout.offsets[group * 4]) and length >= chunk
+                ]
+                assert first
+                assert min(first) <= index
+        assert sorted(seen) == list(range(SCANS * PER_SCAN))
+        image_hints = [(o, n) for _, o, n in hints if o < int(subjects.offsets[0])]
+        assert len(image_hints) == len(set(image_hints)) == -(-SCANS * PER_SCAN // 32)
+        chunks = sorted(min(4, 30 - 4 * group) for group in range(8))  # 30 chunks in all
+        lengths = sorted(n for _, n in image_hints)  # one read a group (its chunks' span)
+        assert all(0 <= n - c * chunk < 4096 for n, c in zip(lengths, chunks, strict=True))
+        assert len(hints) == 2 * len(image_hints)  # and each group's subjects
+        sequence.on_epoch_end()
+    store.close()
+
+
+def test_read_groups_leave_stores_with_large_chunks_and_sharded_reads_to_single_chunks(
+    id_store, tmp_path
+):
+    whole = H5Sequence(id_store, batch_size=16, shuffle=True, read_mib=0.03)  # < 2 chunks
+    assert whole._groups is None
+    plain = H5Sequence(id_store, batch_size=16, shuffle=True, read_mib=0)
+    np.testing.assert_array_equal(whole.rows(3), plain.rows(3))
+    grouped = H5Sequence(id_store, batch_size=16, shuffle=True, read_mib=1 / 8)
+    assert grouped._groups is not None
+    assert not H5Sequence(id_store, batch_size=16, read_mib=1 / 8)._groups  # not shuffled
+    assert "read_mib=0.125" in repr(grouped)
+    with pytest.raises(ValueError, match="read_mib"):
+        H5Sequence(id_store, batch_size=16, read_mib=-1)

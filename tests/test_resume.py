@@ -239,6 +239,22 @@ def test_a_run_from_before_feed_resumes_with_feed_float32_only(
         train(small_phantom_store, old, resume=True, **{**SETTINGS, "feed": "float32"})
 
 
+def test_a_run_from_before_read_groups_resumes_with_read_mib_0_only(
+    small_phantom_store, reference, tmp_path
+):
+    """config.json of a run written before --read-mib existed: its epochs were permuted
+    chunk by chunk, so only read_mib 0 replays them."""
+    old = tmp_path / "old"
+    shutil.copytree(reference, old)
+    config = json.loads((old / "config.json").read_text())
+    assert config["settings"].pop("read_mib") == 4
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TrainingError, match=r"these differ: read_mib"):
+        train(small_phantom_store, old, resume=True, **SETTINGS)
+    with pytest.raises(TrainingError, match="the run is complete; nothing to resume"):
+        train(small_phantom_store, old, resume=True, **{**SETTINGS, "read_mib": 0})
+
+
 def test_resume_in_an_empty_folder_starts_the_run(small_phantom_store, reference, tmp_path):
     assert _train_here(small_phantom_store, tmp_path / "run", "--resume") == 0
     _assert_same_run(tmp_path / "run", reference)

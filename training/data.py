@@ -127,6 +127,7 @@ def build_data(
         "batch_size": settings.batch_size,
         "channels": settings.channels,
         "output": settings.feed,
+        "read_mib": settings.read_mib,
         "workers": settings.workers,
         "use_multiprocessing": settings.use_multiprocessing,
         "target": target.name,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from loader import table
 from loader.options import SettingError, check_settings, option
+from loader.plan import READ_MIB
 from loader.target import TASKS
 
 AUGMENTATIONS = ("none", "on", "flip")
@@ -19,7 +20,7 @@ HOSTS = "several processes or hosts (KERAS_BACKEND=jax)"
 # them, and run comparisons do not list them as differences.
 NOT_COMPUTED = ("workers", "use_multiprocessing", "checkpoint_every", "tensorboard")
 # Settings added later, with the value that runs written before them had.
-UNWRITTEN = {"feed": "float32"}
+UNWRITTEN = {"feed": "float32", "read_mib": 0.0}
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,14 @@ class Settings:
         "what batches carry to the model: the stored values (uint8: a quarter of the bytes, "
         "scaled by the model's first layer) or float32 intensities scaled on the host",
         choices=FEEDS,
+        group=DATA,
+    )
+    read_mib: float = option(
+        READ_MIB,
+        "MiB of adjacent chunks each shuffled read asks the disk for (0: chunk by chunk, "
+        "as runs before this setting)",
+        metavar="MIB",
+        at_least=0,
         group=DATA,
     )
     epochs: int = option(100, "at most this many epochs", metavar="N", at_least=1, group=MODEL)
