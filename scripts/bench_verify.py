@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
                     store,
                 ),
                 (
+                    "H5Sequence, shuffled, verify=True, read_mib=0 (chunk by chunk)",
+                    sequence_reader(H5Sequence(store, batch_size=BATCH, shuffle=True, read_mib=0)),
+                    store,
+                ),
+                (
                     "H5Sequence, shuffled, verify=False",
                     sequence_reader(
                         H5Sequence(store, batch_size=BATCH, shuffle=True, verify=False)
