@@ -245,9 +245,13 @@ def test_an_error_inside_getitem_reaches_the_caller(id_store, workers, use_multi
         _id_model().predict(sequence, verbose=0)
 
 
-def test_shuffled_batches_mix_subjects_like_a_random_sample(tmp_path):
+@pytest.mark.parametrize("read_mib", [4, 0.25, 0])  # 0.25: windows of 16 chunks of 56
+def test_shuffled_batches_mix_subjects_like_a_random_sample(tmp_path, read_mib):
     path = write_id_store(tmp_path / "many.h5", scans=60, slices_per_scan=30, chunk_slices=32)
-    sequence = H5Sequence(path, split="train", batch_size=128, shuffle=True, seed=0)
+    sequence = H5Sequence(
+        path, split="train", batch_size=128, shuffle=True, seed=0, read_mib=read_mib
+    )
+    assert sequence._plan.num_windows == {4: 2, 0.25: 4, 0: 0}[read_mib]  # and the short
     with open_store(path) as store:
         train = store.splits["train"]
         subject_of_row = store.subject[train.start : train.stop]  # one int per row: small
