@@ -16,8 +16,8 @@ Read groups (``groups``): blocks of adjacent chunks are grouped (a few MiB of fi
 the groups are permuted, taken ``window`` at a time, and the blocks permuted inside each
 window. A batch then draws its chunks from the ``window`` groups of its window, and the
 reader can ask the disk for each group as one read of a few MiB instead of one read per
-chunk: a shuffled epoch makes as few, as large requests as a contiguous pass, which a disk
-that limits requests per second needs. The rows inside a split were shuffled when the
+chunk: a shuffled epoch makes far fewer, larger requests, which a disk that limits requests
+per second needs. The rows inside a split were shuffled when the
 store was written, so a group is a random sample of its split; which groups share a window
 changes every epoch.
 """
@@ -31,9 +31,9 @@ import numpy as np
 
 # Read groups of a shuffled epoch: this many MiB of adjacent chunks are asked of the disk
 # at once, and each window mixes this many groups. Disk requests per GiB read out of core
-# (4 GiB store, 1.5 GiB limit): one per 256 KiB chunk ~4,800, groups of 4 MiB ~900-1,100
-# (a contiguous pass ~260). Stores whose chunks are this large already are read chunk by
-# chunk.
+# (4 GiB store, 1.5 GiB limit, scripts/bench_out_of_core.py): one a 256 KiB chunk ~4,400,
+# groups of 4 MiB ~1,560 (a contiguous pass ~270). Stores whose chunks hold half of this
+# already are read chunk by chunk.
 READ_MIB = 4.0
 MIX_GROUPS = 8
 
@@ -87,9 +87,9 @@ class EpochPlan:
         epoch: int,
         chunk_rows: int | np.ndarray | None = None,
         groups: np.ndarray | None = None,
-        window: int = 8,
+        window: int = MIX_GROUPS,
     ):
-        windows = None
+        windows, self._groups = None, None
         if shuffle and len(blocks):
             rng = np.random.default_rng([seed, epoch])
             if groups is None:
@@ -97,6 +97,7 @@ class EpochPlan:
             else:
                 names, which = np.unique(groups, return_inverse=True)
                 place = rng.permutation(len(names))  # each group's place in the epoch
+                # windows of `window` groups, the blocks in random order inside each
                 windows = place[which] // window
                 order = np.lexsort((rng.random(len(blocks)), windows))
             if chunk_rows is not None:

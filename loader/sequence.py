@@ -196,7 +196,8 @@ class H5Sequence(keras.utils.PyDataset):
     def _read_groups(self, read_mib: float) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Chunks per read group in each store, and each block's group (store and group
         index as one number); both None where groups would not make reads larger: no
-        shuffle, ``read_mib`` 0, or a store whose chunks hold ``read_mib`` already."""
+        shuffle, ``read_mib`` 0, or a store whose chunks hold half of ``read_mib`` already
+        (a group of one chunk)."""
         chunk_bytes = [part.images.chunk_rows * part.images.row_bytes for part in self._parts]
         group_chunks = np.array([int(read_mib * 2**20 // size) for size in chunk_bytes])
         if not self._settings.shuffle or not len(self._blocks) or group_chunks.min() < 2:
