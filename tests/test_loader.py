@@ -556,15 +556,25 @@ def test_a_shuffled_epoch_asks_the_disk_for_each_read_group_once_before_reading_
 
 
 def test_read_groups_leave_stores_with_large_chunks_and_sharded_reads_to_single_chunks(
-    id_store, tmp_path
+    id_store, monkeypatch
 ):
+    import loader.rows
+
     whole = H5Sequence(id_store, batch_size=16, shuffle=True, read_mib=0.03)  # < 2 chunks
     assert whole._groups is None
     plain = H5Sequence(id_store, batch_size=16, shuffle=True, read_mib=0)
     np.testing.assert_array_equal(whole.rows(3), plain.rows(3))
     grouped = H5Sequence(id_store, batch_size=16, shuffle=True, read_mib=1 / 8)
     assert grouped._groups is not None
-    assert not H5Sequence(id_store, batch_size=16, read_mib=1 / 8)._groups  # not shuffled
+    assert H5Sequence(id_store, batch_size=16, read_mib=1 / 8)._groups is None  # in order
     assert "read_mib=0.125" in repr(grouped)
     with pytest.raises(ValueError, match="read_mib"):
         H5Sequence(id_store, batch_size=16, read_mib=-1)
+    lengths = []
+    monkeypatch.setattr(loader.rows.os, "posix_fadvise", lambda fd, o, n, a: lengths.append(n))
+    host = H5Sequence(id_store, batch_size=16, shuffle=True, read_mib=1 / 8, shard=(0, 2))
+    np.testing.assert_array_equal(host.rows(1), grouped.rows(2))  # the same plan, shared
+    for index in range(len(host)):
+        host[index]
+    assert lengths
+    assert max(lengths) <= 8 * 64 * 64  # chunk by chunk: the other host reads the rest
