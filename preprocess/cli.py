@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import secrets
 import sys
 
 from loader import files
 from loader.exits import resume_command, run_main
 from loader.options import add_options, settings_from_args
-from preprocess.dicom import LISTING_COLUMNS
+from preprocess.dicom import LISTING_COLUMNS, SALT_VARIABLE
 from preprocess.errors import PreprocessError
 from preprocess.find import find_scans
 from preprocess.pipeline import Summary, run
@@ -94,8 +96,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _list_series(inputs: list[str], settings: Settings, options: RunOptions, csv: str) -> int:
     """Print the table of every DICOM series of the inputs (and write it as CSV unless
-    ``csv`` is ``-``); nothing else is written. Returns 0."""
-    found = find_scans(inputs, settings, lambda line: None, options.id_salt, listing=True)
+    ``csv`` is ``-``); nothing else is written. Returns 0.
+
+    Without a secret for the subjects' hash the listing hashes them with a one-off one:
+    series of one patient still share a subject, and no PatientID is printed."""
+    salt = options.id_salt or os.environ.get(SALT_VARIABLE) or None
+    one_off = salt is None and not settings.keep_patient_ids
+    salt = secrets.token_hex(16) if one_off else salt
+    found = find_scans(inputs, settings, lambda line: None, salt, listing=True)
     with contextlib.closing(found):
         rows = found.converted.listing if found.converted is not None else []
     rows = sorted(rows, key=lambda row: (row["folder"], str(row["series"]).zfill(8)))
@@ -105,6 +113,11 @@ def _list_series(inputs: list[str], settings: Settings, options: RunOptions, csv
     stored = sum(row["stored"] == "yes" for row in rows)
     others = len(found.scans) - stored
     print(f"{len(rows)} DICOM series, {stored} would be stored; {others} other scans")
+    if one_off and rows:
+        print(
+            "subjects hashed with a one-off secret: give --id-salt SECRET (or set "
+            f"{SALT_VARIABLE}) for the ids a store gets"
+        )
     return 0
 
 

@@ -157,6 +157,33 @@ def test_list_series_classifies_the_real_exam_and_writes_nothing_but_its_csv(tmp
     assert len({row["subject"] for row in rows.values()}) == 1
 
 
+def test_list_series_without_a_secret_hashes_subjects_with_a_one_off_one(
+    tmp_path, capsys, monkeypatch
+):
+    """Listing writes nothing, so it needs no --id-salt: series of one patient still share
+    a subject, no PatientID is printed, and a line says how to get the store's ids."""
+    monkeypatch.delenv("SLICESTORE_ID_SALT", raising=False)
+    data, affine = blob_volume(1), np.diag([2.0, 2.0, 2.0, 1.0])
+    exam = tmp_path / "exam"
+    for number, who in enumerate([patient(33), patient(33), patient(34)]):
+        write_series(exam / f"p{number}", data, affine, who, number=3 + number)
+    listings = []
+    for _ in range(2):
+        listing = tmp_path / "l.csv"
+        assert preprocess_main([str(exam), "--list-series", str(listing)]) == 0
+        out = capsys.readouterr().out
+        assert out.strip().endswith(
+            "give --id-salt SECRET (or set SLICESTORE_ID_SALT) for the ids a store gets"
+        )
+        assert patient(33)["PatientID"] not in out + listing.read_text()
+        listings.append([row["subject"] for row in read_rows(listing)])
+    for subjects in listings:
+        assert subjects[0] == subjects[1] != subjects[2]
+    assert listings[0][0] != listings[1][0]  # one-off: not the ids of any store
+    assert preprocess_main([str(exam), "--list-series", "--id-salt", "K"]) == 0
+    assert "one-off" not in capsys.readouterr().out
+
+
 def test_a_synthetic_exam_stores_the_asked_kind_and_lists_the_rest(tmp_path, capsys):
     data, affine = blob_volume(1), np.diag([2.0, 2.0, 2.0, 1.0])
     exam, who = tmp_path / "exam", patient(30)
