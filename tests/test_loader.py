@@ -215,9 +215,12 @@ def _id_model():
     return keras.Model(inputs, outputs)
 
 
+@pytest.mark.parametrize("read_mib", [4, 1 / 8])  # one read group; groups of four chunks
 @pytest.mark.parametrize("use_multiprocessing", [False, True])
-def test_workers_give_exactly_the_batches_of_the_main_process(id_store, use_multiprocessing):
-    kwargs = {"split": "train", "batch_size": 16, "shuffle": True, "seed": 4}
+def test_workers_give_exactly_the_batches_of_the_main_process(
+    id_store, use_multiprocessing, read_mib
+):
+    kwargs = {"split": "train", "batch_size": 16, "shuffle": True, "seed": 4, "read_mib": read_mib}
     main = H5Sequence(id_store, **kwargs)
     main[0]  # the parent has read (and opened the file) before the workers fork
     expected = np.concatenate([decode_ids(main[i][0]) for i in range(len(main))])
