@@ -12,9 +12,13 @@ memory). Beside the loader, the same slices as a contiguous ``np.memmap`` pass c
 float32 under the same limit: the disk's pace for this data, which the loader is measured
 against. The children run in turns (``--repeats``, 3 by default) and the medians count:
 the first pass over a file this virtual disk read recently can be twice as fast as the
-next (its host's cache sits below the page cache). For contrast, a child that only holds
-the 4 GiB store's slices in memory (as uint8, the most compact form; ``model.fit(x, y)``
-wants float32, four times as much) runs inside the same limit.
+next (its host's cache sits below the page cache). Each pass's reads of the disk under the
+stores are counted (``/proc/diskstats``: how many requests, their mean size, how many a
+second), beside the loader as it reads by default (read groups) and with ``read_mib=0``
+(a read per chunk): a disk that limits requests per second sees the difference. For
+contrast, a child that only holds the 4 GiB store's slices in memory (as uint8, the most
+compact form; ``model.fit(x, y)`` wants float32, four times as much) runs inside the same
+limit.
 
     sudo python scripts/bench_out_of_core.py --sizes 1 2 4 8 --limit-gb 1.5
 """
