@@ -379,10 +379,11 @@ def test_a_store_open_with_other_locking_settings_gets_a_clear_message(id_store)
         open_store(id_store)
 
 
-def test_several_stores_read_as_one(tmp_path):
+@pytest.mark.parametrize("read_mib", [4, 1 / 8])  # a read group a store; groups of 4 chunks
+def test_several_stores_read_as_one(tmp_path, read_mib):
     a = write_id_store(tmp_path / "a.h5", scans=6, seed=1)
     b = write_id_store(tmp_path / "b.h5", scans=8, seed=2, classes="bc")
-    both = H5Sequence([a, b], split="train", batch_size=24, shuffle=True, seed=3)
+    both = H5Sequence([a, b], split="train", batch_size=24, shuffle=True, seed=3, read_mib=read_mib)
     assert both.paths == [str(a), str(b)]
     assert both.class_names == ["a", "b", "c"]  # merged by name
     with open_store(a) as store_a, open_store(b) as store_b:
@@ -410,9 +411,13 @@ def test_several_stores_read_as_one(tmp_path):
             seen += [(int(s), int(i)) for s, i in zip(pairs[:, 0], decode_ids(x), strict=True)]
     assert sorted(seen) == expected  # every row of both stores once
     assert mixed >= len(both) // 2  # batches mix the stores
-    again = H5Sequence([a, b], split="train", batch_size=24, shuffle=True, seed=3)
+    again = H5Sequence(
+        [a, b], split="train", batch_size=24, shuffle=True, seed=3, read_mib=read_mib
+    )
     np.testing.assert_array_equal(again.rows(1), both.rows(1))  # a function of (seed, epoch)
-    folder = H5Sequence(tmp_path, split="train", batch_size=24, shuffle=True, seed=3)
+    folder = H5Sequence(
+        tmp_path, split="train", batch_size=24, shuffle=True, seed=3, read_mib=read_mib
+    )
     assert folder.paths == [str(a), str(b)]
     np.testing.assert_array_equal(folder.rows(2), both.rows(2))
 
