@@ -94,16 +94,15 @@ def is_image(path: Path) -> bool:
     return path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
 
 
-def is_dicom(path: Path) -> bool:
+def is_dicom(path: Path, opener=open) -> bool:
     """Whether a file starts like DICOM: 128 bytes, then ``DICM`` (a DICOMDIR index is not
-    an image and does not count)."""
+    an image and does not count). ``opener=gzip.open`` asks it of a gzipped file."""
     if path.name.upper() == "DICOMDIR":
         return False
     try:
-        with open(path, "rb") as handle:
-            handle.seek(DICOM_MARKER_OFFSET)
-            return handle.read(4) == DICOM_MARKER
-    except OSError:
+        with opener(path, "rb") as handle:
+            return handle.read(DICOM_MARKER_OFFSET + 4)[DICOM_MARKER_OFFSET:] == DICOM_MARKER
+    except (OSError, EOFError):
         return False
 
 

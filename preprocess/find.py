@@ -14,8 +14,6 @@ from loader.schema import UNLABELLED_SPLIT
 from loader.table import NUMERIC, class_indices, column_kind, numeric_values
 from preprocess import dicom
 from preprocess.discover import (
-    DICOM_MARKER,
-    DICOM_MARKER_OFFSET,
     Scan,
     column_of,
     discover,
@@ -233,15 +231,10 @@ def _other_files(inputs, settings: Settings) -> str:
     others = [path for path in files if not is_dicom(path)]
     if not others:
         return ""
-    gzipped = ""
-    try:
-        with gzip.open(others[0]) as handle:
-            if handle.read(DICOM_MARKER_OFFSET + 4)[DICOM_MARKER_OFFSET:] == DICOM_MARKER:
-                gzipped = "; it is gzipped DICOM: gunzip the files first"
-    except (OSError, EOFError):
-        pass
+    gzipped = is_dicom(others[0], gzip.open)
     return (
-        f": {len(others)} file(s), none NIfTI, MGZ, Analyze or DICOM (such as {others[0]}{gzipped})"
+        f": {len(others)} file(s), none NIfTI, MGZ, Analyze or DICOM (such as {others[0]}"
+        f"{'; it is gzipped DICOM: gunzip the files first' if gzipped else ''})"
     )
 
 
