@@ -380,7 +380,7 @@ class H5Sequence(keras.utils.PyDataset):
         runs = self._local_runs(plan_batch)
         num_rows = sum(stop - start for _, start, stop in runs)
         files = self._open()
-        if self._settings.prefetch and self._groups is not None and self._shard is None:
+        if self._hints_windows:
             self._hint_windows(plan_batch, files)
         height, width = self._slice_shape
         count = self._num_channels
@@ -402,7 +402,7 @@ class H5Sequence(keras.utils.PyDataset):
             elif target:
                 read_rows(part.subjects, start, stop, scans[position:end], fd, h5 and h5[1])
             position = end
-        if self._settings.prefetch and (self._groups is None or self._shard is not None):
+        if self._settings.prefetch and not self._hints_windows:
             # hint the batch PREFETCH_AHEAD on (at first all up to it)
             first = index + 1 if index == 0 else index + PREFETCH_AHEAD
             for ahead in range(first, min(index + PREFETCH_AHEAD + 1, len(self))):
@@ -424,6 +424,11 @@ class H5Sequence(keras.utils.PyDataset):
             return x, y
         y[~present] = 0  # any value: its weight is 0
         return x, y, present.astype(np.float32)
+
+    @property
+    def _hints_windows(self) -> bool:
+        """Whether the disk is asked for a window of read groups at a time (else a batch)."""
+        return self._settings.prefetch and self._groups is not None and self._shard is None
 
     def _hint_windows(self, plan_batch: int, files) -> None:
         """Ask the disk for the read groups of this batch's window and of the next, each
