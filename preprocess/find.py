@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -206,9 +207,7 @@ def _none_stored(converted: dicom.Converted | None, settings: Settings) -> str:
     """
     if converted is None or not converted.listing:
         return ""
-    kinds: dict[str, int] = {}
-    for row in converted.listing:
-        kinds[row["kind"]] = kinds.get(row["kind"], 0) + 1
+    kinds = Counter(row["kind"] for row in converted.listing)
     counted = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
     return (
         f": {len(converted.listing)} DICOM series ({counted}), none stored with --suffix "
