@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from helpers import decode_ids, write_id_store
 
+import loader.rows
+import loader.sequence
 import loader.store
 from loader import H5Sequence, StoreError, open_store
 from loader.plan import EpochPlan, aligned_blocks
@@ -515,9 +517,6 @@ def test_a_shuffled_epoch_asks_the_disk_for_each_read_group_once_before_reading_
     """read_mib 1/8 MiB is four chunks of 8 rows of 64 x 64 bytes: every group is asked
     for as one span of the file (images and the subjects of its rows), once an epoch, at or
     before the first batch that reads it; a batch's x holds exactly its rows."""
-    import loader.rows
-    import loader.sequence
-
     monkeypatch.setattr(loader.sequence, "MIX_GROUPS", 2)
     hints = []
 
@@ -566,8 +565,6 @@ def test_a_shuffled_epoch_asks_the_disk_for_each_read_group_once_before_reading_
 def test_read_groups_leave_stores_with_large_chunks_and_sharded_reads_to_single_chunks(
     id_store, monkeypatch
 ):
-    import loader.rows
-
     whole = H5Sequence(id_store, batch_size=16, shuffle=True, read_mib=0.03)  # < 2 chunks
     assert whole._groups is None
     plain = H5Sequence(id_store, batch_size=16, shuffle=True, read_mib=0)
