@@ -2,23 +2,23 @@
 
 For each store size (GiB of uint8 slices, written by ``make_large_store``), a child process
 runs one epoch of ``model.fit`` (Flatten + Dense, so the run is about the data, not the
-maths) through ``H5Sequence`` inside a memory cgroup (``/sys/fs/cgroup/memory``, cgroup v1,
-as root), and reports its peak resident memory (RSS, which counts the TensorFlow libraries
-it maps) and the cgroup's peak anonymous memory (the process's own allocations). The
-cgroup's limit counts the page cache too, so a store larger than the limit is read from
-disk, not from memory: every file is dropped from the page cache before each child (what
-writing the store left there is charged to another group, and a child would read it from
-memory). Beside the loader, the same slices as a contiguous ``np.memmap`` pass converted to
-float32 under the same limit: the disk's pace for this data, which the loader is measured
-against. The children run in turns (``--repeats``, 3 by default) and the medians count:
-the first pass over a file this virtual disk read recently can be twice as fast as the
-next (its host's cache sits below the page cache). Each pass's reads of the disk under the
-stores are counted (``/proc/diskstats``: how many requests, their mean size, how many a
-second), beside the loader as it reads by default (read groups) and with ``read_mib=0``
-(a read per chunk): a disk that limits requests per second sees the difference. For
-contrast, a child that only holds the 4 GiB store's slices in memory (as uint8, the most
-compact form; ``model.fit(x, y)`` wants float32, four times as much) runs inside the same
-limit.
+maths) through ``H5Sequence`` inside a memory cgroup (as root: ``/sys/fs/cgroup/memory``
+with cgroup v1, else the v2 hierarchy at ``/sys/fs/cgroup``), and reports its peak resident
+memory (RSS, which counts the TensorFlow libraries it maps) and the cgroup's peak anonymous
+memory (the process's own allocations). The cgroup's limit counts the page cache too, so a
+store larger than the limit is read from disk, not from memory: every file is dropped from
+the page cache before each child (what writing the store left there is charged to another
+group, and a child would read it from memory). Beside the loader, the same slices as a
+contiguous ``np.memmap`` pass converted to float32 under the same limit: the disk's pace
+for this data, which the loader is measured against. The children run in turns
+(``--repeats``, 3 by default) and the medians count: the first pass over a file this
+virtual disk read recently can be twice as fast as the next (its host's cache sits below
+the page cache). Each pass's reads of the disk under the stores are counted
+(``/proc/diskstats``: how many requests, their mean size, how many a second), beside the
+loader as it reads by default (read groups) and with ``read_mib=0`` (a read per chunk): a
+disk that limits requests per second sees the difference. For contrast, a child that only
+holds the 4 GiB store's slices in memory (as uint8, the most compact form;
+``model.fit(x, y)`` wants float32, four times as much) runs inside the same limit.
 
     sudo python scripts/bench_out_of_core.py --sizes 1 2 4 8 --limit-gb 1.5
 """
@@ -39,7 +39,8 @@ from pathlib import Path
 
 from machine import machine_line
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")  # cgroup v1
+CGROUP_V2_ROOT = Path("/sys/fs/cgroup")
 
 
 def child_epoch(store: str, batch_size: int, workers: int) -> None:
@@ -112,33 +113,67 @@ def child_in_memory(num_slices: int) -> None:
 
 
 class MemoryCgroup:
-    """A cgroup v1 memory group with a limit; children join it before they exec."""
+    """A memory cgroup with a limit; children join it before they exec. cgroup v1's memory
+    controller (``/sys/fs/cgroup/memory``) where the machine has one, else the unified v2
+    hierarchy (``/sys/fs/cgroup``, where most machines of today have their controllers)."""
 
     def __init__(self, limit_bytes: int):
-        self.path = CGROUP_ROOT / f"slicestore-bench-{os.getpid()}"
+        self.limit = limit_bytes
+        self.version = 1 if CGROUP_ROOT.is_dir() else 2
+        root = CGROUP_ROOT if self.version == 1 else CGROUP_V2_ROOT
+        self.path = root / f"slicestore-bench-{os.getpid()}"
+        if self.version == 2:
+            (root / "cgroup.subtree_control").write_text("+memory")
+        self._create()
+
+    @staticmethod
+    def available() -> bool:
+        """Root, and a memory controller in v1 or in the v2 hierarchy."""
+        if os.geteuid() != 0:
+            return False
+        if CGROUP_ROOT.is_dir():
+            return True
+        with contextlib.suppress(OSError):
+            return "memory" in (CGROUP_V2_ROOT / "cgroup.controllers").read_text().split()
+        return False
+
+    def _create(self) -> None:
         self.path.mkdir()
-        (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
-        swap = self.path / "memory.memsw.limit_in_bytes"
+        if self.version == 1:
+            limits = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+        else:
+            limits = ("memory.max", "memory.swap.max")
+        (self.path / limits[0]).write_text(str(self.limit))
+        swap = self.path / limits[1]
         if swap.exists():
-            swap.write_text(str(limit_bytes))
+            swap.write_text(str(self.limit) if self.version == 1 else "0")
 
     def join(self) -> None:  # runs in the child, before exec
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
     def reset(self) -> None:
-        (self.path / "memory.max_usage_in_bytes").write_text("0")
+        """Peak back to zero: v1 takes a write; v2's memory.peak cannot be reset on older
+        kernels (and on newer ones only for the file handle that writes it), so the empty
+        group is made anew."""
+        if self.version == 1:
+            (self.path / "memory.max_usage_in_bytes").write_text("0")
+        else:
+            self.remove()
+            self._create()
 
     @property
     def peak(self) -> int:
         """Peak usage, page cache included (the kernel reclaims it at the limit)."""
-        return int((self.path / "memory.max_usage_in_bytes").read_text())
+        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        return int((self.path / name).read_text())
 
     @property
     def anonymous(self) -> int:
         """Anonymous memory now (the processes' own, no page cache)."""
+        wanted = "total_rss" if self.version == 1 else "anon"
         for line in (self.path / "memory.stat").read_text().splitlines():
             name, value = line.split()
-            if name == "total_rss":
+            if name == wanted:
                 return int(value)
         return 0
 
@@ -330,11 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     limit = int(args.limit_gb * 2**30)
     cgroup = None
-    if os.geteuid() == 0 and CGROUP_ROOT.is_dir():
+    if MemoryCgroup.available():
         cgroup = MemoryCgroup(limit)
     else:
         print(
-            "no cgroup v1 memory controller as root: peaks are measured without a limit",
+            "no memory cgroup (v1 or v2) as root: peaks are measured without a limit",
             file=sys.stderr,
         )
     rows = []
@@ -380,7 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         if cgroup:
             cgroup.remove()
 
-    limit_text = f"{args.limit_gb:g} GiB (page cache included)" if cgroup else "none"
+    limit_text = (
+        f"{args.limit_gb:g} GiB (page cache included; cgroup v{cgroup.version})"
+        if cgroup
+        else "none"
+    )
     print(f"{machine_line()}\ncgroup memory limit: {limit_text}; {args.repeats} turns")
     print(disk_line(block_device(args.workdir)))
     print()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import mmap
 import os
 
+import bench_out_of_core
 import numpy as np
-from bench_out_of_core import _reads_text, block_device, disk_line, disk_reads
+from bench_out_of_core import MemoryCgroup, _reads_text, block_device, disk_line, disk_reads
 from make_large_store import write_large_store
 from make_phantoms import main as make_phantoms_main
 
@@ -98,3 +99,26 @@ def test_the_reads_column_gives_the_median_turns_count_size_and_rate():
     turns = [(4000, 4000 * 262144, 2.0), (100, 100 * 4 << 20, 1.0), (5000, 5000 * 262144, 4.0)]
     assert _reads_text(turns) == "4,000 x 256 KiB, 2,000/s"
     assert _reads_text([(0, 0, 1.0)]) == "0 (all from memory)"
+
+
+def test_the_out_of_core_benchmark_limits_memory_with_cgroup_v2_where_there_is_no_v1(
+    tmp_path, monkeypatch
+):
+    """Machines without cgroup v1's memory controller (most of today's) get the limit
+    through the v2 hierarchy: memory.max, memory.peak and memory.stat's anon (v1 has
+    memory.limit_in_bytes, max_usage_in_bytes and total_rss).
+    A folder stands in for /sys/fs/cgroup (this machine's memory controller is on v1)."""
+    monkeypatch.setattr(bench_out_of_core, "CGROUP_ROOT", tmp_path / "memory")
+    monkeypatch.setattr(bench_out_of_core, "CGROUP_V2_ROOT", tmp_path)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io pids\n")
+    assert not MemoryCgroup.available()
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    assert MemoryCgroup.available()
+    group = MemoryCgroup(1536 << 20)
+    assert group.version == 2
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory"
+    assert (group.path / "memory.max").read_text() == str(1536 << 20)
+    (group.path / "memory.stat").write_text("anon 12345\nfile 999999\nshmem 7\n")
+    (group.path / "memory.peak").write_text("4096\n")
+    assert (group.anonymous, group.peak) == (12345, 4096)
