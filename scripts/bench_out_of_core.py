@@ -365,13 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     limit = int(args.limit_gb * 2**30)
     cgroup = None
+    why = "no memory cgroup (v1 or v2) as root"
     if MemoryCgroup.available():
-        cgroup = MemoryCgroup(limit)
-    else:
-        print(
-            "no memory cgroup (v1 or v2) as root: peaks are measured without a limit",
-            file=sys.stderr,
-        )
+        try:
+            cgroup = MemoryCgroup(limit)
+        except OSError as error:  # e.g. v2 inside a container whose own group holds processes
+            why = f"no memory cgroup could be made ({error})"
+    if cgroup is None:
+        print(f"{why}: peaks are measured without a limit", file=sys.stderr)
     rows = []
     try:
         for gib in args.sizes:
