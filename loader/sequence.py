@@ -576,10 +576,12 @@ def model_input(
     [[[[1.0]]]]
     """
     x = np.empty(stored.shape, np.float32) if out is None else out
+    # float32 factors, as the model's Rescaling layer uses: with a Python float numpy runs
+    # its float64 loop and casts every value back (2.3x the time of the float32 loop)
     if stored is not x or scale != 1:
-        np.multiply(stored, scale, out=x, casting="unsafe")
+        np.multiply(stored, np.float32(scale), out=x, casting="unsafe")
     if offset != 0:
-        x += offset
+        x += np.float32(offset)
     return channels_as(x, channels)
 
 
